@@ -1,0 +1,176 @@
+"""Configuration of a Multi-head Latent Attention (MLA) model retrofitted from an MHA/GQA/MQA checkpoint.
+
+Self-contained remote code: imports only torch and transformers. Names follow transformers'
+``configuration_deepseek_v3.py``.
+"""
+
+from transformers import PretrainedConfig
+
+
+class MLAConfig(PretrainedConfig):
+    r"""
+    Configuration of an [`MLAForCausalLM`]: a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE) whose attention is
+    DeepSeek-V3 multi-head latent attention without query compression.
+
+    Per token and layer the model caches only the latent `ckv` (`kv_lora_rank` values) and one decoupled RoPE key
+    `kpe` shared by all heads (`qk_rope_head_dim` values), instead of `2 * num_key_value_heads * head_dim` values.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32000): Vocabulary size.
+        hidden_size (`int`, *optional*, defaults to 4096): Dimension of the hidden representations.
+        intermediate_size (`int`, *optional*, defaults to 11008): Dimension of the MLP representations.
+        num_hidden_layers (`int`, *optional*, defaults to 32): Number of decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 32): Number of query heads.
+        num_key_value_heads (`int`, *optional*): Number of KV heads of the *source* model (informational: MLA has one
+            latent shared by all heads).
+        head_dim (`int`, *optional*): Head dimension of the *source* model. RoPE frequencies are those of a
+            `head_dim`-wide rotary embedding; the decoupled RoPE key uses the subset `rope_freq_indices`.
+        kv_lora_rank (`int` or `list[int]`, *optional*, defaults to 512): Width of the cached latent `ckv`; a list
+            gives one rank per layer.
+        q_lora_rank (`None`): Query compression rank. Always `None` here (queries are not compressed).
+        qk_rope_head_dim (`int` or `list[int]`, *optional*, defaults to 64): Width of the decoupled RoPE part of each
+            query head and of the shared RoPE key `kpe` (even); a list gives one width per layer. May be 0.
+        qk_nope_head_dim (`int`, *optional*, defaults to 128): Width of the non-RoPE part of each query/key head.
+        v_head_dim (`int`, *optional*, defaults to 128): Width of each value head.
+        rope_freq_indices (`list[list[int]]`, *optional*): Per layer, for each of the `qk_rope_head_dim // 2` RoPE
+            pairs of `kpe`, the index of its frequency in the source rotary embedding (0 = fastest). Defaults to
+            `0 .. qk_rope_head_dim // 2 - 1`.
+        kv_a_layernorm (`bool`, *optional*, defaults to `False`): DeepSeek normalises `ckv`; a converted model does
+            not (the factorization is exact without it), so this is always `False`.
+        hidden_act (`str`, *optional*, defaults to `"silu"`): MLP activation.
+        max_position_embeddings (`int`, *optional*, defaults to 2048): Longest sequence the model was trained for.
+        initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal weight initializer.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-6): RMSNorm epsilon.
+        use_cache (`bool`, *optional*, defaults to `True`): Whether to return the latent cache.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`): Tie input and output embeddings.
+        rope_parameters (`dict`, *optional*): The source model's RoPE parameters (`rope_theta`, `rope_type`, ...).
+        attention_bias (`bool`, *optional*, defaults to `False`): Bias on `q_proj` and `kv_a_proj_with_mqa` (e.g. a
+            Qwen2 source's q/k/v biases).
+        o_proj_bias (`bool`, *optional*, defaults to `False`): Bias on `o_proj`.
+        attention_dropout (`float`, *optional*, defaults to 0.0): Dropout on attention probabilities.
+        mlp_bias (`bool`, *optional*, defaults to `False`): Bias on the MLP projections.
+        sliding_window (`int`, *optional*): Sliding-window size carried over from the source, applied to the layers
+            whose `layer_types` entry is `"sliding_attention"`.
+        layer_types (`list[str]`, *optional*): `"full_attention"` or `"sliding_attention"` per layer.
+        absorb (`str`, *optional*, defaults to `"auto"`): Attention path. `"auto"`: absorbed attention directly on
+            the cached latent for short query blocks (decoding) when no gradient is needed, decompressed per-head
+            keys/values otherwise (prefill, training); `"always"` / `"never"` force one path.
+        absorb_max_query (`int`, *optional*, defaults to 16): Longest query block that `"auto"` decodes absorbed.
+    """
+
+    model_type = "mla_retrofit"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        head_dim=None,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        rope_freq_indices=None,
+        kv_a_layernorm=False,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+        pad_token_id=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        rope_parameters=None,
+        attention_bias=False,
+        o_proj_bias=False,
+        attention_dropout=0.0,
+        mlp_bias=False,
+        sliding_window=None,
+        layer_types=None,
+        absorb="auto",
+        absorb_max_query=16,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        if q_lora_rank is not None:
+            raise ValueError("MLAConfig: query compression (q_lora_rank) is not supported; use None")
+        if kv_a_layernorm:
+            raise ValueError("MLAConfig: a converted model has no kv_a_layernorm; use False")
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = None
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.v_head_dim = v_head_dim
+        self.kv_a_layernorm = False
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.rope_parameters.setdefault("rope_type", "default")
+        self.attention_bias = attention_bias
+        self.o_proj_bias = o_proj_bias
+        self.attention_dropout = attention_dropout
+        self.mlp_bias = mlp_bias
+        self.sliding_window = sliding_window
+        if layer_types is None:
+            kind = "sliding_attention" if sliding_window else "full_attention"
+            layer_types = [kind] * num_hidden_layers
+        self.layer_types = list(layer_types)
+        if absorb not in ("auto", "always", "never"):
+            raise ValueError(f"MLAConfig: absorb must be 'auto', 'always' or 'never', got {absorb!r}")
+        self.absorb = absorb
+        self.absorb_max_query = absorb_max_query
+        self._per_layer(kv_lora_rank)  # validates the length of a per-layer list
+        ropes = self._per_layer(qk_rope_head_dim)
+        if any(d % 2 for d in ropes):
+            raise ValueError(f"MLAConfig: qk_rope_head_dim must be even, got {qk_rope_head_dim}")
+        if rope_freq_indices is None:
+            rope_freq_indices = [list(range(d // 2)) for d in ropes]
+        if len(rope_freq_indices) != num_hidden_layers or any(
+            len(idx) != d // 2 for idx, d in zip(rope_freq_indices, ropes)
+        ):
+            raise ValueError("MLAConfig: rope_freq_indices needs one list of qk_rope_head_dim // 2 indices per layer")
+        self.rope_freq_indices = [[int(i) for i in idx] for idx in rope_freq_indices]
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def _per_layer(self, value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.num_hidden_layers:
+                raise ValueError(f"MLAConfig: per-layer list of length {len(value)} for {self.num_hidden_layers} layers")
+            return [int(v) for v in value]
+        return [int(value)] * self.num_hidden_layers
+
+    def layer_kv_lora_rank(self, layer_idx: int) -> int:
+        """Latent width `kv_lora_rank` of layer `layer_idx`."""
+        return self._per_layer(self.kv_lora_rank)[layer_idx]
+
+    def layer_rope_dim(self, layer_idx: int) -> int:
+        """Decoupled RoPE width `qk_rope_head_dim` of layer `layer_idx`."""
+        return self._per_layer(self.qk_rope_head_dim)[layer_idx]
+
+    def cache_values_per_token(self) -> int:
+        """Values cached per token, summed over all layers: sum of `kv_lora_rank + qk_rope_head_dim`."""
+        return sum(self.layer_kv_lora_rank(i) + self.layer_rope_dim(i) for i in range(self.num_hidden_layers))
+
+
+__all__ = ["MLAConfig"]

@@ -1,0 +1,368 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3 style) for models retrofitted from MHA/GQA/MQA checkpoints.
+
+Self-contained remote code: imports only torch and transformers. Module and weight names follow transformers'
+``modeling_deepseek_v3.py`` (``q_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``).
+
+Per layer the cache holds the latent ``ckv`` as ``[B, 1, T, kv_lora_rank]`` and the shared RoPE key ``kpe`` as
+``[B, 1, T, qk_rope_head_dim]`` (the "keys" and "values" slots of a transformers ``Cache``).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+try:  # when loaded as remote code (a package of its own)
+    from .configuration_mla import MLAConfig
+except ImportError:  # pragma: no cover - when imported as a plain module
+    from configuration_mla import MLAConfig
+
+
+class MLARMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class MLARotaryEmbedding(nn.Module):
+    """The source model's rotary embedding (all `head_dim // 2` frequencies); layers pick their subset."""
+
+    def __init__(self, config: MLAConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MLAConfig, device=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, d_h/2)
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)  # half-width: one entry per frequency
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MLAMLP(nn.Module):
+    def __init__(self, config: MLAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=True):
+    """softmax(q k^T * scale + mask) v. `mask`: bool (True = attend) or additive float, broadcastable; None with
+    `causal` = causal when the query block is longer than 1 (aligned to the end of the keys)."""
+    T, S = query.shape[-2], key.shape[-2]
+    if mask is None and causal and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+    if not eager:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
+
+
+class MLAAttention(nn.Module):
+    """DeepSeek-V3 attention without query compression: caches `ckv` (r) and the shared RoPE key `kpe` (d_rope)."""
+
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
+        self.qk_rope_head_dim = config.layer_rope_dim(layer_idx)
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.scaling = self.qk_head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.o_proj_bias)
+        # Frequencies of the kept RoPE pairs (indices into the source rotary embedding). A plain attribute, not a
+        # buffer: from_pretrained materializes modules on the meta device and would leave a buffer uninitialized.
+        self.rope_freq_list = list(config.rope_freq_indices[layer_idx])
+        self._rope_index_cache = {}
+
+    def _rope_index(self, device) -> torch.Tensor:
+        idx = self._rope_index_cache.get(device)
+        if idx is None:
+            idx = torch.tensor(self.rope_freq_list, dtype=torch.long, device=device)
+            self._rope_index_cache[device] = idx
+        return idx
+
+    def _use_absorbed(self, q_len: int) -> bool:
+        mode = self.config.absorb
+        if mode == "never":
+            return False
+        if mode == "always":
+            return True
+        return q_len <= self.config.absorb_max_query and not (torch.is_grad_enabled() and self.training)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        **kwargs,
+    ):
+        B, T, _ = hidden_states.shape
+        H, dn, dr, dv, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+
+        q = self.q_proj(hidden_states).view(B, T, H, dn + dr).transpose(1, 2)  # (B, H, T, dn + dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        kv = self.kv_a_proj_with_mqa(hidden_states).unsqueeze(1)  # (B, 1, T, r + dr)
+        ckv, k_pe = kv.split([r, dr], dim=-1)  # (B, 1, T, r), (B, 1, T, dr)
+
+        if dr > 0:
+            cos, sin = position_embeddings  # (B, T, d_h/2)
+            idx = self._rope_index(cos.device)
+            cos = torch.cat((cos[..., idx], cos[..., idx]), dim=-1).unsqueeze(1)  # (B, 1, T, dr)
+            sin = torch.cat((sin[..., idx], sin[..., idx]), dim=-1).unsqueeze(1)
+            q_pe = q_pe * cos + rotate_half(q_pe) * sin
+            k_pe = k_pe * cos + rotate_half(k_pe) * sin
+
+        if past_key_values is not None:
+            ckv, k_pe = past_key_values.update(ckv.contiguous(), k_pe.contiguous(), self.layer_idx)  # (B, 1, S, .)
+        S = ckv.shape[-2]
+        eager = self.config._attn_implementation == "eager"
+        dropout = self.attention_dropout if self.training else 0.0
+        mask = attention_mask[:, :, :, :S] if attention_mask is not None else None
+
+        w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
+        if self._use_absorbed(T):
+            # Absorbed: attend over the latent directly, as one KV head of width r + dr with V = ckv.
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :dn])  # (B, H, T, r)
+            query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, H * T, r + dr)  # heads folded into queries
+            key = torch.cat((ckv, k_pe), dim=-1)  # (B, 1, S, r + dr)
+            if mask is None and T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+            if mask is not None:
+                mask = mask.expand(B, 1, T, S).unsqueeze(1).expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
+            out = _attend(query, key, key, mask, self.scaling, dropout, eager, causal=False)[..., :r]  # (B, 1, H*T, r)
+            out = torch.einsum("bhtr,hvr->bhtv", out.reshape(B, H, T, r), w_kv[:, dn:])  # (B, H, T, dv)
+        else:
+            # Decompressed: per-head keys and values from the latent.
+            kv_full = F.linear(ckv, w_kv.reshape(H * (dn + dv), r)).view(B, S, H, dn + dv).transpose(1, 2)
+            k_nope, value = kv_full.split([dn, dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
+            key = torch.cat((k_nope, k_pe.expand(B, H, S, dr)), dim=-1)  # (B, H, S, dn + dr)
+            query = torch.cat((q_nope, q_pe), dim=-1)
+            out = _attend(query, key, value, mask, self.scaling, dropout, eager)  # (B, H, T, dv)
+
+        out = out.transpose(1, 2).reshape(B, T, H * dv)
+        return self.o_proj(out), None
+
+
+class MLADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLAAttention(config, layer_idx)
+        self.mlp = MLAMLP(config)
+        self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention_type = config.layer_types[layer_idx]
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MLAPreTrainedModel(PreTrainedModel):
+    config_class = MLAConfig
+    config: MLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MLADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+
+class MLAModel(MLAPreTrainedModel):
+    def __init__(self, config: MLAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MLADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MLARotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        masks = {"full_attention": None, "sliding_attention": None}
+        if "full_attention" in self.config.layer_types:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[layer.attention_type],
+                past_key_values=past_key_values if use_cache else None,
+                position_embeddings=position_embeddings,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+
+
+class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MLAConfig):
+        super().__init__(config)
+        self.model = MLAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T', V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+
+__all__ = ["MLAPreTrainedModel", "MLAModel", "MLAForCausalLM"]

@@ -1,0 +1,84 @@
+"""Tiny random source models (2 layers, hidden 64) of each family and head layout, saved as HF folders."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 320
+# name: (model_type, num_heads, num_kv_heads, extra config)
+TINY = {
+    "llama-gqa": ("llama", 4, 2, {}),
+    "llama-mha": ("llama", 4, 4, {}),
+    "llama-mqa": ("llama", 4, 1, {}),
+    "llama-bias": ("llama", 4, 2, {"attention_bias": True}),
+    "qwen2": ("qwen2", 4, 2, {}),
+    "mistral": ("mistral", 4, 2, {"sliding_window": 8}),
+}
+
+
+def _tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    import pydoc_data.topics
+
+    text = list(pydoc_data.topics.topics.values())[:40]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny(folder: Path, name: str, seed: int = 0):
+    """Save a random tiny model of kind ``name`` (see TINY) with a tokenizer into ``folder``; return the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, heads, kv_heads, extra = TINY[name]
+    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=256,
+                  rope_theta=10000.0, tie_word_embeddings=(name != "qwen2"), bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, **extra)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger random weights make the attention pattern non-trivial
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(8.0)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    _tokenizer(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folders of every tiny source model, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: _build(root / name, name) for name in TINY}
+
+
+def _build(folder, name):
+    make_tiny(folder, name)
+    return folder
+
+
+def convert_tiny(src, out, **overrides):
+    """Run the conversion pipeline on a tiny model with fast calibration settings."""
+    from convert.config import ConvertConfig
+    from convert.pipeline import convert
+
+    settings = dict(calib="pydoc", calib_seqs=4, calib_len=64, verify_seqs=1, overwrite=True)
+    settings.update(overrides)
+    return convert(str(src), str(out), ConvertConfig(**settings), log=lambda *_: None)
