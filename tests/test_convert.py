@@ -1,0 +1,217 @@
+"""Conversion of tiny random models: lossless at budget 1, cache size, generate parity, export behaviour."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from conftest import TINY, convert_tiny
+
+TOL = 1e-4  # fp32 logits, lossless conversions
+
+
+def _load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, **kw).eval()
+
+
+def _ids(batch=2, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 320, (batch, length), generator=g)
+
+
+@pytest.fixture(scope="module")
+def lossless(tiny_models, tmp_path_factory):
+    """Every tiny source converted at --kv-budget 1."""
+    root = tmp_path_factory.mktemp("lossless")
+    outs = {}
+    for name, src in tiny_models.items():
+        convert_tiny(src, root / name, kv_budget=1.0)
+        outs[name] = root / name
+    return outs
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_budget_one_is_lossless(name, tiny_models, lossless):
+    src = AutoModelForCausalLM.from_pretrained(tiny_models[name], dtype=torch.float32).eval()
+    mla = _load(lossless[name])
+    ids = _ids()
+    with torch.no_grad():
+        ref, got = src(ids).logits, mla(ids).logits
+    assert (ref - got).abs().max().item() < TOL
+    record = json.loads((lossless[name] / "mla_conversion.json").read_text())
+    assert record["verify"]["max_abs_logit_diff"] < TOL
+    assert record["kv_cache"]["ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2"])
+def test_cached_decode_matches_full_forward(name, lossless):
+    """Prefill + token-by-token decode on the latent cache (absorbed path) equals one full forward."""
+    mla = _load(lossless[name])
+    ids = _ids(length=24)
+    with torch.no_grad():
+        full = mla(ids, use_cache=False).logits
+        out = mla(ids[:, :16], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(16, 24):
+            out = mla(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max().item() < TOL
+
+
+def test_absorbed_equals_decompressed(tiny_models, tmp_path):
+    out = tmp_path / "m"
+    convert_tiny(tiny_models["llama-gqa"], out, kv_budget=0.5)
+    mla = _load(out)
+    ids = _ids(length=12)
+    with torch.no_grad():
+        mla.config.absorb = "never"
+        a = mla(ids).logits
+        mla.config.absorb = "always"
+        b = mla(ids).logits
+    assert (a - b).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.3125])
+def test_cache_holds_only_latent_and_rope_key(tiny_models, tmp_path, budget):
+    out = tmp_path / "m"
+    record = convert_tiny(tiny_models["llama-gqa"], out, kv_budget=budget)
+    mla = _load(out)
+    cfg = mla.config
+    ids = _ids(batch=3, length=20)
+    with torch.no_grad():
+        cache = mla(ids, use_cache=True).past_key_values
+    per_token_layer = []
+    for i, layer in enumerate(cache.layers):
+        held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert layer.keys.shape == (3, 1, 20, cfg.layer_kv_lora_rank(i))
+        assert layer.values.shape == (3, 1, 20, cfg.layer_rope_dim(i))
+        per_token_layer.append(held / (3 * 20))
+        assert held / (3 * 20) == (cfg.layer_kv_lora_rank(i) + cfg.layer_rope_dim(i)) * 4
+    original = 2 * 2 * 16 * 4  # 2 * g * d_h * fp32 bytes
+    assert sum(per_token_layer) == record["kv_cache"]["mla_bytes_per_token"]
+    assert max(per_token_layer) / original <= budget + 1e-9
+
+
+def test_generate_parity_greedy_and_left_padding(tiny_models, lossless):
+    from transformers import AutoTokenizer
+
+    src = AutoModelForCausalLM.from_pretrained(tiny_models["llama-gqa"], dtype=torch.float32).eval()
+    mla = _load(lossless["llama-gqa"])
+    tok = AutoTokenizer.from_pretrained(lossless["llama-gqa"])
+    tok.padding_side = "left"
+    batch = tok(["The class statement", "A function definition is an executable statement that"],
+                return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = src.generate(**batch, **kw)
+    got = mla.generate(**batch, **kw)
+    assert torch.equal(ref, got)
+    # each row alone (no padding) gives the same continuation as in the padded batch
+    for row in range(2):
+        single = tok([["The class statement", "A function definition is an executable statement that"][row]],
+                     return_tensors="pt")
+        alone = mla.generate(**single, **kw)
+        assert torch.equal(alone[0, -12:], got[row, -12:])
+
+
+def test_generate_sampling(lossless):
+    mla = _load(lossless["qwen2"])
+    ids = _ids(batch=2, length=8)
+    torch.manual_seed(0)
+    a = mla.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
+    torch.manual_seed(0)
+    b = mla.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
+    assert a.shape == (2, 14) and torch.equal(a, b)
+
+
+def test_labels_loss_backward_and_gradient_checkpointing(lossless):
+    mla = _load(lossless["llama-gqa"])
+    ids = _ids(batch=2, length=16)
+    ref = mla(ids, labels=ids).loss
+    manual = torch.nn.functional.cross_entropy(mla(ids).logits[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
+    assert abs(ref.item() - manual.item()) < 1e-5
+    mla.train()
+    mla.gradient_checkpointing_enable()
+    loss = mla(ids, labels=ids).loss
+    loss.backward()
+    grad = mla.model.layers[0].self_attn.kv_b_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert abs(loss.item() - ref.item()) < 1e-4
+
+
+def test_sdpa_eager_bf16(lossless):
+    ids = _ids(batch=2, length=16)
+    sdpa = _load(lossless["llama-mha"], attn_implementation="sdpa")
+    eager = _load(lossless["llama-mha"], attn_implementation="eager")
+    with torch.no_grad():
+        a, b = sdpa(ids).logits, eager(ids).logits
+    assert (a - b).abs().max().item() < TOL
+    bf16 = AutoModelForCausalLM.from_pretrained(lossless["llama-mha"], trust_remote_code=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        c = bf16(ids).logits.float()
+    assert c.dtype == torch.float32 and (a - c).abs().max().item() < 0.5
+    out = bf16.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 20)
+
+
+def test_auto_classes_and_save_pretrained_round_trip(lossless, tmp_path):
+    path = lossless["llama-gqa"]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    assert config.model_type == "mla_retrofit" and config.q_lora_rank is None
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(base).__name__ == "MLAModel"
+    mla = _load(path)
+    mla.save_pretrained(tmp_path / "again")
+    again = _load(tmp_path / "again")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(mla(ids).logits, again(ids).logits)
+
+
+def test_export_is_self_contained_when_copied(lossless, tmp_path):
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(lossless["qwen2"], copy)
+    files = {p.name for p in copy.iterdir()}
+    assert {"config.json", "configuration_mla.py", "modeling_mla.py", "model.safetensors", "mla_conversion.json",
+            "generation_config.json", "tokenizer.json"} <= files
+    assert not any(name.startswith(".") for name in files)
+    config = json.loads((copy / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mla.MLAForCausalLM"
+    for name in ("configuration_mla.py", "modeling_mla.py"):
+        text = (copy / name).read_text()
+        imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
+        assert imports <= {"math", "typing", "torch", "transformers", "configuration_mla", "__future__"}, imports
+    assert _load(copy) is not None
+
+
+def test_sliding_window_is_carried_over(lossless):
+    config = json.loads((lossless["mistral"] / "config.json").read_text())
+    assert config["sliding_window"] == 8 and set(config["layer_types"]) == {"sliding_attention"}
+
+
+def test_conversion_is_deterministic(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    convert_tiny(tiny_models["llama-gqa"], tmp_path / "a", kv_budget=0.3125, seed=3)
+    convert_tiny(tiny_models["llama-gqa"], tmp_path / "b", kv_budget=0.3125, seed=3)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_error_grows_as_rank_shrinks(tiny_models, tmp_path):
+    kls = []
+    for rank in (56, 40, 24, 8):
+        rec = convert_tiny(tiny_models["llama-gqa"], tmp_path / f"r{rank}", kv_lora_rank=rank, rope_dim=8)
+        kls.append(rec["verify"]["mean_kl"])
+    assert kls == sorted(kls), kls
+
+
+def test_sharded_export(tiny_models, tmp_path):
+    from convert.save import save_state_dict
+
+    state = {f"w{i}": torch.randn(64, 64) for i in range(4)}
+    names = save_state_dict(state, tmp_path, max_shard_size="20KB")
+    assert len(names) == 4 and (tmp_path / "model.safetensors.index.json").exists()
