@@ -1,5 +1,6 @@
 """One typed config for ``mla convert``: its field docs become ``--help``, recipe YAML keys are its field names."""
 
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -70,8 +71,14 @@ def load_recipe(path: str | Path, section: str = "convert") -> dict:
     if not isinstance(values, dict):
         raise MLAError(f"recipe {path}: '{section}' must be a mapping")
     known = {f.name: f for f in config_fields()}
-    for key in values:
+    for key, value in values.items():
         if key not in known:
             raise MLAError(f"recipe {path}: unknown key {section}.{key!r}")
+        allowed = typing.get_args(known[key].type) or (known[key].type,)
+        is_bool = isinstance(value, bool)
+        if not (isinstance(value, allowed) and (bool in allowed or not is_bool)
+                or float in allowed and isinstance(value, int) and not is_bool):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise MLAError(f"recipe {path}: {section}.{key} must be {names}, got {value!r}")
     return values
 

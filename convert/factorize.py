@@ -25,6 +25,9 @@ def joint_latent(z_aug, moments, n_key: int, rank: int, method: str = "pca", bal
         raise MLAError(f"kv_lora_rank {rank} is impossible: it must be between 1 and {total} for this layer")
     cov = z_aug @ moments @ z_aug.T  # (D, D)
     alpha = 1.0
+    if rank == total:  # exact: no basis change at all (avoids rounding in lossless conversions)
+        eye = torch.eye(total, dtype=torch.float64)
+        return z_aug.clone(), eye
     if balance and 0 < n_key < total:
         e_key, e_val = torch.trace(cov[:n_key, :n_key]), torch.trace(cov[n_key:, n_key:])
         if e_key > 0 and e_val > 0:

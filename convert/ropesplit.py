@@ -9,9 +9,10 @@ layout: real parts of the kept pairs, then imaginary parts) and whose other rows
 Methods:
 - ``rotate``: ``U_i`` = PCA of the calibration keys' frequency-``i`` components across heads; keep the rotated
   components with the largest ``||q|| * ||k||`` (calibrated query and key energy).
-- ``norm``: no rotation (MHA2MLA 2-norm): keep the head pairs with the largest ``||q|| * ||k||``.
-- ``high``: no rotation: keep the highest-frequency pairs of every head.
-- ``uniform``: no rotation: keep evenly spaced frequencies of every head.
+- ``norm``: no rotation (MHA2MLA 2-norm): every KV head keeps its pairs with the largest ``||q|| * ||k||``.
+- ``high``: no rotation: every KV head keeps its highest-frequency pairs.
+- ``uniform``: no rotation: every KV head keeps evenly spaced frequencies.
+Without rotation the kept pairs are shared out round-robin, so each KV head keeps ``d_rope / (2 g)`` of them.
 """
 
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def rope_split(k_aug, q_aug, moments, num_kv: int, head_dim: int, d_rope: int, m
     for i in range(half):
         re, im = _pair_rows(num_kv, head_dim, i)
         c_i = cov_k[re][:, re] + cov_k[im][:, im]  # (g, g)
-        if method == "rotate":
+        if method == "rotate" and n_pairs < half * num_kv:  # with every component kept no rotation is needed
             evals, evecs = torch.linalg.eigh(c_i)
             order = torch.argsort(evals, descending=True)
             u = evecs[:, order].T.contiguous()  # rows = components
@@ -72,9 +73,14 @@ def rope_split(k_aug, q_aug, moments, num_kv: int, head_dim: int, d_rope: int, m
         rotations.append(u)
         scores.append(score)
 
-    flat = [(float(scores[i][c]), -i, -c) for i in range(half) for c in range(num_kv)]
-    ranked = sorted(range(len(flat)), key=lambda t: flat[t], reverse=True)
-    kept = sorted((t // num_kv, t % num_kv) for t in ranked[:n_pairs])  # (i, c) in frequency order
+    if method == "rotate":  # rotated components are shared by all heads: one global ranking
+        flat = [(float(scores[i][c]), -i, -c) for i in range(half) for c in range(num_kv)]
+        ranked = sorted(range(len(flat)), key=lambda t: flat[t], reverse=True)
+        kept = sorted((t // num_kv, t % num_kv) for t in ranked[:n_pairs])  # (i, c) in frequency order
+    else:  # MHA2MLA-style: every KV head keeps its own best pairs, round-robin across heads
+        per_head = [sorted(range(half), key=lambda i: (float(scores[i][c]), -i), reverse=True) for c in range(num_kv)]
+        order = [(per_head[c][k], c) for k in range(half) for c in range(num_kv)]
+        kept = sorted(order[:n_pairs])
     kept_set = set(kept)
     rest = [(i, c) for i in range(half) for c in range(num_kv) if (i, c) not in kept_set]
 

@@ -104,7 +104,7 @@ def load_config(source: Source):
 
     try:
         return AutoConfig.from_pretrained(source.path, **source.load_kwargs())
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except Exception as err:  # a corrupt config.json or GGUF header raises many types (struct.error, ...)
         raise MLAError(f"could not read the config of {source.spec}: {_first_line(err)}") from None
 
 

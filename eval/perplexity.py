@@ -60,7 +60,7 @@ def load_model(path_or_name: str, dtype: torch.dtype = torch.float32):
     path, kw = _resolve(path_or_name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **kw)
     except (OSError, ValueError) as e:
         raise MLAError(f"cannot load model {path_or_name!r}: {_first_line(e)}") from None
     return model.eval(), tokenizer
@@ -87,7 +87,7 @@ def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEF
         raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
     path, kw = _resolve(model_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **kw)
     except (OSError, ValueError) as e:
         raise MLAError(f"cannot load the tokenizer of {model_path!r}: {_first_line(e)}") from None
     windows = token_windows(tokenizer, texts, seq_len, max(1, tokens // seq_len), seed=seed)
@@ -142,7 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None:
             print(f"{name:<10} {ppl:>10.3f}  {path}")
     print(summary(r))
+    kv = _kv_line(a.model)
+    if kv:
+        print(kv)
     return 0
+
+
+def _kv_line(model_path: str) -> str | None:
+    """The KV saving recorded by ``mla convert`` in the export, if MODEL is one."""
+    from pathlib import Path
+
+    record = Path(model_path) / "mla_conversion.json"
+    if not record.is_file():
+        return None
+    kv = json.loads(record.read_text())["kv_cache"]
+    return (f"KV cache per token: {kv['original_bytes_per_token']} -> {kv['mla_bytes_per_token']} bytes "
+            f"({kv['ratio']:.2%} of the original, {1 - kv['ratio']:.1%} saved)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""The export loads in a fresh virtualenv that has only torch + transformers (not this project)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+
+from conftest import convert_tiny
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys, torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    assert importlib.util.find_spec("convert") is None and importlib.util.find_spec("mla_modeling") is None
+    path = sys.argv[1]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 101, 7, 250]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        cache = model(ids, use_cache=True).past_key_values
+    print(json.dumps({"type": config.model_type, "base": type(base).__name__, "logits": logits[0, -1, :8].tolist(),
+                      "generated": out[0].tolist(), "cache_last_dims": [cache.layers[0].keys.shape[-1],
+                      cache.layers[0].values.shape[-1]]}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models, tmp_path):
+    out = tmp_path / "export"
+    convert_tiny(tiny_models["qwen2"], out, kv_budget=0.5)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    torch_version = torch.__version__.split("+")[0]
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
+                          f"transformers=={transformers.__version__}"], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    run = subprocess.run([py, "-c", SCRIPT, str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    from transformers import AutoModelForCausalLM
+
+    here = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 33, 101, 7, 250]])
+    with torch.no_grad():
+        ref = here(ids).logits[0, -1, :8]
+        gen = here.generate(ids, max_new_tokens=5, do_sample=False)
+    assert got["type"] == "mla_retrofit" and got["base"] == "MLAModel"
+    assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4)
+    assert got["generated"] == gen[0].tolist()
+    assert got["cache_last_dims"] == [here.config.layer_kv_lora_rank(0), here.config.layer_rope_dim(0)]
