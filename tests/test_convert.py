@@ -45,7 +45,7 @@ def test_budget_one_is_lossless(name, tiny_models, lossless):
     assert record["kv_cache"]["ratio"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "mistral"])
 def test_cached_decode_matches_full_forward(name, lossless):
     """Prefill + token-by-token decode on the latent cache (absorbed path) equals one full forward."""
     mla = _load(lossless[name])
