@@ -19,6 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --kv-budget $(DEMO_BUDGET) --overwrite
 	$(BIN)/python -m eval.perplexity $(DEMO_OUT) --baseline smollm2-135m --text bbc:tech --tokens 16384
 
