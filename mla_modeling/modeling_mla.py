@@ -7,7 +7,6 @@ Per layer the cache holds the latent ``ckv`` as ``[B, 1, T, kv_lora_rank]`` and 
 ``[B, 1, T, qk_rope_head_dim]`` (the "keys" and "values" slots of a transformers ``Cache``).
 """
 
-import math
 from typing import Optional
 
 import torch
