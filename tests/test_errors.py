@@ -10,7 +10,7 @@ import pytest
 
 from convert.cli import main
 
-FAST = ["--calib-seqs", "2", "--calib-len", "32", "--verify-seqs", "1"]
+FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "32", "--verify-seqs", "1"]
 
 
 @pytest.fixture(autouse=True)
