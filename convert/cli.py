@@ -31,13 +31,9 @@ def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _config_from_args(args, cls, recipe_values: dict):
-    values = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-    values.update(recipe_values)
-    for f in fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return cls(**values)
+    """Dataclass defaults, then the recipe, then the flags given on the command line."""
+    flags = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**{**recipe_values, **flags})
 
 
 def cmd_convert(args) -> int:
@@ -69,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -87,5 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

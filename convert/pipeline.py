@@ -26,6 +26,13 @@ ROPE_SHARE = 0.4  # share of the per-layer budget given to the decoupled RoPE ke
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _requested_budget(cfg: ConvertConfig) -> float | None:
+    """The budget asked for: --kv-budget, else the default unless explicit ranks were given."""
+    if cfg.kv_budget is not None:
+        return cfg.kv_budget
+    return None if cfg.kv_lora_rank is not None or cfg.rope_dim is not None else DEFAULT_BUDGET
+
+
 def plan_layers(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan]:
     """Per-layer (rank, d_rope) from the budget or the explicit ranks; MLAError when impossible."""
     kv_dim = layout.num_kv_heads * layout.head_dim  # g * d_h
@@ -35,7 +42,7 @@ def plan_layers(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan]:
             raise MLAError("give both --kv-lora-rank and --rope-dim (or --kv-budget)")
         rank, d_rope = cfg.kv_lora_rank, cfg.rope_dim
     else:
-        total = round((cfg.kv_budget if cfg.kv_budget is not None else DEFAULT_BUDGET) * full)
+        total = round(_requested_budget(cfg) * full)
         if total >= full:
             rank, d_rope = kv_dim, kv_dim  # all of RoPE kept, the latent is V: lossless
         else:
@@ -56,7 +63,6 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
 
     ranks = [p.rank for p in plans]
     ropes = [p.d_rope for p in plans]
-    eos = src_config.eos_token_id
     config = MLAConfig(
         vocab_size=src_config.vocab_size,
         hidden_size=layout.hidden_size,
@@ -76,7 +82,7 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
         rms_norm_eps=src_config.rms_norm_eps,
         pad_token_id=src_config.pad_token_id,
         bos_token_id=src_config.bos_token_id,
-        eos_token_id=eos,
+        eos_token_id=src_config.eos_token_id,
         tie_word_embeddings=bool(getattr(src_config, "tie_word_embeddings", False)),
         rope_parameters=dict(layout.rope_parameters),
         attention_bias=layout.qkv_bias,
@@ -188,8 +194,7 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
             "dtype": str(dtype).replace("torch.", ""),
         },
         "budget": {
-            "requested_kv_budget": cfg.kv_budget if cfg.kv_budget is not None else (
-                None if cfg.kv_lora_rank is not None else DEFAULT_BUDGET),
+            "requested_kv_budget": _requested_budget(cfg),
             "achieved_kv_budget": mla_values / orig_values,
         },
         "ranks": {

@@ -99,36 +99,45 @@ def resolve_source(spec: str) -> Source:
     raise MLAError(f"model not found: {spec} (expected a model folder, a .gguf file, a Hub id or one of: {', '.join(BUILTIN)})")
 
 
-def load_config(source: Source):
-    """The source's config (read from config.json / the GGUF header), or MLAError."""
+def load_config(source: Source, trust_remote_code: bool = False):
+    """The source's config (read from config.json / the GGUF header), or MLAError.
+
+    ``trust_remote_code`` is for loading MLA exports (evaluation); conversion sources never run remote code.
+    """
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, **source.load_kwargs())
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except Exception as err:  # a corrupt config.json or GGUF header raises many types (struct.error, ...)
         raise MLAError(f"could not read the config of {source.spec}: {_first_line(err)}") from None
 
 
-def load_model(source: Source, dtype=None):
+def load_model(source: Source, dtype=None, trust_remote_code: bool = False):
     """Load (model, tokenizer) in eval mode, float32 by default."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, output_loading_info=True, **source.load_kwargs()
+            source.path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
+            **source.load_kwargs()
         )
     except Exception as err:  # corrupt or missing weights surface as many exception types
         raise MLAError(f"could not load the weights of {source.spec}: {_first_line(err)}") from None
     missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight" or not model.config.tie_word_embeddings]
     if missing:
         raise MLAError(f"weights of {source.spec} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
+    return model.eval(), load_tokenizer(source, trust_remote_code)
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.load_kwargs())
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except Exception as err:
         raise MLAError(f"could not load the tokenizer of {source.spec}: {_first_line(err)}") from None
-    return model.eval(), tokenizer
 
 
 def _first_line(err: BaseException) -> str:

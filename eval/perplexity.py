@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from convert.data import EVALUATION_DEFAULT, load_texts, token_windows
 from convert.errors import MLAError
+from convert.sources import load_config, load_tokenizer, resolve_source
+from convert.sources import load_model as load_source
 
 
 def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> float:
@@ -37,59 +39,23 @@ def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str 
     return math.exp(total / count)
 
 
-def _resolve(path_or_name: str) -> tuple[str, dict]:
-    """(path, extra from_pretrained kwargs) via ``convert.sources.resolve_source`` when that module exists."""
-    try:
-        from convert.sources import resolve_source
-    except ImportError:
-        return path_or_name, {}
-    src = resolve_source(path_or_name)
-    if isinstance(src, str):
-        return src, {}
-    return src.path, src.load_kwargs()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def load_model(path_or_name: str, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from a local folder, Hub id or built-in source name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, kw = _resolve(path_or_name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **kw)
-    except (OSError, ValueError) as e:
-        raise MLAError(f"cannot load model {path_or_name!r}: {_first_line(e)}") from None
-    return model.eval(), tokenizer
+    """(model in eval mode, tokenizer) from a local folder, Hub id, .gguf file or built-in source name."""
+    return load_source(resolve_source(path_or_name), dtype, trust_remote_code=True)
 
 
 def _vocab_size(path_or_name: str) -> int:
-    from transformers import AutoConfig
-
-    path, kw = _resolve(path_or_name)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=True, **kw)
-    except (OSError, ValueError) as e:
-        raise MLAError(f"cannot load the config of {path_or_name!r}: {_first_line(e)}") from None
+    config = load_config(resolve_source(path_or_name), trust_remote_code=True)
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
 def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEFAULT, seq_len: int = 512,
         tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu") -> dict:
     """Perplexities of ``model_path`` (and ``baseline``) on the same windows; a dict of the results."""
-    from transformers import AutoTokenizer
-
     texts = load_texts(text)
     if baseline is not None and _vocab_size(baseline) != _vocab_size(model_path):
         raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
-    path, kw = _resolve(model_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, **kw)
-    except (OSError, ValueError) as e:
-        raise MLAError(f"cannot load the tokenizer of {model_path!r}: {_first_line(e)}") from None
+    tokenizer = load_tokenizer(resolve_source(model_path), trust_remote_code=True)
     windows = token_windows(tokenizer, texts, seq_len, max(1, tokens // seq_len), seed=seed)
     result = {"text": text, "seq_len": seq_len, "windows": windows.shape[0], "tokens": windows.numel(),
               "model": model_path, "baseline": baseline}
