@@ -7,21 +7,27 @@ The result is an orthogonal ``R`` over the stacked key space whose first ``d_rop
 layout: real parts of the kept pairs, then imaginary parts) and whose other rows lose RoPE.
 
 Methods:
-- ``rotate``: ``U_i`` = PCA of the calibration keys' frequency-``i`` components across heads; keep the rotated
-  components with the largest ``||q|| * ||k||`` (calibrated query and key energy).
+- ``rotate`` (default): ``U_i`` = PCA of the frequency-``i`` key components across heads, weighted by the loss
+  gradient (``LayerStats.moments_k``); each rotated component is scored by the loss it would cost without RoPE:
+  ``(1 - sinc(theta_i * span)) * E[|g|^2 k_c^2] * (gradient share of the component)``. The first factor is the mean
+  of ``1 - cos(theta_i * delta)`` over distances ``delta`` in ``[0, span]``: a slow frequency hardly rotates over the
+  span, so dropping its RoPE costs little however large its norm. Scores are in the units of the latent's
+  eigenvalues (estimated nats), so RoPE width can be allocated across layers with the latent ranks.
+- ``rotate-norm``: the same rotation from plain key moments, components scored by ``||q|| * ||k||``.
 - ``norm``: no rotation (MHA2MLA 2-norm): every KV head keeps its pairs with the largest ``||q|| * ||k||``.
 - ``high``: no rotation: every KV head keeps its highest-frequency pairs.
 - ``uniform``: no rotation: every KV head keeps evenly spaced frequencies.
 Without rotation the kept pairs are shared out round-robin, so each KV head keeps ``d_rope / (2 g)`` of them.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .errors import MLAError
 
-ROPE_METHODS = ("rotate", "norm", "high", "uniform")
+ROPE_METHODS = ("rotate", "rotate-norm", "norm", "high", "uniform")
 
 
 @dataclass
@@ -36,26 +42,27 @@ def _pair_rows(num_kv: int, head_dim: int, i: int) -> tuple[list[int], list[int]
     return [j * head_dim + i for j in range(num_kv)], [j * head_dim + i + half for j in range(num_kv)]
 
 
-def rope_split(k_aug, q_aug, moments, num_kv: int, head_dim: int, d_rope: int, method: str) -> RopeSplit:
-    """Build the RoPE split of one layer from its augmented k/q weights ``[W b]`` and input moments ``E[x~ x~^T]``."""
+def component_scores(k_aug, q_aug, stats, num_kv: int, head_dim: int, method: str, theta, span: int):
+    """``(rotations, scores)``: per frequency ``i`` the ``U_i`` (rows = components) and each component's score."""
     if method not in ROPE_METHODS:
         raise MLAError(f"unknown rope method {method!r}; choose from {', '.join(ROPE_METHODS)}")
-    if d_rope % 2 or not 0 <= d_rope <= num_kv * head_dim:
-        raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * head_dim}")
-    half, n_pairs = head_dim // 2, d_rope // 2
+    if method == "rotate" and not stats.has_gradients:
+        raise MLAError("rope method 'rotate' needs gradient statistics")
+    half = head_dim // 2
     num_heads = q_aug.shape[0] // head_dim
     group = num_heads // num_kv
-    cov_k = k_aug @ moments @ k_aug.T  # (g*d_h, g*d_h)
-    q_diag = ((q_aug @ moments) * q_aug).sum(1)  # (n_h*d_h,) E[q^2] per query dim
+    weighted = method == "rotate"
+    cov_k = k_aug @ (stats.moments_k if weighted else stats.moments) @ k_aug.T  # (g*d_h, g*d_h)
+    q_diag = ((q_aug @ stats.moments) * q_aug).sum(1)  # (n_h*d_h,) E[q^2] per query dim
     q_energy = torch.zeros(half, num_kv, dtype=torch.float64)  # per frequency, per KV group, summed over its heads
     for h in range(num_heads):
         q_energy[:, h // group] += q_diag[h * head_dim : h * head_dim + half] + q_diag[h * head_dim + half : (h + 1) * head_dim]
 
-    rotations, scores = [], []  # per frequency: U_i (rows = components), score per component
+    rotations, scores = [], []
     for i in range(half):
         re, im = _pair_rows(num_kv, head_dim, i)
         c_i = cov_k[re][:, re] + cov_k[im][:, im]  # (g, g)
-        if method == "rotate" and n_pairs < half * num_kv:  # with every component kept no rotation is needed
+        if method in ("rotate", "rotate-norm") and num_kv > 1:
             evals, evecs = torch.linalg.eigh(c_i)
             order = torch.argsort(evals, descending=True)
             u = evecs[:, order].T.contiguous()  # rows = components
@@ -63,24 +70,47 @@ def rope_split(k_aug, q_aug, moments, num_kv: int, head_dim: int, d_rope: int, m
         else:
             u = torch.eye(num_kv, dtype=torch.float64)
             k_e = torch.diagonal(c_i).clamp_min(0)
-        q_e = (u**2) @ q_energy[i]  # rotated query energy per component
-        if method in ("rotate", "norm"):
-            score = (k_e * q_e).sqrt()
+        if method == "rotate":
+            g_i = stats.grad_k[re][:, re] + stats.grad_k[im][:, im]  # (g, g)
+            x = theta[i] * span
+            spin = 1 - math.sin(x) / x if x > 0 else 0.0
+            score = spin * k_e * torch.einsum("cj,jk,ck->c", u, g_i, u) / 2
+        elif method in ("rotate-norm", "norm"):
+            score = (k_e * ((u**2) @ q_energy[i])).sqrt()
         elif method == "high":
             score = torch.full((num_kv,), float(half - i))
-        else:  # uniform: rank frequencies by a stride that spreads the first picks evenly
-            score = torch.full((num_kv,), float(half - _uniform_rank(i, half, -(-n_pairs // num_kv))))
+        else:
+            score = torch.full((num_kv,), 0.0)  # uniform: set by position in _select
         rotations.append(u)
         scores.append(score)
+    return rotations, torch.stack(scores)  # (half, g)
 
-    if method == "rotate":  # rotated components are shared by all heads: one global ranking
-        flat = [(float(scores[i][c]), -i, -c) for i in range(half) for c in range(num_kv)]
+
+def _select(scores: torch.Tensor, method: str, n_pairs: int) -> list[tuple[int, int]]:
+    half, num_kv = scores.shape
+    if method in ("rotate", "rotate-norm"):  # rotated components are shared by all heads: one global ranking
+        flat = [(float(scores[i, c]), -i, -c) for i in range(half) for c in range(num_kv)]
         ranked = sorted(range(len(flat)), key=lambda t: flat[t], reverse=True)
-        kept = sorted((t // num_kv, t % num_kv) for t in ranked[:n_pairs])  # (i, c) in frequency order
+        return sorted((t // num_kv, t % num_kv) for t in ranked[:n_pairs])
+    if method == "uniform":  # evenly spaced frequencies first, round-robin over heads
+        n = -(-n_pairs // num_kv)
+        picks = [min(half - 1, (k * half) // max(n, 1)) for k in range(n)]
+        per_head = [picks + [i for i in range(half) if i not in picks]] * num_kv
     else:  # MHA2MLA-style: every KV head keeps its own best pairs, round-robin across heads
-        per_head = [sorted(range(half), key=lambda i: (float(scores[i][c]), -i), reverse=True) for c in range(num_kv)]
-        order = [(per_head[c][k], c) for k in range(half) for c in range(num_kv)]
-        kept = sorted(order[:n_pairs])
+        per_head = [sorted(range(half), key=lambda i: (float(scores[i, c]), -i), reverse=True) for c in range(num_kv)]
+    order = [(per_head[c][k], c) for k in range(half) for c in range(num_kv)]
+    return sorted(order[:n_pairs])
+
+
+def rope_split(k_aug, q_aug, stats, num_kv: int, head_dim: int, d_rope: int, method: str, theta, span: int) -> RopeSplit:
+    """Build the RoPE split of one layer from its augmented k/q weights ``[W b]`` and its calibration statistics."""
+    if d_rope % 2 or not 0 <= d_rope <= num_kv * head_dim:
+        raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * head_dim}")
+    half, n_pairs = head_dim // 2, d_rope // 2
+    if n_pairs == half * num_kv:  # everything keeps RoPE: identity, exactly lossless
+        method = "high"
+    rotations, scores = component_scores(k_aug, q_aug, stats, num_kv, head_dim, method, theta, span)
+    kept = _select(scores, method, n_pairs)
     kept_set = set(kept)
     rest = [(i, c) for i in range(half) for c in range(num_kv) if (i, c) not in kept_set]
 
@@ -100,8 +130,3 @@ def rope_split(k_aug, q_aug, moments, num_kv: int, head_dim: int, d_rope: int, m
     rotation = torch.stack(rows_re + rows_im + rows_rest) if dim else torch.zeros(0, 0, dtype=torch.float64)
     return RopeSplit(rotation=rotation, freq_index=[i for i, _ in kept], d_rope=d_rope)
 
-
-def _uniform_rank(i: int, half: int, n: int) -> float:
-    """0 for the n evenly spaced frequencies ``round(k * half / n)``, larger for the others (later picks)."""
-    picks = [min(half - 1, (k * half) // max(n, 1)) for k in range(n)]
-    return 0.0 if i in picks else 1.0 + i / half
