@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 import typing
+from pathlib import Path
 from dataclasses import MISSING, fields
 
 from .config import ConvertConfig, load_recipe
@@ -33,6 +34,8 @@ def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 def _config_from_args(args, cls, recipe_values: dict):
     """Dataclass defaults, then the recipe, then the flags given on the command line."""
     flags = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    if getattr(args, "command", None) == "sweep":
+        flags.pop("overwrite", None)
     return cls(**{**recipe_values, **flags})
 
 
@@ -42,6 +45,19 @@ def cmd_convert(args) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else {}
     cfg = _config_from_args(args, ConvertConfig, recipe)
     convert(args.src, args.out, cfg)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import parse_list, sweep
+
+    base = _config_from_args(args, ConvertConfig, {})
+    out = args.out
+    if out is None:
+        out = Path("sweeps") / args.src.rstrip("/").split("/")[-1].removesuffix(".gguf")
+        out.parent.mkdir(exist_ok=True)
+    sweep(args.src, out, parse_list(args.budgets, float, "budgets"), parse_list(args.methods, str, "methods"), base,
+          text=args.text, tokens=args.tokens, seq_len=args.seq_len, overwrite=bool(args.overwrite), plot=not args.no_plot)
     return 0
 
 
@@ -61,6 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="YAML recipe whose 'convert:' keys set the options below (flags override it)")
     _add_config_args(p, ConvertConfig)
     p.set_defaults(func=cmd_convert)
+
+    from .data import EVALUATION_DEFAULT
+    from .sweep import DEFAULT_BUDGETS, DEFAULT_METHODS, PRESETS
+
+    methods = "; ".join(f"{name}: {text}" for name, (_, text) in PRESETS.items())
+    p = sub.add_parser(
+        "sweep",
+        help="perplexity ratio vs KV budget for several methods (table + PNG plot)",
+        description="Convert SRC in memory at each budget with each method and measure held-out perplexity against "
+        "the original in the same run. Writes sweep.json/.csv/.md/.png into --out.",
+    )
+    p.add_argument("src", metavar="SRC", help="model folder, Hugging Face Hub id, .gguf file, or smollm2-135m")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated KV budgets (default: {DEFAULT_BUDGETS})")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated presets (default: {DEFAULT_METHODS}). {methods}")
+    p.add_argument("--text", default=EVALUATION_DEFAULT, help=f"held-out evaluation text (default: {EVALUATION_DEFAULT})")
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default: 16384)")
+    p.add_argument("--seq-len", type=int, default=512, help="evaluation window length (default: 512)")
+    p.add_argument("--out", help="output folder (default: sweeps/<source name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    for f in fields(ConvertConfig):
+        if f.name in ("calib", "calib_seqs", "calib_len", "seed", "batch_size"):
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_arg_type(f.type), default=None,
+                           help=f"{f.metadata['help']} (default: {f.default})")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

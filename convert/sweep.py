@@ -1,0 +1,170 @@
+"""``mla sweep``: perplexity ratio vs KV budget for several conversion methods, the original measured in the same run.
+
+    mla sweep smollm2-135m --budgets 0.5,0.3125,0.1875,0.125 --out sweeps/smollm2-135m
+
+The source is loaded and calibrated once; every (method, budget) point is converted in memory (nothing exported) and
+evaluated on the same held-out windows as the original. Writes ``sweep.json``, ``sweep.csv``, ``sweep.md`` and
+``sweep.png`` into ``--out`` (atomically) and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .adapters import read_layout
+from .calibrate import collect_statistics
+from .config import ConvertConfig
+from .data import EVALUATION_DEFAULT, load_texts, token_windows
+from .errors import MLAError
+from .pipeline import build_config, calibration_windows, convert_weights, make_plans
+from .save import atomic_dir, check_out
+from .sources import load_config, load_model, resolve_source
+
+PRESETS = {
+    "default": ({}, "rotate (loss-scored) + fisher latent + per-layer allocation (the default)"),
+    "uniform": ({"rank_alloc": "uniform"}, "as default, same ranks in every layer"),
+    "rotate-pca": ({"rope_method": "rotate-norm", "factor_method": "pca", "rank_alloc": "uniform", "rope_share": 0.4},
+                   "cross-head rotation ranked by |q||k| + balanced activation PCA, uniform ranks"),
+    "norm-pca": ({"rope_method": "norm", "factor_method": "pca", "rank_alloc": "uniform", "rope_share": 0.4},
+                 "MHA2MLA 2-norm selection + balanced activation PCA, uniform ranks"),
+    "norm-svd": ({"rope_method": "norm", "factor_method": "svd", "rank_alloc": "uniform", "rope_share": 0.4},
+                 "MHA2MLA 2-norm selection + weight-only joint SVD (baseline)"),
+}
+DEFAULT_BUDGETS = "0.5,0.3125,0.1875,0.125"
+DEFAULT_METHODS = "default,uniform,rotate-pca,norm-svd"
+
+
+def parse_list(text: str, kind, what: str) -> list:
+    try:
+        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MLAError(f"--{what} must be a comma-separated list, got {text!r}") from None
+    if not items:
+        raise MLAError(f"--{what} is empty")
+    return items
+
+
+def _in_memory(state: dict, config):
+    from mla_modeling.modeling_mla import MLAForCausalLM
+
+    model = MLAForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise MLAError(f"internal error: converted weights do not fit the MLA model ({(unexpected or missing)[0]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def _table(rows: list[dict], original: float) -> str:
+    lines = [f"original perplexity: {original:.2f}", "",
+             "| method | KV budget | values/token/layer | perplexity | ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget']:g} | {r['values_per_layer']:.1f} | {r['perplexity']:.2f} | "
+                     f"{r['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["budget"], r["ratio"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("KV cache budget (fraction of the original)")
+    ax.set_ylabel("perplexity / original perplexity")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], base: ConvertConfig,
+          text: str = EVALUATION_DEFAULT, tokens: int = 16384, seq_len: int = 512, overwrite: bool = False,
+          plot: bool = True, log=print) -> dict:
+    from eval.perplexity import perplexity
+
+    started = time.time()
+    unknown = [m for m in methods if m not in PRESETS]
+    if unknown:
+        raise MLAError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise MLAError(f"every budget must be in (0, 1], got {b}")
+    configs = {m: replace(base, **PRESETS[m][0]) for m in methods}
+    for c in configs.values():
+        c.validate()
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MLAError("the plot needs matplotlib: pip install matplotlib (or pass --no-plot)") from None
+    out = Path(out).expanduser().resolve()
+    check_out(out, overwrite)
+    source = resolve_source(src)
+    src_config = load_config(source)
+    layout = read_layout(src_config)
+    calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
+    torch.manual_seed(base.seed)
+    model, tokenizer = load_model(source)
+    calib, _ = calibration_windows(tokenizer, calib_texts, base)
+    windows = token_windows(tokenizer, eval_texts, seq_len, max(1, tokens // seq_len), seed=base.seed)
+    original = perplexity(model, windows, base.batch_size, desc="ppl original")
+    log(f"original perplexity {original:.2f} on {windows.numel()} tokens of {text}")
+    stats = collect_statistics(model, calib, base.batch_size, gradients=True)
+    full = layout.kv_values_per_token_layer
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            t0 = time.time()
+            cfg = replace(configs[method], kv_budget=budget)
+            plans = make_plans(model, stats, layout, cfg)
+            state, freqs = convert_weights(model, stats, layout, plans, cfg, torch.float32)
+            mla = _in_memory(state, build_config(src_config, layout, plans, freqs, torch.float32))
+            ppl = perplexity(mla, windows, base.batch_size, desc=f"ppl {method} {budget:g}")
+            del mla, state
+            values = sum(p.rank + p.d_rope for p in plans) / layout.num_layers
+            row = {"method": method, "budget": budget, "achieved_budget": values / full, "values_per_layer": values,
+                   "perplexity": ppl, "ratio": ppl / original, "seconds": round(time.time() - t0, 1),
+                   "kv_lora_rank": [p.rank for p in plans], "qk_rope_head_dim": [p.d_rope for p in plans]}
+            rows.append(row)
+            log(f"{method:>10} budget {budget:<7g} ppl {ppl:9.2f}  ratio {ppl / original:7.2f}x")
+    table = _table(rows, original)
+    result = {
+        "source": src, "text": text, "tokens": int(windows.numel()), "seq_len": seq_len,
+        "calibration": {"data": base.calib, "sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
+                        "seed": base.seed},
+        "original_perplexity": original, "methods": {m: PRESETS[m][1] for m in methods}, "rows": rows,
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "sweep.md").write_text(table + "\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["method", "budget", "achieved_budget", "values_per_layer",
+                                                 "perplexity", "ratio", "seconds"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        (tmp / "sweep.csv").write_text(buf.getvalue())
+        if plot:
+            _plot(rows, tmp / "sweep.png", f"{src}: held-out {text}, {windows.numel()} tokens, no fine-tuning")
+    log(table)
+    best = min((r for r in rows if not math.isnan(r["ratio"])), key=lambda r: r["ratio"], default=None)
+    log(f"swept {len(methods)} methods x {len(budgets)} budgets on {src} -> {out} in {time.time() - started:.0f}s"
+        + (f"; best ratio {best['ratio']:.2f}x ({best['method']} at {best['budget']:g})" if best else ""))
+    return result
