@@ -93,7 +93,9 @@ def test_cache_holds_only_latent_and_rope_key(tiny_models, tmp_path, budget):
         assert held / (3 * 20) == (cfg.layer_kv_lora_rank(i) + cfg.layer_rope_dim(i)) * 4
     original = 2 * 2 * 16 * 4  # 2 * g * d_h * fp32 bytes
     assert sum(per_token_layer) == record["kv_cache"]["mla_bytes_per_token"]
-    assert max(per_token_layer) / original <= budget + 1e-9
+    # the budget is exact on average over layers (ranks are allocated per layer)
+    assert sum(per_token_layer) == round(budget * 2 * 2 * 16) * 4 * len(per_token_layer)
+    assert record["budget"]["achieved_kv_budget"] == sum(per_token_layer) / (original * len(per_token_layer))
 
 
 def test_generate_parity_greedy_and_left_padding(tiny_models, lossless):

@@ -16,11 +16,12 @@ FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "32", "--verify-
 @pytest.fixture(autouse=True)
 def _no_progress_output(monkeypatch):
     """Progress bars (ours and transformers') and transformers' load report are not error output: silence them."""
+    import convert.allocate
     import convert.calibrate
     import convert.pipeline
     from transformers.utils import logging as hf_logging
 
-    for module in (convert.pipeline, convert.calibrate):
+    for module in (convert.pipeline, convert.calibrate, convert.allocate):
         monkeypatch.setattr(module, "tqdm", lambda iterable, **kwargs: iterable)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -164,6 +165,11 @@ BAD_OPTIONS = [
          marks=pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")),
     _opt("calib-seqs-zero", ["--calib-seqs", "0"], "--calib-seqs"),
     _opt("dtype", ["--dtype", "float8"], "--dtype", "float8"),
+    _opt("rope-method", ["--rope-method", "spin"], "--rope-method", "spin", "rotate"),
+    _opt("factor-method", ["--factor-method", "qr"], "--factor-method", "qr", "fisher"),
+    _opt("rank-alloc", ["--rank-alloc", "greedy"], "--rank-alloc", "greedy", "uniform"),
+    _opt("rope-share", ["--rope-share", "1.5"], "--rope-share", "[0, 1)"),
+    _opt("rope-span-zero", ["--rope-span", "0"], "--rope-span", ">= 1"),
     _opt("out-parent-missing", [], "parent folder"),
 ]
 

@@ -26,5 +26,8 @@ def test_smollm2_converted_at_default_budget(tmp_path):
     held = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
     original = 30 * 2 * 3 * 64 * 4 * ids.input_ids.shape[1]  # layers * 2 * g * d_h * fp32 bytes * tokens
     assert held / original <= 0.3125 + 1e-9
-    assert json.loads((out / "config.json").read_text())["kv_lora_rank"] + \
-        json.loads((out / "config.json").read_text())["qk_rope_head_dim"] == 120
+    config = json.loads((out / "config.json").read_text())
+    ranks, ropes = config["kv_lora_rank"], config["qk_rope_head_dim"]  # per-layer lists (allocated by sensitivity)
+    assert len(ranks) == len(ropes) == 30 and sum(ranks) + sum(ropes) == 120 * 30
+    assert record["ranks"]["kv_lora_rank"] == ranks and record["ranks"]["qk_rope_head_dim"] == ropes
+    assert record["verify"]["top1_agreement"] > 0.4  # a working model, not noise (random would be ~0)

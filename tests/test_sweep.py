@@ -1,0 +1,51 @@
+"""``mla sweep`` on a tiny model: the original is measured in the same run, budget 1 reproduces it, files are written."""
+
+import json
+
+import pytest
+
+from convert.cli import main
+
+FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "64", "--tokens", "256", "--seq-len", "64"]
+
+
+@pytest.fixture
+def eval_text(tmp_path):
+    path = tmp_path / "held_out.txt"
+    words = "the quick brown fox jumps over the lazy dog while a class statement defines a new object type".split()
+    path.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(300)) for i in range(8)))
+    return path
+
+
+def test_sweep_writes_table_and_plot(tiny_models, tmp_path, eval_text, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny_models["llama-gqa"]), "--budgets", "1,0.5,0.25", "--methods", "default,norm-svd",
+                 "--text", str(eval_text), "--out", str(out), *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| method | KV budget |" in printed and "swept 2 methods x 3 budgets" in printed
+    result = json.loads((out / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [(m, b) for m in ("default", "norm-svd") for b in (1, 0.5, 0.25)]
+    for r in rows:
+        assert r["perplexity"] == pytest.approx(result["original_perplexity"] * r["ratio"])
+        assert r["achieved_budget"] == pytest.approx(round(r["budget"] * 64) / 64)
+        if r["budget"] == 1:
+            assert r["ratio"] == pytest.approx(1.0, abs=1e-4)  # lossless, and the same windows as the original
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("method,budget")
+    assert "| default | 0.5 |" in (out / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--methods", "default,magic"], ["magic"]),
+    (["--budgets", "0.5,2"], ["budget"]),
+    (["--budgets", "half"], ["budgets"]),
+])
+def test_sweep_bad_options(tiny_models, tmp_path, eval_text, capsys, flags, words):
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny_models["llama-gqa"]), "--text", str(eval_text), "--out", str(out), *FAST, *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert all(w in err[0] for w in words)
+    assert not out.exists()
