@@ -106,6 +106,8 @@ def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], b
     for b in budgets:
         if not 0 < b <= 1:
             raise MLAError(f"every budget must be in (0, 1], got {b}")
+    if base.calib == text:
+        raise MLAError(f"--calib and --text are both {text!r}: never evaluate on the calibration text")
     configs = {m: replace(base, **PRESETS[m][0]) for m in methods}
     for c in configs.values():
         c.validate()

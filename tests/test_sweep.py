@@ -41,9 +41,11 @@ def test_sweep_writes_table_and_plot(tiny_models, tmp_path, eval_text, capsys):
     (["--methods", "default,magic"], ["magic"]),
     (["--budgets", "0.5,2"], ["budget"]),
     (["--budgets", "half"], ["budgets"]),
+    (["--calib", "{text}"], ["calibration text"]),
 ])
 def test_sweep_bad_options(tiny_models, tmp_path, eval_text, capsys, flags, words):
     out = tmp_path / "sweep"
+    flags = [f.replace("{text}", str(eval_text)) for f in flags]
     code = main(["sweep", str(tiny_models["llama-gqa"]), "--text", str(eval_text), "--out", str(out), *FAST, *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
