@@ -54,7 +54,8 @@ def collect_statistics(model, windows: torch.Tensor, batch_size: int = 4, gradie
         def hook(module, args, kwargs):
             xa = _augment(kwargs.get("hidden_states", args[0] if args else None), d)
             acc[i]["moments"] = acc[i]["moments"] + xa.T @ xa
-            inputs[i] = xa
+            if gradients:  # kept until the backward pass weights it by the gradient
+                inputs[i] = xa
             if i == 0:
                 tokens[0] += xa.shape[0]
 

@@ -34,8 +34,6 @@ def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 def _config_from_args(args, cls, recipe_values: dict):
     """Dataclass defaults, then the recipe, then the flags given on the command line."""
     flags = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    if getattr(args, "command", None) == "sweep":
-        flags.pop("overwrite", None)
     return cls(**{**recipe_values, **flags})
 
 

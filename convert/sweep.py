@@ -22,7 +22,7 @@ import torch
 from .adapters import read_layout
 from .calibrate import collect_statistics
 from .config import ConvertConfig
-from .data import EVALUATION_DEFAULT, load_texts, token_windows
+from .data import EVALUATION_DEFAULT, load_texts
 from .errors import MLAError
 from .pipeline import build_config, calibration_windows, convert_weights, make_plans
 from .save import atomic_dir, check_out
@@ -97,7 +97,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], base: ConvertConfig,
           text: str = EVALUATION_DEFAULT, tokens: int = 16384, seq_len: int = 512, overwrite: bool = False,
           plot: bool = True, log=print) -> dict:
-    from eval.perplexity import perplexity
+    from eval.perplexity import check_eval_size, eval_windows, perplexity
 
     started = time.time()
     unknown = [m for m in methods if m not in PRESETS]
@@ -106,6 +106,7 @@ def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], b
     for b in budgets:
         if not 0 < b <= 1:
             raise MLAError(f"every budget must be in (0, 1], got {b}")
+    check_eval_size(seq_len, tokens)
     if base.calib == text:
         raise MLAError(f"--calib and --text are both {text!r}: never evaluate on the calibration text")
     configs = {m: replace(base, **PRESETS[m][0]) for m in methods}
@@ -125,7 +126,7 @@ def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], b
     torch.manual_seed(base.seed)
     model, tokenizer = load_model(source)
     calib, _ = calibration_windows(tokenizer, calib_texts, base)
-    windows = token_windows(tokenizer, eval_texts, seq_len, max(1, tokens // seq_len), seed=base.seed)
+    windows = eval_windows(tokenizer, eval_texts, seq_len, tokens)
     original = perplexity(model, windows, base.batch_size, desc="ppl original")
     log(f"original perplexity {original:.2f} on {windows.numel()} tokens of {text}")
     stats = collect_statistics(model, calib, base.batch_size, gradients=True)

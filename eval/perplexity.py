@@ -49,6 +49,17 @@ def _vocab_size(path_or_name: str) -> int:
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
+def check_eval_size(seq_len: int, tokens: int) -> None:
+    if seq_len < 2 or tokens < seq_len:
+        raise MLAError(f"need --seq-len >= 2 and --tokens >= --seq-len, got {seq_len} and {tokens}")
+
+
+def eval_windows(tokenizer, texts, seq_len: int = 512, tokens: int = 16384, seed: int = 0) -> torch.LongTensor:
+    """The evaluation windows: ``tokens // seq_len`` non-overlapping windows of ``seq_len`` tokens."""
+    check_eval_size(seq_len, tokens)
+    return token_windows(tokenizer, texts, seq_len, tokens // seq_len, seed=seed)
+
+
 def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEFAULT, seq_len: int = 512,
         tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu") -> dict:
     """Perplexities of ``model_path`` (and ``baseline``) on the same windows; a dict of the results."""
@@ -56,7 +67,7 @@ def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEF
     if baseline is not None and _vocab_size(baseline) != _vocab_size(model_path):
         raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
     tokenizer = load_tokenizer(resolve_source(model_path), trust_remote_code=True)
-    windows = token_windows(tokenizer, texts, seq_len, max(1, tokens // seq_len), seed=seed)
+    windows = eval_windows(tokenizer, texts, seq_len, tokens, seed)
     result = {"text": text, "seq_len": seq_len, "windows": windows.shape[0], "tokens": windows.numel(),
               "model": model_path, "baseline": baseline}
     for key, path in (("ppl_original", baseline), ("ppl_converted", model_path)):

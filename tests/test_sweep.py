@@ -42,6 +42,7 @@ def test_sweep_writes_table_and_plot(tiny_models, tmp_path, eval_text, capsys):
     (["--budgets", "0.5,2"], ["budget"]),
     (["--budgets", "half"], ["budgets"]),
     (["--calib", "{text}"], ["calibration text"]),
+    (["--tokens", "10"], ["--tokens"]),
 ])
 def test_sweep_bad_options(tiny_models, tmp_path, eval_text, capsys, flags, words):
     out = tmp_path / "sweep"
