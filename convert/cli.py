@@ -17,9 +17,11 @@ def _arg_type(tp):
     return next((t for t in (bool, int, float, str) if t in options), str)
 
 
-def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per dataclass field; the field's help text becomes ``--help``."""
+def _add_config_args(parser: argparse.ArgumentParser, cls, only=None) -> None:
+    """One ``--flag`` per dataclass field (or per field named in ``only``); the field's help text becomes ``--help``."""
     for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         helptext = f.metadata.get("help", "")
@@ -95,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: sweeps/<source name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    for f in fields(ConvertConfig):
-        if f.name in ("calib", "calib_seqs", "calib_len", "seed", "batch_size"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_arg_type(f.type), default=None,
-                           help=f"{f.metadata['help']} (default: {f.default})")
+    _add_config_args(p, ConvertConfig, only={"calib", "calib_seqs", "calib_len", "seed", "batch_size"})
     p.set_defaults(func=cmd_sweep)
     return parser
 
