@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 from dataclasses import MISSING, fields
 
-from .config import ConvertConfig, load_recipe
+from .config import ConvertConfig, RecoverConfig, has_section, load_recipe, parse_overrides
 from .errors import MLAError
 
 
@@ -44,8 +44,33 @@ def cmd_convert(args) -> int:
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
     cfg = _config_from_args(args, ConvertConfig, recipe)
+    if args.recipe and has_section(args.recipe, "recover"):
+        from .recover import convert_and_recover
+
+        rcfg = RecoverConfig(**load_recipe(args.recipe, "recover"))
+        convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart)
+        return 0
+    if args.restart:
+        raise MLAError("--restart only applies to a recipe with a 'recover:' section")
     convert(args.src, args.out, cfg)
     return 0
+
+
+def cmd_finetune(args) -> int:
+    from .recover import finetune
+
+    values = load_recipe(args.recipe, "recover") if args.recipe else {}
+    values.update(parse_overrides(args.overrides, RecoverConfig))
+    finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart)
+    return 0
+
+
+def _keys_epilog(cls) -> str:
+    lines = ["recipe keys (recover: section) and key=value overrides:"]
+    for f in fields(cls):
+        default = None if f.default is MISSING else f.default
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 def cmd_sweep(args) -> int:
@@ -74,9 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="model folder, Hugging Face Hub id, .gguf file, or smollm2-135m")
     p.add_argument("out", metavar="OUT", help="output folder (written atomically)")
-    p.add_argument("--recipe", help="YAML recipe whose 'convert:' keys set the options below (flags override it)")
+    p.add_argument("--recipe", help="YAML recipe whose 'convert:' keys set the options below (flags override it); "
+                   "with a 'recover:' section, the conversion is followed by recovery fine-tuning (see mla finetune)")
+    p.add_argument("--restart", action="store_true",
+                   help="with a recovery recipe: discard checkpoints in OUT.ckpt instead of resuming from them")
     _add_config_args(p, ConvertConfig)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "finetune",
+        help="recover a converted model's quality: LoRA + distillation from the original, merged export",
+        description="Fine-tune the MLA export CONVERTED by distillation from the model it was converted from (LoRA via "
+        "peft) and write merged weights + the peft adapter to OUT. Checkpoints go to OUT.ckpt; re-running the same "
+        "command resumes. Multi-GPU: accelerate launch -m convert.cli finetune ...",
+        epilog=_keys_epilog(RecoverConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("converted", metavar="CONVERTED", help="an export written by mla convert")
+    p.add_argument("out", metavar="OUT", help="output folder (written atomically)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="override recipe keys, e.g. lr=5e-4 tokens=100000")
+    p.add_argument("--recipe", help="YAML recipe whose 'recover:' keys set the options (overrides win)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
+    p.add_argument("--restart", action="store_true", help="discard checkpoints in OUT.ckpt instead of resuming")
+    p.set_defaults(func=cmd_finetune)
 
     from .data import EVALUATION_DEFAULT
     from .sweep import DEFAULT_BUDGETS, DEFAULT_METHODS, PRESETS
@@ -112,7 +157,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (nothing was written)", file=sys.stderr)
+        print("error: interrupted (OUT was not written)", file=sys.stderr)
         return 130
     except MemoryError:
         print("error: out of memory", file=sys.stderr)

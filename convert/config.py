@@ -75,12 +75,116 @@ class ConvertConfig:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def config_fields():
-    return fields(ConvertConfig)
+LORA_DEFAULT_TARGETS = "q_proj,o_proj,gate_proj,up_proj,down_proj"
+FULL_DEFAULT_TARGETS = "kv_a_proj_with_mqa,kv_b_proj"
 
 
-def load_recipe(path: str | Path, section: str = "convert") -> dict:
-    """Read the ``section`` of a recipe YAML as ConvertConfig overrides; unknown keys are an error naming them."""
+@dataclass
+class RecoverConfig:
+    """Recovery fine-tuning (``mla finetune``, and the ``recover:`` section of a recipe)."""
+
+    data: str = opt(
+        "brown",
+        "Training text: comma-separated sources, each in the forms --calib takes (brown[:genres], pydoc, bbc[:cat], a "
+        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN]). Must not include val_data.",
+    )
+    tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
+    seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
+    batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
+    micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
+    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
+    schedule: str = opt("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
+    warmup_steps: int = opt(5, "Linear warm-up steps.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine and linear).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_targets: str = opt(LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters ('' for none).")
+    full_targets: str = opt(
+        FULL_DEFAULT_TARGETS,
+        "Comma-separated module names trained as full parameters (peft modules_to_save), e.g. the latent projections "
+        "kv_a_proj_with_mqa,kv_b_proj or norms input_layernorm ('' for none).",
+    )
+    kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
+    ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")
+    temperature: float = opt(1.0, "Distillation temperature (the KL is scaled by its square).")
+    teacher: str | None = opt(None, "Teacher model; default: the source recorded in the converted model's mla_conversion.json.")
+    val_data: str = opt("bbc:tech", "Held-out text for the perplexity-ratio curve logged during training ('' for none).")
+    val_tokens: int = opt(4096, "Tokens of val_data evaluated (in seq_len windows).")
+    eval_every: int = opt(20, "Evaluate on val_data every this many steps (and at the start and the end).")
+    checkpoint_every: int = opt(10, "Write a resumable checkpoint every this many steps.")
+    seed: int = opt(0, "Seed for data order, LoRA initialisation and dropout.")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu or cuda; accelerate launch sets it per process.")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+
+    def validate(self) -> None:
+        for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise MLAError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise MLAError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
+            raise MLAError(f"micro_batch must be in [1, batch_size={self.batch_size}], got {self.micro_batch}")
+        for name in ("warmup_steps", "val_tokens", "weight_decay", "grad_clip", "kd_weight", "ce_weight",
+                     "lora_dropout"):
+            if getattr(self, name) < 0:
+                raise MLAError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise MLAError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MLAError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lora_r < 1 or self.lora_alpha <= 0:
+            raise MLAError(f"lora_r must be >= 1 and lora_alpha > 0, got {self.lora_r} and {self.lora_alpha}")
+        if self.temperature <= 0:
+            raise MLAError(f"temperature must be > 0, got {self.temperature}")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise MLAError("kd_weight and ce_weight are both 0: nothing to train on")
+        choices = {"schedule": ("cosine", "linear", "constant"), "device": ("auto", "cpu", "cuda"),
+                   "precision": ("auto", "fp32", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MLAError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not split_list(self.lora_targets) and not split_list(self.full_targets):
+            raise MLAError("lora_targets and full_targets are both empty: nothing to train")
+        if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):
+            raise MLAError("a module cannot be in both lora_targets and full_targets")
+        if not split_list(self.data):
+            raise MLAError("data is empty: give at least one training text source")
+        if self.val_data and self.val_data in split_list(self.data):
+            raise MLAError(f"val_data {self.val_data!r} is also training data; evaluate on held-out text")
+        if self.val_data and self.val_tokens and self.val_tokens < self.seq_len:
+            raise MLAError(f"val_tokens ({self.val_tokens}) must be 0 or >= seq_len ({self.seq_len})")
+
+
+def split_list(value: str) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def config_fields(cls=ConvertConfig):
+    return fields(cls)
+
+
+def check_value(cls, key: str, value, where: str):
+    """Type-check one config value (YAML or parsed override); returns it (ints accepted for floats)."""
+    known = {f.name: f for f in config_fields(cls)}
+    if key not in known:
+        raise MLAError(f"{where}: unknown key {key!r}")
+    allowed = typing.get_args(known[key].type) or (known[key].type,)
+    is_bool = isinstance(value, bool)
+    if not (isinstance(value, allowed) and (bool in allowed or not is_bool)
+            or float in allowed and isinstance(value, int) and not is_bool):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise MLAError(f"{where}: {key} must be {names}, got {value!r}")
+    return value
+
+
+SECTIONS = {"convert": ConvertConfig, "recover": RecoverConfig}
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The whole recipe mapping, with its top-level keys checked."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -93,18 +197,51 @@ def load_recipe(path: str | Path, section: str = "convert") -> dict:
     unknown_top = sorted(set(data) - {"convert", "recover", "source", "description"})
     if unknown_top:
         raise MLAError(f"recipe {path}: unknown key {unknown_top[0]!r} (allowed: convert, recover, source, description)")
+    return data
+
+
+def load_recipe(path: str | Path, section: str = "convert") -> dict:
+    """Read the ``section`` of a recipe YAML as config overrides; unknown keys are an error naming them."""
+    data = read_recipe(path)
     values = data.get(section) or {}
     if not isinstance(values, dict):
         raise MLAError(f"recipe {path}: '{section}' must be a mapping")
-    known = {f.name: f for f in config_fields()}
     for key, value in values.items():
-        if key not in known:
+        if key not in {f.name for f in config_fields(SECTIONS[section])}:
             raise MLAError(f"recipe {path}: unknown key {section}.{key!r}")
-        allowed = typing.get_args(known[key].type) or (known[key].type,)
-        is_bool = isinstance(value, bool)
-        if not (isinstance(value, allowed) and (bool in allowed or not is_bool)
-                or float in allowed and isinstance(value, int) and not is_bool):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise MLAError(f"recipe {path}: {section}.{key} must be {names}, got {value!r}")
+        check_value(SECTIONS[section], key, value, f"recipe {path}: {section}")
     return values
 
+
+def has_section(path: str | Path, section: str) -> bool:
+    return read_recipe(path).get(section) is not None
+
+
+def parse_overrides(items: list[str], cls) -> dict:
+    """``key=value`` command-line overrides (values parsed as YAML scalars), type-checked against ``cls``."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise MLAError(f"override {item!r} is not key=value")
+        field_type = {f.name: f.type for f in config_fields(cls)}.get(key)
+        kinds = typing.get_args(field_type) or (field_type,)
+        value = _parse_scalar(raw.strip(), kinds)
+        values[key] = check_value(cls, key, value, "override")
+    return values
+
+
+def _parse_scalar(raw: str, kinds: tuple):
+    """A command-line value as the field's type: null/none, true/false, int, float, else the string itself."""
+    if raw.lower() in ("null", "none", "~") and type(None) in kinds:
+        return None
+    if bool in kinds and raw.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return raw.lower() in ("true", "yes", "1")
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(raw)
+            except ValueError:
+                pass
+    return raw

@@ -1,0 +1,514 @@
+"""Stage 8, recover: LoRA + distillation from the original model (``mla finetune``).
+
+    mla finetune CONVERTED OUT --recipe recipes/smollm2-135m.yaml [key=value ...]
+
+The student is the MLA export CONVERTED; the teacher is the model it was converted from (recorded in its
+``mla_conversion.json``), run alongside. Per token, loss = kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight *
+cross-entropy. LoRA adapters (peft) go on ``lora_targets``; ``full_targets`` are trained as full parameters (peft
+``modules_to_save``). Everything else is frozen.
+
+Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` steps (and on Ctrl-C); re-running the
+same command resumes from it and ends with the same weights as an uninterrupted run. A non-finite loss or gradient
+stops the run with an error. The export holds merged weights (loads without peft) and the adapter in peft format under
+``adapter/``; ``mla_conversion.json`` gains a ``recovery`` record (data, tokens, losses, the validation curve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import RecoverConfig, split_list
+from .data import load_texts, token_windows
+from .errors import MLAError
+from .save import atomic_dir, check_out, save_state_dict, write_json
+from .sources import load_model, resolve_source
+
+CKPT_NAME = "checkpoint.pt"
+# Keys that do not change the trained weights or the log; a resumed run may change them.
+NOT_FINGERPRINTED = ("checkpoint_every", "device")
+ADAPTER_DIR = "adapter"
+
+
+def work_dir(out: Path) -> Path:
+    """Checkpoints (and, for ``mla convert --recipe``, the training-free conversion) live beside OUT until it is done."""
+    return out.parent / f"{out.name}.ckpt"
+
+
+def lr_at(step: int, cfg: RecoverConfig, total_steps: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    factor = 1 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * factor)
+
+
+def batch_rows(step: int, batch_size: int, n: int, seed: int, _perms: dict = {}) -> torch.LongTensor:
+    """Rows of the training windows used at ``step``: a fresh seeded permutation per epoch (a pure function of step)."""
+    rows = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(j, n)
+        key = (n, seed, epoch)
+        if key not in _perms:
+            _perms.clear()
+            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(int(_perms[key][i]))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def distill_loss(student_logits, teacher_logits, input_ids, cfg: RecoverConfig):
+    """(loss, kl, ce) averaged over tokens; KL at every position, cross-entropy on next tokens."""
+    s = student_logits.float().flatten(0, 1)  # (B*T, V)
+    kl = ce = torch.zeros((), device=s.device)
+    if cfg.kd_weight:
+        t = teacher_logits.float().flatten(0, 1)
+        temp = cfg.temperature
+        kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
+                      reduction="batchmean") * temp**2
+    if cfg.ce_weight:
+        logits = student_logits[:, :-1].float().flatten(0, 1)
+        ce = F.cross_entropy(logits, input_ids[:, 1:].flatten())
+    return cfg.kd_weight * kl + cfg.ce_weight * ce, kl.detach(), ce.detach()
+
+
+def _fingerprint(cfg: RecoverConfig, converted: Path, teacher: str) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    record = (converted / "mla_conversion.json").read_bytes()
+    blob = json.dumps({"cfg": settings, "teacher": teacher, "converted": hashlib.sha256(record).hexdigest()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _changed_keys(old: dict, cfg: RecoverConfig) -> list[str]:
+    new = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _read_record(converted: Path) -> dict:
+    path = converted / "mla_conversion.json"
+    if not converted.is_dir():
+        raise MLAError(f"converted model not found: {converted}")
+    if not path.exists():
+        raise MLAError(f"{converted} is not an MLA export (no mla_conversion.json); convert it with mla convert first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MLAError(f"could not read {path}: {err}") from None
+
+
+def _load_student(converted: Path):
+    from mla_modeling.modeling_mla import MLAForCausalLM
+
+    try:
+        model, info = MLAForCausalLM.from_pretrained(converted, dtype=torch.float32, output_loading_info=True)
+    except Exception as err:  # corrupt weights surface as many types
+        first = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+        raise MLAError(f"could not load the converted model {converted}: {first}") from None
+    missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"]
+    if missing:
+        raise MLAError(f"weights of {converted} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
+    return model
+
+
+def _module_names(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def wrap_peft(model, cfg: RecoverConfig):
+    """The student with LoRA on ``lora_targets`` and trainable copies of ``full_targets``; the rest frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lora, full = split_list(cfg.lora_targets), split_list(cfg.full_targets)
+    names = _module_names(model)
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name in lora:
+        if name not in linear:
+            raise MLAError(f"lora_targets: no linear module named {name!r} (have: {', '.join(sorted(linear))})")
+    for name in full:
+        if name not in names:
+            raise MLAError(f"full_targets: no module named {name!r}")
+    if not lora:  # peft needs at least one LoRA target; a rank-r adapter on nothing would be meaningless
+        raise MLAError("lora_targets is empty: give at least one module for LoRA (full_targets alone: use a "
+                       "full fine-tune tool)")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora,
+                        modules_to_save=full or None, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, config)
+
+
+def _windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
+    parts = [token_windows(tokenizer, load_texts(spec), cfg.seq_len, None, seed=cfg.seed) for spec in split_list(cfg.data)]
+    return torch.cat(parts)
+
+
+def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
+    if not cfg.val_data or not cfg.val_tokens:
+        return None
+    return token_windows(tokenizer, load_texts(cfg.val_data), cfg.seq_len, cfg.val_tokens // cfg.seq_len, seed=0)
+
+
+@torch.no_grad()
+def _nll(model, windows: torch.LongTensor, batch_size: int, device, autocast) -> float:
+    """Mean next-token negative log-likelihood over the windows."""
+    total, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        with autocast():
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop at the end of the step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT") and threading_main():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.set = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
+             ckpt_dir: Path | None = None, teacher: str | None = None, log=print) -> dict:
+    """Recover CONVERTED by distillation into OUT (atomic); resumable from ``ckpt_dir`` (default OUT.ckpt)."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    cfg.validate()
+    converted, out = Path(converted).resolve(), Path(out).resolve()
+    check_out(out, overwrite)
+    if out == converted:
+        raise MLAError("OUT must differ from the converted model folder")
+    record = _read_record(converted)
+    teacher = cfg.teacher or teacher or record.get("source", {}).get("spec")
+    if not teacher:
+        raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
+    ckpt_dir = ckpt_dir or work_dir(out)
+    ckpt_path = ckpt_dir / CKPT_NAME
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise MLAError("device cuda was asked for but no CUDA device is available")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    main = acc.is_main_process
+    say = log if main else (lambda *_: None)
+    if cfg.batch_size % acc.num_processes:
+        raise MLAError(f"batch_size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
+    local_batch = cfg.batch_size // acc.num_processes
+    micro = min(cfg.micro_batch or local_batch, local_batch)
+
+    fingerprint = _fingerprint(cfg, converted, teacher)
+    resume = None
+    if ckpt_path.exists() and not restart:
+        try:
+            resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise MLAError(f"checkpoint {ckpt_path} is unreadable ({str(err).splitlines()[0][:200]}); "
+                           "re-run with --restart to start over") from None
+        if resume.get("fingerprint") != fingerprint:
+            changed = _changed_keys(resume.get("settings", {}), cfg) or ["the converted model or the teacher"]
+            raise MLAError(f"checkpoint {ckpt_path} is from a different run (changed: {', '.join(changed)}); "
+                           "re-run with --restart to discard it")
+
+    # load: student, teacher, text
+    student = _load_student(converted)
+    say(f"teacher: {teacher}")
+    teacher_model, tokenizer = load_model(resolve_source(teacher))
+    teacher_model.requires_grad_(False)
+    if teacher_model.config.get_text_config().vocab_size != student.config.vocab_size:
+        raise MLAError(f"teacher {teacher} has vocabulary {teacher_model.config.get_text_config().vocab_size}, the "
+                       f"student {student.config.vocab_size}: not the model it was converted from")
+    windows = _windows(tokenizer, cfg)
+    val = _val_windows(tokenizer, cfg)
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+    say(f"training text: {cfg.data} ({len(windows)} windows of {cfg.seq_len}); {total_steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
+
+    model = wrap_peft(student, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    start_step, history, evals, teacher_nll = 0, [], [], None
+    if resume is not None:
+        missing = set(n for n, p in model.named_parameters() if p.requires_grad) - set(resume["trainable"])
+        if missing:
+            raise MLAError(f"checkpoint {ckpt_path} lacks {len(missing)} trained tensors; re-run with --restart")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in resume["trainable"]:
+                    p.copy_(resume["trainable"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_step, history, evals = resume["step"], resume["history"], resume["evals"]
+        teacher_nll = resume.get("teacher_nll")
+        torch.set_rng_state(resume["rng"])
+        say(f"resuming from {ckpt_path} at step {start_step}/{total_steps}")
+    else:
+        torch.manual_seed(cfg.seed)
+    model, optimizer = acc.prepare(model, optimizer)
+    teacher_model.to(acc.device)
+    inner = acc.unwrap_model(model)
+
+    def evaluate(step: int) -> None:
+        nonlocal teacher_nll
+        if val is None:
+            return
+        if teacher_nll is None:
+            teacher_nll = _nll(teacher_model, val, micro, acc.device, acc.autocast)
+        inner.eval()
+        nll = _nll(inner, val, micro, acc.device, acc.autocast)
+        inner.train()
+        evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "val_ppl": math.exp(nll),
+                      "teacher_val_ppl": math.exp(teacher_nll), "ratio": math.exp(nll - teacher_nll)})
+        say(f"step {step}: val perplexity {math.exp(nll):.2f} ({math.exp(nll - teacher_nll):.3f}x the teacher's)")
+
+    def checkpoint(step: int) -> None:
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint, "settings": {k: v for k, v in asdict(cfg).items()
+                                                         if k not in NOT_FINGERPRINTED},
+                "step": step, "trainable": _trainable_state(inner), "optimizer": optimizer.state_dict(),
+                "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
+        acc.wait_for_everyone()
+
+    if start_step == 0 and not evals:
+        evaluate(0)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(range(start_step, total_steps), desc="recover", unit="step", initial=start_step, total=total_steps,
+               disable=not main)
+    t_run, steps_run = time.time(), 0
+    with _StopFlag() as stop:
+        for step in bar:
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = batch_rows(step, cfg.batch_size, len(windows), cfg.seed)
+            local = rows[acc.process_index * local_batch:(acc.process_index + 1) * local_batch]
+            optimizer.zero_grad(set_to_none=True)
+            kl_sum = ce_sum = loss_sum = 0.0
+            for part in local.split(micro):
+                ids = windows[part].to(acc.device)
+                with torch.no_grad(), acc.autocast():
+                    t_logits = teacher_model(input_ids=ids, use_cache=False).logits
+                with acc.autocast():
+                    s_logits = model(input_ids=ids, use_cache=False).logits
+                loss, kl, ce = distill_loss(s_logits, t_logits, ids, cfg)
+                weight = len(part) / len(local)
+                acc.backward(loss * weight)
+                loss_sum += float(loss.detach()) * weight
+                kl_sum += float(kl) * weight
+                ce_sum += float(ce) * weight
+                del t_logits, s_logits, loss
+            if not math.isfinite(loss_sum):
+                raise MLAError(_nonfinite("loss", loss_sum, step, cfg, ckpt_path))
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
+                              torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                raise MLAError(_nonfinite("gradient norm", grad_norm, step, cfg, ckpt_path))
+            optimizer.step()
+            steps_run += 1
+            history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_sum, "kl": kl_sum,
+                            "ce": ce_sum, "lr": lr, "grad_norm": grad_norm})
+            rate = steps_run * tokens_per_step / (time.time() - t_run)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            done = step + 1
+            if done % cfg.eval_every == 0 and done < total_steps:
+                evaluate(done)
+            if done % cfg.checkpoint_every == 0 or stop.set:
+                checkpoint(done)
+            if stop.set and done < total_steps:
+                bar.close()
+                say(f"interrupted: checkpoint at step {done}/{total_steps} in {ckpt_dir}; re-run the same command "
+                    "to resume")
+                raise KeyboardInterrupt
+    bar.close()
+    if not evals or evals[-1]["step"] != total_steps:
+        evaluate(total_steps)
+        checkpoint(total_steps)
+
+    result = None
+    if main:
+        result = _export(inner, converted, out, record, cfg, teacher, history, evals, n_train, overwrite, val, micro,
+                         acc, started, ckpt_dir)
+    acc.wait_for_everyone()
+    if main and ckpt_path.exists():
+        ckpt_path.unlink()
+        with contextlib.suppress(OSError):
+            ckpt_dir.rmdir()
+    return result
+
+
+def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:
+    kept = f"the last checkpoint ({ckpt_path}) is kept" if ckpt_path.exists() else "no checkpoint was written"
+    return (f"{what} became {value} at step {step + 1}; stopped ({kept}). Lower lr (now {cfg.lr:g}) or check the "
+            "converted weights and the training text")
+
+
+def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
+    tail = [h[key] for h in history[-last:]]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
+            n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path) -> dict:
+    from mla_modeling.modeling_mla import MLAForCausalLM
+
+    model.eval()
+    dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp / ADAPTER_DIR)
+        adapter_cfg = tmp / ADAPTER_DIR / "adapter_config.json"
+        meta = json.loads(adapter_cfg.read_text())
+        meta["base_model_name_or_path"] = str(converted) if converted.parent != ckpt_dir else None
+        write_json(adapter_cfg, meta)
+        merged = model.merge_and_unload()
+        state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
+        if merged.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_state_dict(state, tmp)
+        for item in converted.iterdir():
+            if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
+                shutil.copyfile(item, tmp / item.name)
+        reloaded = MLAForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(acc.device)
+        final = evals[-1] if evals else None
+        verify = None
+        if val is not None:
+            nll = _nll(reloaded, val, micro, acc.device, acc.autocast)
+            verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
+            if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
+                raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
+                               f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
+        del reloaded
+        steps = history[-1]["step"] if history else 0
+        record = dict(record)
+        record["recovery"] = {
+            "teacher": teacher,
+            "data": cfg.data,
+            "steps": steps,
+            "tokens_seen": steps * cfg.batch_size * cfg.seq_len,
+            "settings": asdict(cfg),
+            "trainable_parameters": n_train,
+            "processes": acc.num_processes,
+            "final_loss": _final_loss(history, "loss"),
+            "final_kl": _final_loss(history, "kl"),
+            "final_ce": _final_loss(history, "ce"),
+            "val": evals,
+            "verify": verify,
+            "adapter": ADAPTER_DIR,
+            "elapsed_s": round(time.time() - started, 1),
+            "history": history,
+        }
+        write_json(tmp / "mla_conversion.json", record)
+        _plot(evals, tmp / "recovery.png")
+    rec = record["recovery"]
+    ratio = f"; val perplexity {evals[0]['ratio']:.3f}x -> {evals[-1]['ratio']:.3f}x the teacher's" if evals else ""
+    print(f"recovered {converted.name} -> {out}: {rec['tokens_seen']} tokens in {rec['steps']} steps, final KL "
+          f"{rec['final_kl']:.4f}{ratio}; {rec['elapsed_s']:.0f}s")
+    return record
+
+
+def _plot(evals: list[dict], path: Path) -> None:
+    """recovery.png: validation perplexity ratio vs training tokens (skipped without matplotlib)."""
+    if len(evals) < 2:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["tokens"] for e in evals], [e["ratio"] for e in evals], marker="o")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("val perplexity / teacher's")
+    ax.set_title("Recovery by distillation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def config_with(cfg: RecoverConfig, **changes) -> RecoverConfig:
+    return replace(cfg, **changes)
+
+
+def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print) -> dict:
+    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go.
+
+    The training-free conversion is kept in ``OUT.ckpt/converted`` (with the training checkpoints) until OUT is
+    written, so re-running the same command after a kill resumes instead of converting again.
+    """
+    from .pipeline import convert
+
+    out = Path(out).resolve()
+    rcfg.validate()
+    ccfg.validate()
+    check_out(out, ccfg.overwrite)
+    work = work_dir(out)
+    converted = work / "converted"
+    settings_path = work / "convert_settings.json"
+    settings = {"src": src, **asdict(replace(ccfg, overwrite=False))}
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if (converted / "mla_conversion.json").exists():
+        old = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise MLAError(f"{work} holds a conversion with other settings (changed: {', '.join(changed)}); "
+                           "re-run with --restart to discard it")
+        log(f"reusing the conversion in {converted}")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        convert(src, converted, replace(ccfg, overwrite=True), log=log)
+        write_json(settings_path, settings)
+    record = finetune(converted, out, rcfg, overwrite=ccfg.overwrite, ckpt_dir=work, teacher=src, log=log)
+    shutil.rmtree(work, ignore_errors=True)
+    return record

@@ -1,0 +1,229 @@
+"""Recovery fine-tuning (mla finetune) on a tiny converted model: it learns, exports merged weights equal to the peft
+adapter, resumes after kill -9 / Ctrl-C to the same weights as an uninterrupted run, and reports bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import convert_tiny
+from convert.config import RecoverConfig, parse_overrides
+from convert.errors import MLAError
+from convert.recover import CKPT_NAME, batch_rows, finetune, lr_at, work_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    """A tiny GQA model converted at budget 0.25, and disjoint training / validation text files (Python docs)."""
+    import pydoc_data.topics
+
+    root = tmp_path_factory.mktemp("recover")
+    topics = list(pydoc_data.topics.topics.values())
+    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
+    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
+    convert_tiny(tiny_models["llama-gqa"], root / "conv", kv_budget=0.25)
+    return root
+
+
+def _args(root: Path, **extra) -> dict:
+    args = dict(data=str(root / "train.txt"), val_data=str(root / "val.txt"), seq_len=64, batch_size=4,
+                tokens=64 * 4 * 40, val_tokens=256, eval_every=10, checkpoint_every=5, lr=3e-3, warmup_steps=2)
+    args.update(extra)
+    return args
+
+
+def _cli(root: Path, out: Path, extra=(), **kw):
+    items = [f"{k}={v}" for k, v in _args(root, **kw).items()]
+    return [sys.executable, "-m", "convert.cli", "finetune", str(root / "conv"), str(out), *items, *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """An uninterrupted CLI run (the same settings the interrupted runs use)."""
+    out = setup / "ref"
+    proc = subprocess.run(_cli(setup, out, tokens=64 * 4 * 120), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_schedule_and_data_order():
+    cfg = RecoverConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(99, cfg, 100) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(52, cfg, 100) == pytest.approx(0.55, abs=1e-2)
+    # every window is seen once per epoch; a step's rows depend only on (step, seed)
+    rows = torch.cat([batch_rows(s, 4, 10, seed=3) for s in range(5)])
+    assert sorted(rows[:10].tolist()) == list(range(10)) and sorted(rows[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_rows(3, 4, 10, seed=3), rows[12:16])
+    assert not torch.equal(batch_rows(0, 4, 10, seed=4), rows[:4])
+
+
+def test_finetune_learns_and_exports_merged_weights_and_adapter(setup):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mla_modeling.modeling_mla import MLAForCausalLM
+
+    out = setup / "ft"
+    record = finetune(setup / "conv", out, RecoverConfig(**_args(setup)), log=lambda *_: None)
+    rec = record["recovery"]
+    kls = [h["kl"] for h in rec["history"]]
+    assert rec["steps"] == 40 and rec["tokens_seen"] == 40 * 4 * 64
+    assert sum(kls[-5:]) / 5 < 0.8 * sum(kls[:5]) / 5, kls  # distillation reduces the KL to the teacher
+    assert [e["step"] for e in rec["val"]] == [0, 10, 20, 30, 40]
+    assert rec["verify"]["val_ppl_reloaded"] == pytest.approx(rec["verify"]["val_ppl_trained"], rel=1e-4)
+    assert (out / "recovery.png").exists() and not work_dir(out).exists()
+    saved = json.loads((out / "mla_conversion.json").read_text())
+    assert saved["recovery"]["final_kl"] == pytest.approx(sum(kls[-10:]) / 10)
+    assert saved["budget"] == json.loads((setup / "conv" / "mla_conversion.json").read_text())["budget"]
+
+    # merged export: plain remote-code model, same tensor names as the converted one, weights changed
+    before, after = load_file(setup / "conv" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after)
+    assert not torch.equal(before["model.layers.0.self_attn.kv_b_proj.weight"],
+                           after["model.layers.0.self_attn.kv_b_proj.weight"])
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    # the adapter is standard peft on top of the converted model and gives the same logits
+    base = MLAForCausalLM.from_pretrained(setup / "conv", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = torch.randint(3, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = adapted(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+        untrained = MLAForCausalLM.from_pretrained(setup / "conv", dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (got - ref).abs().max() < 1e-4
+    assert (got - untrained).abs().max() > 1e-3
+
+
+def _wait_for_checkpoint(proc, ckpt: Path, timeout: float = 120):
+    deadline = time.time() + timeout
+    while not ckpt.exists():
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def _same_export(a: Path, b: Path):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha = json.loads((a / "mla_conversion.json").read_text())["recovery"]
+    hb = json.loads((b / "mla_conversion.json").read_text())["recovery"]
+    assert [h["loss"] for h in ha["history"]] == [h["loss"] for h in hb["history"]]
+    assert ha["val"] == hb["val"]
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(setup, reference):
+    out = setup / "killed"
+    cmd = _cli(setup, out, tokens=64 * 4 * 120)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, work_dir(out) / CKPT_NAME)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    step = torch.load(work_dir(out) / CKPT_NAME, weights_only=True)["step"]
+    assert 0 < step < 120
+    again = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from {work_dir(out) / CKPT_NAME} at step" in again.stdout
+    _same_export(reference, out)
+    assert not work_dir(out).exists()
+
+
+def test_ctrl_c_checkpoints_then_resume_refuses_changed_settings(setup, reference):
+    out = setup / "interrupted"
+    cmd = _cli(setup, out, tokens=64 * 4 * 120)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, work_dir(out) / CKPT_NAME)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: checkpoint at step" in stdout and not out.exists()
+    changed = subprocess.run(_cli(setup, out, tokens=64 * 4 * 120, lr=1e-3), env=_env(), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert changed.returncode == 2 and "from a different run (changed: lr)" in changed.stderr
+    again = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout
+    _same_export(reference, out)
+
+
+def test_nonfinite_loss_is_detected(setup, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(setup / "conv", bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.1.self_attn.kv_b_proj.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MLAError, match=r"loss became nan at step 1; stopped \(no checkpoint was written\)"):
+        finetune(bad, tmp_path / "out", RecoverConfig(**_args(setup, val_data="")), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora_targets": "nope_proj"}, "lora_targets: no linear module named 'nope_proj'"),
+    ({"full_targets": "q_proj", "lora_targets": "q_proj"}, "both lora_targets and full_targets"),
+    ({"val_data": "TRAIN"}, "is also training data"),
+    ({"lr": -1.0}, "lr must be > 0"),
+    ({"schedule": "step"}, "schedule must be one of cosine, linear, constant"),
+    ({"micro_batch": 9}, "micro_batch must be in"),
+])
+def test_bad_settings_are_one_line_errors(setup, tmp_path, overrides, message):
+    args = _args(setup, **overrides)
+    if args.get("val_data") == "TRAIN":
+        args["val_data"] = args["data"]
+    with pytest.raises(MLAError, match=message):
+        finetune(setup / "conv", tmp_path / "out", RecoverConfig(**args), log=lambda *_: None)
+
+
+def test_overrides_are_typed_and_unknown_keys_named():
+    values = parse_overrides(["lr=3e-4", "tokens=1000", "teacher=null", "data=a.txt,b.txt", "micro-batch=2"],
+                             RecoverConfig)
+    assert values == {"lr": 3e-4, "tokens": 1000, "teacher": None, "data": "a.txt,b.txt", "micro_batch": 2}
+    with pytest.raises(MLAError, match="unknown key 'learning_rate'"):
+        parse_overrides(["learning_rate=1"], RecoverConfig)
+    with pytest.raises(MLAError, match="lr must be float"):
+        parse_overrides(["lr=fast"], RecoverConfig)
+    with pytest.raises(MLAError, match="not key=value"):
+        parse_overrides(["lr"], RecoverConfig)
+
+
+def test_cli_errors(setup, tmp_path):
+    from convert.cli import main
+
+    assert main(["finetune", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert main(["finetune", str(setup / "conv"), str(tmp_path / "o"), "bogus=1"]) == 2
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recover:\n  learning_rate: 1\n")
+    assert main(["finetune", str(setup / "conv"), str(tmp_path / "o"), "--recipe", str(recipe)]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_with_recover_recipe_runs_both(tiny_models, setup, tmp_path):
+    from convert.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "convert:\n  kv_budget: 0.25\n  calib: pydoc\n  calib_seqs: 4\n  calib_len: 64\n  verify_seqs: 1\n"
+        f"recover:\n  data: {setup / 'train.txt'}\n  val_data: {setup / 'val.txt'}\n  seq_len: 64\n"
+        "  tokens: 2560\n  val_tokens: 256\n  eval_every: 5\n  lr: 0.003\n")
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_models["llama-gqa"]), str(out), "--recipe", str(recipe)]) == 0
+    record = json.loads((out / "mla_conversion.json").read_text())
+    assert record["budget"]["achieved_kv_budget"] <= 0.25 + 1e-9
+    assert record["recovery"]["steps"] == 10 and record["recovery"]["teacher"] == str(tiny_models["llama-gqa"])
+    assert (out / "adapter" / "adapter_config.json").exists() and not work_dir(out).exists()
