@@ -4,10 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; users elsewhere get whatever torch>=2.6 pip picks.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_OUT ?= out/smollm2-135m-mla
-DEMO_BUDGET ?= 0.3125
+DEMO_RECIPE ?= recipes/smollm2-135m.yaml
+DEMO_OUT ?= out/smollm2-135m-mla-recovered
+QUICK_OUT ?= out/smollm2-135m-mla
+QUICK_BUDGET ?= 0.3125
+EVAL_ARGS ?= --baseline smollm2-135m --text bbc:tech --tokens 16384
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-quick test clean
 
 setup: $(BIN)/.installed
 
@@ -18,10 +21,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# The main job: convert + recover (about an hour on 2 CPU cores; re-running resumes), then perplexity before/after.
 demo: setup
 	mkdir -p $(dir $(DEMO_OUT))
-	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --kv-budget $(DEMO_BUDGET) --overwrite
-	$(BIN)/python -m eval.perplexity $(DEMO_OUT) --baseline smollm2-135m --text bbc:tech --tokens 16384
+	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $(DEMO_RECIPE) --overwrite
+	$(BIN)/python -m eval.perplexity $(DEMO_OUT) $(EVAL_ARGS)
+
+# Training-free conversion only (a few minutes).
+demo-quick: setup
+	mkdir -p $(dir $(QUICK_OUT))
+	$(BIN)/mla convert smollm2-135m $(QUICK_OUT) --kv-budget $(QUICK_BUDGET) --overwrite
+	$(BIN)/python -m eval.perplexity $(QUICK_OUT) $(EVAL_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -345,6 +345,9 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
                 kl_sum += float(kl) * weight
                 ce_sum += float(ce) * weight
                 del t_logits, s_logits, loss
+            if acc.num_processes > 1:  # log the global batch's losses, and stop on every process together
+                sums = acc.reduce(torch.tensor([loss_sum, kl_sum, ce_sum], device=acc.device), reduction="mean")
+                loss_sum, kl_sum, ce_sum = (float(v) for v in sums)
             if not math.isfinite(loss_sum):
                 raise MLAError(_nonfinite("loss", loss_sum, step, cfg, ckpt_path))
             grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else

@@ -4,19 +4,37 @@ from pathlib import Path
 
 import pytest
 
-from convert.config import ConvertConfig, load_recipe
+from convert.config import ConvertConfig, RecoverConfig, has_section, load_recipe, read_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
 
 def test_there_are_recipes():
     assert RECIPES
+    assert any(has_section(path, "recover") for path in RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_is_valid(path):
-    values = load_recipe(path)
-    cfg = ConvertConfig(**values)
-    cfg.validate()
+    ConvertConfig(**load_recipe(path)).validate()
+    if has_section(path, "recover"):
+        cfg = RecoverConfig(**load_recipe(path, "recover"))
+        cfg.validate()
+        # evaluation text is never training text
+        assert cfg.val_data not in cfg.data.split(",")
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any("mla convert" in line and "--recipe recipes/" + path.name in line for line in header)
+    source = read_recipe(path).get("source", "")
+    assert any("mla convert" in line and f"{source} " in line and "--recipe recipes/" + path.name in line
+               for line in header)
+
+
+def test_unknown_recover_key_is_named(tmp_path):
+    from convert.errors import MLAError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recover:\n  lr: 0.001\n  lora_rank: 8\n")
+    with pytest.raises(MLAError, match=r"unknown key recover.'lora_rank'"):
+        load_recipe(bad, "recover")
+    bad.write_text("recover:\n  tokens: many\n")
+    with pytest.raises(MLAError, match="recover: tokens must be int"):
+        load_recipe(bad, "recover")
