@@ -110,6 +110,9 @@ class RecoverConfig:
     kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
     ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")
     temperature: float = opt(1.0, "Distillation temperature (the KL is scaled by its square).")
+    hidden_weight: float = opt(
+        0.0, "Weight of an extra loss on every layer's output hidden states: mean over layers and tokens of "
+        "|h_student - h_teacher|^2 / |h_teacher|^2.")
     teacher: str | None = opt(None, "Teacher model; default: the source recorded in the converted model's mla_conversion.json.")
     val_data: str = opt("bbc:tech", "Held-out text for the perplexity-ratio curve logged during training ('' for none).")
     val_tokens: int = opt(4096, "Tokens of val_data evaluated (in seq_len windows).")
@@ -128,7 +131,7 @@ class RecoverConfig:
         if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
             raise MLAError(f"micro_batch must be in [1, batch_size={self.batch_size}], got {self.micro_batch}")
         for name in ("warmup_steps", "val_tokens", "weight_decay", "grad_clip", "kd_weight", "ce_weight",
-                     "lora_dropout"):
+                     "lora_dropout", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise MLAError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -139,8 +142,8 @@ class RecoverConfig:
             raise MLAError(f"lora_r must be >= 1 and lora_alpha > 0, got {self.lora_r} and {self.lora_alpha}")
         if self.temperature <= 0:
             raise MLAError(f"temperature must be > 0, got {self.temperature}")
-        if self.kd_weight == 0 and self.ce_weight == 0:
-            raise MLAError("kd_weight and ce_weight are both 0: nothing to train on")
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
         choices = {"schedule": ("cosine", "linear", "constant"), "device": ("auto", "cpu", "cuda"),
                    "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():

@@ -4,7 +4,7 @@
 
 The student is the MLA export CONVERTED; the teacher is the model it was converted from (recorded in its
 ``mla_conversion.json``), run alongside. Per token, loss = kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight *
-cross-entropy. LoRA adapters (peft) go on ``lora_targets``; ``full_targets`` are trained as full parameters (peft
+cross-entropy (+ hidden_weight * relative error of every layer's hidden states). LoRA adapters (peft) go on ``lora_targets``; ``full_targets`` are trained as full parameters (peft
 ``modules_to_save``). Everything else is frozen.
 
 Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` steps (and on Ctrl-C); re-running the
@@ -70,19 +70,25 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int, _perms: dict = {})
     return torch.tensor(rows, dtype=torch.long)
 
 
-def distill_loss(student_logits, teacher_logits, input_ids, cfg: RecoverConfig):
-    """(loss, kl, ce) averaged over tokens; KL at every position, cross-entropy on next tokens."""
-    s = student_logits.float().flatten(0, 1)  # (B*T, V)
-    kl = ce = torch.zeros((), device=s.device)
+def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
+    """(loss, kl, ce, hidden) averaged over tokens; KL at every position, cross-entropy on next tokens."""
+    s = student_out.logits.float().flatten(0, 1)  # (B*T, V)
+    zero = torch.zeros((), device=s.device)
+    kl = ce = hidden = zero
     if cfg.kd_weight:
-        t = teacher_logits.float().flatten(0, 1)
+        t = teacher_out.logits.float().flatten(0, 1)
         temp = cfg.temperature
         kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
                       reduction="batchmean") * temp**2
     if cfg.ce_weight:
-        logits = student_logits[:, :-1].float().flatten(0, 1)
+        logits = student_out.logits[:, :-1].float().flatten(0, 1)
         ce = F.cross_entropy(logits, input_ids[:, 1:].flatten())
-    return cfg.kd_weight * kl + cfg.ce_weight * ce, kl.detach(), ce.detach()
+    if cfg.hidden_weight:
+        pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))  # every layer's output
+        hidden = sum(((hs.float() - ht.float()).pow(2).sum(-1) / ht.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
+                     for hs, ht in pairs) / len(pairs)
+    loss = cfg.kd_weight * kl + cfg.ce_weight * ce + cfg.hidden_weight * hidden
+    return loss, kl.detach(), ce.detach(), hidden.detach()
 
 
 def _fingerprint(cfg: RecoverConfig, converted: Path, teacher: str) -> str:
@@ -331,23 +337,26 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
             rows = batch_rows(step, cfg.batch_size, len(windows), cfg.seed)
             local = rows[acc.process_index * local_batch:(acc.process_index + 1) * local_batch]
             optimizer.zero_grad(set_to_none=True)
-            kl_sum = ce_sum = loss_sum = 0.0
+            kl_sum = ce_sum = loss_sum = hid_sum = 0.0
             for part in local.split(micro):
                 ids = windows[part].to(acc.device)
+                hidden_states = cfg.hidden_weight > 0
                 with torch.no_grad(), acc.autocast():
-                    t_logits = teacher_model(input_ids=ids, use_cache=False).logits
+                    t_out = teacher_model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
                 with acc.autocast():
-                    s_logits = model(input_ids=ids, use_cache=False).logits
-                loss, kl, ce = distill_loss(s_logits, t_logits, ids, cfg)
+                    s_out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                loss, kl, ce, hid = distill_loss(s_out, t_out, ids, cfg)
                 weight = len(part) / len(local)
                 acc.backward(loss * weight)
                 loss_sum += float(loss.detach()) * weight
                 kl_sum += float(kl) * weight
                 ce_sum += float(ce) * weight
-                del t_logits, s_logits, loss
+                hid_sum += float(hid) * weight
+                del t_out, s_out, loss
             if acc.num_processes > 1:  # log the global batch's losses, and stop on every process together
-                sums = acc.reduce(torch.tensor([loss_sum, kl_sum, ce_sum], device=acc.device), reduction="mean")
-                loss_sum, kl_sum, ce_sum = (float(v) for v in sums)
+                sums = acc.reduce(torch.tensor([loss_sum, kl_sum, ce_sum, hid_sum], device=acc.device),
+                                  reduction="mean")
+                loss_sum, kl_sum, ce_sum, hid_sum = (float(v) for v in sums)
             if not math.isfinite(loss_sum):
                 raise MLAError(_nonfinite("loss", loss_sum, step, cfg, ckpt_path))
             grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
@@ -357,7 +366,7 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
             optimizer.step()
             steps_run += 1
             history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_sum, "kl": kl_sum,
-                            "ce": ce_sum, "lr": lr, "grad_norm": grad_norm})
+                            "ce": ce_sum, "hidden": hid_sum, "lr": lr, "grad_norm": grad_norm})
             rate = steps_run * tokens_per_step / (time.time() - t_run)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             done = step + 1

@@ -202,7 +202,7 @@ def test_overrides_are_typed_and_unknown_keys_named():
         parse_overrides(["lr"], RecoverConfig)
 
 
-def test_cli_errors(setup, tmp_path):
+def test_cli_errors(setup, tmp_path, capsys):
     from convert.cli import main
 
     assert main(["finetune", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
@@ -210,6 +210,9 @@ def test_cli_errors(setup, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("recover:\n  learning_rate: 1\n")
     assert main(["finetune", str(setup / "conv"), str(tmp_path / "o"), "--recipe", str(recipe)]) == 2
+    recipe.write_text("recover:\n  lr: 0.001\n")  # overrides after --recipe are still overrides
+    assert main(["finetune", str(setup / "conv"), str(tmp_path / "o"), "--recipe", str(recipe), "lr_max=1"]) == 2
+    assert "unknown key 'lr_max'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -227,3 +230,13 @@ def test_convert_with_recover_recipe_runs_both(tiny_models, setup, tmp_path):
     assert record["budget"]["achieved_kv_budget"] <= 0.25 + 1e-9
     assert record["recovery"]["steps"] == 10 and record["recovery"]["teacher"] == str(tiny_models["llama-gqa"])
     assert (out / "adapter" / "adapter_config.json").exists() and not work_dir(out).exists()
+
+
+def test_hidden_state_loss_alone_trains(setup, tmp_path):
+    record = finetune(setup / "conv", tmp_path / "out",
+                      RecoverConfig(**_args(setup, kd_weight=0.0, hidden_weight=1.0, tokens=64 * 4 * 20, val_data="")),
+                      log=lambda *_: None)
+    hist = record["recovery"]["history"]
+    assert all(h["kl"] == 0 for h in hist) and hist[0]["hidden"] > 0
+    assert sum(h["hidden"] for h in hist[-5:]) < 0.8 * sum(h["hidden"] for h in hist[:5])
+    assert record["recovery"]["val"] == [] and record["recovery"]["verify"] is None
