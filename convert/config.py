@@ -75,8 +75,8 @@ class ConvertConfig:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-LORA_DEFAULT_TARGETS = "q_proj,o_proj,gate_proj,up_proj,down_proj"
-FULL_DEFAULT_TARGETS = "kv_a_proj_with_mqa,kv_b_proj"
+LORA_DEFAULT_TARGETS = "gate_proj,up_proj,down_proj"
+FULL_DEFAULT_TARGETS = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,input_layernorm,post_attention_layernorm,norm"
 
 
 @dataclass
@@ -92,7 +92,7 @@ class RecoverConfig:
     seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
     batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
     micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
-    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
     schedule: str = opt("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
     warmup_steps: int = opt(5, "Linear warm-up steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine and linear).")
@@ -104,8 +104,9 @@ class RecoverConfig:
     lora_targets: str = opt(LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters ('' for none).")
     full_targets: str = opt(
         FULL_DEFAULT_TARGETS,
-        "Comma-separated module names trained as full parameters (peft modules_to_save), e.g. the latent projections "
-        "kv_a_proj_with_mqa,kv_b_proj or norms input_layernorm ('' for none).",
+        "Comma-separated module names trained as full parameters (peft modules_to_save; matched as suffixes of module "
+        "paths, so 'norm' also matches every *_layernorm). Default: the MLA attention projections and the norms "
+        "('' for none).",
     )
     kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
     ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")

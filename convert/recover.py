@@ -4,8 +4,9 @@
 
 The student is the MLA export CONVERTED; the teacher is the model it was converted from (recorded in its
 ``mla_conversion.json``), run alongside. Per token, loss = kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight *
-cross-entropy (+ hidden_weight * relative error of every layer's hidden states). LoRA adapters (peft) go on ``lora_targets``; ``full_targets`` are trained as full parameters (peft
-``modules_to_save``). Everything else is frozen.
+cross-entropy (+ hidden_weight * relative error of every layer's hidden states). LoRA adapters (peft) go on
+``lora_targets``; ``full_targets`` are trained as full parameters (peft ``modules_to_save``). Everything else is
+frozen.
 
 Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` steps (and on Ctrl-C); re-running the
 same command resumes from it and ends with the same weights as an uninterrupted run. A non-finite loss or gradient
