@@ -243,7 +243,8 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
     main = acc.is_main_process
-    say = log if main else (lambda *_: None)
+    # tqdm.write keeps messages off the progress bar's line
+    say = (tqdm.write if log is print else log) if main else (lambda *_: None)
     if cfg.batch_size % acc.num_processes:
         raise MLAError(f"batch_size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
     local_batch = cfg.batch_size // acc.num_processes
