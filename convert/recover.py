@@ -58,16 +58,19 @@ def lr_at(step: int, cfg: RecoverConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * factor)
 
 
-def batch_rows(step: int, batch_size: int, n: int, seed: int, _perms: dict = {}) -> torch.LongTensor:
+_PERMUTATION: dict = {}  # the current epoch's order, (n, seed, epoch) -> permutation
+
+
+def batch_rows(step: int, batch_size: int, n: int, seed: int) -> torch.LongTensor:
     """Rows of the training windows used at ``step``: a fresh seeded permutation per epoch (a pure function of step)."""
     rows = []
     for j in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(j, n)
         key = (n, seed, epoch)
-        if key not in _perms:
-            _perms.clear()
-            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        rows.append(int(_perms[key][i]))
+        if key not in _PERMUTATION:
+            _PERMUTATION.clear()
+            _PERMUTATION[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(int(_PERMUTATION[key][i]))
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -85,7 +88,9 @@ def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
         logits = student_out.logits[:, :-1].float().flatten(0, 1)
         ce = F.cross_entropy(logits, input_ids[:, 1:].flatten())
     if cfg.hidden_weight:
-        pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))  # every layer's output
+        if len(student_out.hidden_states) != len(teacher_out.hidden_states):
+            raise MLAError("hidden_weight needs a teacher with as many layers as the student")
+        pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True))  # layer outputs
         hidden = sum(((hs.float() - ht.float()).pow(2).sum(-1) / ht.float().pow(2).sum(-1).clamp_min(1e-6)).mean()
                      for hs, ht in pairs) / len(pairs)
     loss = cfg.kd_weight * kl + cfg.ce_weight * ce + cfg.hidden_weight * hidden
