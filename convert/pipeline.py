@@ -169,6 +169,14 @@ def calibration_windows(tokenizer, texts, cfg: ConvertConfig) -> tuple[torch.Ten
     return calib, verify[:, : min(256, verify.shape[1])]
 
 
+def _absolute_spec(source) -> str:
+    """The source as a spec that works from any folder (what mla finetune loads as the teacher)."""
+    if source.gguf_file:
+        return str(Path(source.path) / source.gguf_file)
+    local = Path(source.spec).expanduser()
+    return str(local.resolve()) if local.is_dir() else source.spec
+
+
 def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
     """Convert ``src`` into an MLA export at ``out``; return the conversion record."""
     from mla_modeling.modeling_mla import MLAForCausalLM
@@ -203,6 +211,7 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
         "tool": f"mla-retrofit {__version__}",
         "source": {
             "spec": src,
+            "resolved": _absolute_spec(source),
             "description": source.description,
             "model_type": layout.model_type,
             "attention": layout.kind,

@@ -236,7 +236,8 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     if out == converted:
         raise MLAError("OUT must differ from the converted model folder")
     record = _read_record(converted)
-    teacher = cfg.teacher or teacher or record.get("source", {}).get("spec")
+    recorded = record.get("source", {})
+    teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
     if not teacher:
         raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
     ckpt_dir = ckpt_dir or work_dir(out)

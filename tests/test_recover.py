@@ -240,3 +240,14 @@ def test_hidden_state_loss_alone_trains(setup, tmp_path):
     assert all(h["kl"] == 0 for h in hist) and hist[0]["hidden"] > 0
     assert sum(h["hidden"] for h in hist[-5:]) < 0.8 * sum(h["hidden"] for h in hist[:5])
     assert record["recovery"]["val"] == [] and record["recovery"]["verify"] is None
+
+
+def test_teacher_from_a_relative_source_path_works_from_any_folder(tiny_models, setup, tmp_path, monkeypatch):
+    src = tiny_models["llama-gqa"]
+    monkeypatch.chdir(src.parent)
+    record = convert_tiny(src.name, tmp_path / "conv", kv_budget=0.25)  # SRC given as a relative path
+    assert record["source"]["spec"] == src.name and record["source"]["resolved"] == str(src.resolve())
+    monkeypatch.chdir(tmp_path)
+    result = finetune(tmp_path / "conv", tmp_path / "out", RecoverConfig(**_args(setup, tokens=64 * 4 * 2, val_data="")),
+                      log=lambda *_: None)
+    assert result["recovery"]["teacher"] == str(src.resolve())
