@@ -126,13 +126,19 @@ def _same_export(a: Path, b: Path):
     assert ha["val"] == hb["val"]
 
 
-def test_resume_after_kill_9_gives_the_uninterrupted_result(setup, reference):
-    out = setup / "killed"
+def _interrupted_run(setup, out: Path, sig: int):
+    """Start the reference's command, send ``sig`` once a checkpoint exists; return (command, process, out, err)."""
     cmd = _cli(setup, out, tokens=64 * 4 * 120)
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(proc, work_dir(out) / CKPT_NAME)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return cmd, proc, stdout, stderr
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(setup, reference):
+    out = setup / "killed"
+    cmd, _, _, _ = _interrupted_run(setup, out, signal.SIGKILL)
     assert not out.exists()
     step = torch.load(work_dir(out) / CKPT_NAME, weights_only=True)["step"]
     assert 0 < step < 120
@@ -145,11 +151,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(setup, reference):
 
 def test_ctrl_c_checkpoints_then_resume_refuses_changed_settings(setup, reference):
     out = setup / "interrupted"
-    cmd = _cli(setup, out, tokens=64 * 4 * 120)
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, work_dir(out) / CKPT_NAME)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    cmd, proc, stdout, stderr = _interrupted_run(setup, out, signal.SIGINT)
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted: checkpoint at step" in stdout and not out.exists()
     changed = subprocess.run(_cli(setup, out, tokens=64 * 4 * 120, lr=1e-3), env=_env(), cwd=ROOT,
