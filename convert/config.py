@@ -222,7 +222,7 @@ def has_section(path: str | Path, section: str) -> bool:
 
 
 def parse_overrides(items: list[str], cls) -> dict:
-    """``key=value`` command-line overrides (values parsed as YAML scalars), type-checked against ``cls``."""
+    """``key=value`` command-line overrides, each value read as its field's type and type-checked against ``cls``."""
     values = {}
     for item in items:
         key, sep, raw = item.partition("=")

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -173,17 +174,11 @@ def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
     return token_windows(tokenizer, load_texts(cfg.val_data), cfg.seq_len, cfg.val_tokens // cfg.seq_len, seed=0)
 
 
-@torch.no_grad()
-def _nll(model, windows: torch.LongTensor, batch_size: int, device, autocast) -> float:
-    """Mean next-token negative log-likelihood over the windows."""
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        with autocast():
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
+def _nll(model, windows: torch.LongTensor, batch_size: int) -> float:
+    """Mean next-token negative log-likelihood over the windows (eval.perplexity's measure)."""
+    from eval.perplexity import perplexity
+
+    return math.log(perplexity(model, windows, batch_size, desc="val"))
 
 
 class _StopFlag:
@@ -194,7 +189,7 @@ class _StopFlag:
         self._old = None
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT") and threading_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers only work there
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -206,12 +201,6 @@ class _StopFlag:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -312,9 +301,9 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
         if val is None:
             return
         if teacher_nll is None:
-            teacher_nll = _nll(teacher_model, val, micro, acc.device, acc.autocast)
+            teacher_nll = _nll(teacher_model, val, micro)
         inner.eval()
-        nll = _nll(inner, val, micro, acc.device, acc.autocast)
+        nll = _nll(inner, val, micro)
         inner.train()
         evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "val_ppl": math.exp(nll),
                       "teacher_val_ppl": math.exp(teacher_nll), "ratio": math.exp(nll - teacher_nll)})
@@ -439,7 +428,7 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
         final = evals[-1] if evals else None
         verify = None
         if val is not None:
-            nll = _nll(reloaded, val, micro, acc.device, acc.autocast)
+            nll = _nll(reloaded, val, micro)
             verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
             if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
                 raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
@@ -494,10 +483,6 @@ def _plot(evals: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def config_with(cfg: RecoverConfig, **changes) -> RecoverConfig:
-    return replace(cfg, **changes)
 
 
 def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print) -> dict:
