@@ -10,7 +10,9 @@ QUICK_OUT ?= out/smollm2-135m-mla
 QUICK_BUDGET ?= 0.3125
 EVAL_ARGS ?= --baseline smollm2-135m --text bbc:tech --tokens 16384
 
-.PHONY: setup demo demo-quick test clean
+REPORT_OUT ?= out/report
+
+.PHONY: setup demo demo-quick eval test clean
 
 setup: $(BIN)/.installed
 
@@ -32,6 +34,11 @@ demo-quick: setup
 	mkdir -p $(dir $(QUICK_OUT))
 	$(BIN)/mla convert smollm2-135m $(QUICK_OUT) --kv-budget $(QUICK_BUDGET) --overwrite
 	$(BIN)/python -m eval.perplexity $(QUICK_OUT) $(EVAL_ARGS)
+
+# Side-by-side report (lm-eval tasks, perplexity, KV cache, decode probe) of the exports of make demo / demo-quick.
+eval: setup
+	@test -n "$(wildcard $(QUICK_OUT) $(DEMO_OUT))" || { echo "error: run make demo (or make demo-quick) first"; exit 2; }
+	$(BIN)/mla eval $(wildcard $(QUICK_OUT) $(DEMO_OUT)) --baseline smollm2-135m --out $(REPORT_OUT) --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -86,6 +87,33 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from eval.evaluate import EvalConfig, evaluate
+
+    cfg = _config_from_args(args, EvalConfig, {})
+    if not args.models:
+        raise MLAError("give at least one MODEL to evaluate")
+    command = "mla eval " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    results = evaluate(args.models, args.baseline, args.out, cfg, overwrite=args.overwrite, command=command)
+    print(_eval_summary(results, args.out))
+    return 0
+
+
+def _eval_summary(results: dict, out) -> str:
+    """One line: where the report is, and each converted model's perplexity ratio and KV share."""
+    rows = results["models"]
+    base = rows[0] if results["baseline"] else None
+    parts = []
+    for r in rows[1:] if base else rows:
+        bits = [r["name"]]
+        if base and r.get("ppl") and base.get("ppl"):
+            bits.append(f"ppl {r['ppl'] / base['ppl']:.3f}x")
+        if base:
+            bits.append(f"KV {r['kv_bytes_per_token'] / base['kv_bytes_per_token']:.1%}")
+        parts.append(" ".join(bits))
+    return f"evaluated {len(rows)} model(s) in {results['seconds']:.0f} s: {'; '.join(parts)} -> {out}/report.md"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla",
@@ -144,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     _add_config_args(p, ConvertConfig, only={"calib", "calib_seqs", "calib_len", "seed", "batch_size"})
     p.set_defaults(func=cmd_sweep)
+
+    from eval.evaluate import EvalConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="lm-eval tasks, perplexity, KV cache and decode speed: converted models beside the original",
+        description="Evaluate MODEL(s) (and --baseline, the original) one after another in one run: lm-eval tasks "
+        "(local offline ones from eval/tasks or any lm-eval task), held-out perplexity, the KV cache per token "
+        "(measured) and a short decode-speed probe. Writes report.md, results.json and report.png into --out.",
+    )
+    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
+    p.add_argument("--baseline", help="the original model, evaluated first and compared against")
+    p.add_argument("--out", required=True, help="report folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    _add_config_args(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -156,6 +200,7 @@ def main(argv=None) -> int:
         if getattr(args, "overrides", None) is None or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = args.overrides + extra
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     try:
         return args.func(args)
     except MLAError as err:

@@ -22,21 +22,24 @@ from convert.sources import load_config, load_tokenizer, resolve_source
 from convert.sources import load_model as load_source
 
 
-def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> float:
-    """exp(mean NLL) of tokens 1..T-1 of every window given its own prefix (windows are independent)."""
+def window_nll(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> torch.Tensor:
+    """Mean NLL of tokens 1..T-1 of every window given its own prefix (windows are independent): ``(n,)``."""
+    if windows.shape[-1] < 2:
+        raise MLAError("perplexity needs windows of at least 2 tokens")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     with torch.no_grad():
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch"):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            targets = batch[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     reduction="sum").item()
-            count += targets.numel()
-    if count == 0:
-        raise MLAError("perplexity needs windows of at least 2 tokens")
-    return math.exp(total / count)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+            out.append(nll.mean(1).cpu())
+    return torch.cat(out).double()
+
+
+def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> float:
+    """exp(mean NLL) over all windows (equal lengths, so the mean of the window means)."""
+    return math.exp(window_nll(model, windows, batch_size, desc).mean().item())
 
 
 def load_model(path_or_name: str, dtype: torch.dtype = torch.float32):

@@ -58,3 +58,37 @@ def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models
     assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4)
     assert got["generated"] == gen[0].tolist()
     assert got["cache_last_dims"] == [here.config.layer_kv_lora_rank(0), here.config.layer_rope_dim(0)]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_stock_lm_eval_without_this_project(tiny_models, tmp_path):
+    """A venv with torch, transformers and lm-eval only: the stock CLI runs a local task on an export, from a clone."""
+    import importlib.metadata
+    import json
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "export"
+    convert_tiny(tiny_models["qwen2"], out, kv_budget=0.5)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    torch_version = torch.__version__.split("+")[0]
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
+                          f"transformers=={transformers.__version__}",
+                          f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}"], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    probe = "import importlib.util as u; print(u.find_spec('convert'), u.find_spec('eval'))"
+    check = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert check.stdout.split() == ["None", "None"]
+    run = subprocess.run(
+        [str(venv / "bin" / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
+         "--include_path", str(repo / "eval" / "tasks"), "--tasks", "mla_bb_goal_step", "--limit", "4",
+         "--output_path", str(tmp_path / "res")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
+    assert results["n-samples"]["mla_bb_goal_step"]["effective"] == 4
+    assert 0 <= results["results"]["mla_bb_goal_step"]["acc,none"] <= 1
