@@ -114,6 +114,15 @@ def _eval_summary(results: dict, out) -> str:
     return f"evaluated {len(rows)} model(s) in {results['seconds']:.0f} s: {'; '.join(parts)} -> {out}/report.md"
 
 
+def cmd_bench(args) -> int:
+    from eval.bench import BenchConfig, bench, summary
+
+    cfg = _config_from_args(args, BenchConfig, {})
+    result = bench(args.models, args.baseline, cfg, json_path=args.json)
+    print(summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla",
@@ -188,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     _add_config_args(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
+
+    from eval.bench import BenchConfig
+
+    p = sub.add_parser(
+        "bench",
+        help="decode and prefill speed, KV cache and peak memory: converted models beside the original",
+        description="Benchmark MODEL(s) (and --baseline) one at a time, each in its own process: prefill a random "
+        "batch x context prompt, then time new-tokens greedy decode steps (median of --runs). Prints a table with "
+        "ratios to the original and, with --json, saves it. A benchmark: compare models only within one run.",
+    )
+    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
+    p.add_argument("--baseline", help="the original model, benchmarked first and compared against")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _add_config_args(p, BenchConfig)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -4,7 +4,9 @@ Self-contained remote code: imports only torch and transformers. Module and weig
 ``modeling_deepseek_v3.py`` (``q_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``).
 
 Per layer the cache holds the latent ``ckv`` as ``[B, 1, T, kv_lora_rank]`` and the shared RoPE key ``kpe`` as
-``[B, 1, T, qk_rope_head_dim]`` (the "keys" and "values" slots of a transformers ``Cache``).
+``[B, 1, T, qk_rope_head_dim]`` (the "keys" and "values" slots of a transformers ``Cache``). In a ``DynamicCache``
+both live side by side in one buffer that grows geometrically (``MLALatentLayer``): a decode step writes one token
+instead of copying the whole cache, and absorbed attention reads ``[ckv | kpe]`` without concatenating them.
 """
 
 from typing import Optional
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -93,6 +95,8 @@ def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=Tru
     """softmax(q k^T * scale + mask) v. `mask`: bool (True = attend) or additive float, broadcastable; None with
     `causal` = causal when the query block is longer than 1 (aligned to the end of the keys)."""
     T, S = query.shape[-2], key.shape[-2]
+    if not eager and mask is None and causal and T == S > 1:  # lets SDPA skip the masked blocks
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale, is_causal=True)
     if mask is None and causal and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
     if not eager:
@@ -106,6 +110,47 @@ def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=Tru
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value)
+
+
+class MLALatentLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys`` (ckv, r) and ``values`` (kpe, dr) are views of one ``[B, 1, capacity, r + dr]``
+    buffer. ``latent`` is the filled part ``[ckv | kpe]``. When something else replaces ``keys`` (crop, beam
+    reordering, reset), the next update rebuilds the buffer from them."""
+
+    _buf = None
+    _keys_view = None
+    latent = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        r = key_states.shape[-1]
+        new = torch.cat((key_states, value_states), dim=-1)  # (B, 1, T, r + dr)
+        S, T = self.get_seq_length(), new.shape[-2]
+        buf = self._buf if self.keys is self._keys_view else None
+        if buf is not None and (buf.shape[-1] != new.shape[-1] or buf.shape[:2] != new.shape[:2]):
+            buf = None
+        if buf is None or S + T > buf.shape[-2]:
+            prefix = (buf[..., :S, :] if buf is not None else torch.cat((self.keys, self.values), dim=-1)) if S else None
+            grown = new.new_empty(*new.shape[:2], S + T + max(256, S // 4), new.shape[-1])  # amortized O(1) appends
+            if prefix is not None:
+                grown[..., :S, :] = prefix
+            buf = grown
+        buf[..., S:S + T, :] = new
+        self._buf = buf
+        self.latent = buf[..., : S + T, :]  # (B, 1, S + T, r + dr)
+        self.keys, self.values = self.latent[..., :r], self.latent[..., r:]
+        self._keys_view = self.keys
+        return self.keys, self.values
+
+
+def use_latent_layers(cache) -> None:
+    """Swap the empty full-attention layers of a ``DynamicCache`` (e.g. the one ``generate`` makes) for
+    ``MLALatentLayer``s; sliding-window layers and other caches are left as they are."""
+    if isinstance(cache, DynamicCache):
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer and not layer.is_initialized:
+                cache.layers[i] = MLALatentLayer()
 
 
 class MLAAttention(nn.Module):
@@ -176,8 +221,13 @@ class MLAAttention(nn.Module):
             q_pe = q_pe * cos + rotate_half(q_pe) * sin
             k_pe = k_pe * cos + rotate_half(k_pe) * sin
 
+        latent = None
         if past_key_values is not None:
             ckv, k_pe = past_key_values.update(ckv.contiguous(), k_pe.contiguous(), self.layer_idx)  # (B, 1, S, .)
+            layers = getattr(past_key_values, "layers", None)
+            latent = getattr(layers[self.layer_idx], "latent", None) if layers is not None else None
+            if latent is not None and latent.shape[-2] != ckv.shape[-2]:
+                latent = None
         S = ckv.shape[-2]
         eager = self.config._attn_implementation == "eager"
         dropout = self.attention_dropout if self.training else 0.0
@@ -188,7 +238,7 @@ class MLAAttention(nn.Module):
             # Absorbed: attend over the latent directly, as one KV head of width r + dr with V = ckv.
             q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :dn])  # (B, H, T, r)
             query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, H * T, r + dr)  # heads folded into queries
-            key = torch.cat((ckv, k_pe), dim=-1)  # (B, 1, S, r + dr)
+            key = latent if latent is not None else torch.cat((ckv, k_pe), dim=-1)  # (B, 1, S, r + dr)
             if mask is None and T > 1:
                 mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
             if mask is not None:
@@ -201,7 +251,13 @@ class MLAAttention(nn.Module):
             k_nope, value = kv_full.split([dn, dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
             key = torch.cat((k_nope, k_pe.expand(B, H, S, dr)), dim=-1)  # (B, H, S, dn + dr)
             query = torch.cat((q_nope, q_pe), dim=-1)
-            out = _attend(query, key, value, mask, self.scaling, dropout, eager)  # (B, H, T, dv)
+            if not eager and dv != dn + dr:
+                # SDPA falls back to its slow math kernel (full T x S scores) when q/k and v widths differ:
+                # zero-pad the narrower side to one width, which changes no score and no output column.
+                w = max(dv, dn + dr)
+                query, key = F.pad(query, (0, w - dn - dr)), F.pad(key, (0, w - dn - dr))
+                value = F.pad(value, (0, w - dv))
+            out = _attend(query, key, value, mask, self.scaling, dropout, eager)[..., :dv]  # (B, H, T, dv)
 
         out = out.transpose(1, 2).reshape(B, T, H * dv)
         return self.o_proj(out), None
@@ -275,6 +331,8 @@ class MLAModel(MLAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if use_cache:
+            use_latent_layers(past_key_values)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
