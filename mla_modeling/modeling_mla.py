@@ -189,6 +189,22 @@ class MLAAttention(nn.Module):
             self._rope_index_cache[device] = idx
         return idx
 
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj`` split into the key up-projection ``(H, dn, r)`` and the transposed value up-projection
+        ``(H, r, dv)``, contiguous; cached until the weight changes (its storage or version)."""
+        w = self.kv_b_proj.weight
+        H, dn, dv, r = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        if torch.is_grad_enabled() and w.requires_grad:  # training through the absorbed path: no cache
+            w_kv = w.view(H, dn + dv, r)
+            return w_kv[:, :dn], w_kv[:, dn:].transpose(1, 2)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = getattr(self, "_absorbed_cache", None)
+        if cached is None or cached[0] != key:
+            w_kv = w.detach().view(H, dn + dv, r)
+            cached = (key, w_kv[:, :dn].contiguous(), w_kv[:, dn:].transpose(1, 2).contiguous())
+            self._absorbed_cache = cached
+        return cached[1], cached[2]
+
     def _use_absorbed(self, q_len: int) -> bool:
         mode = self.config.absorb
         if mode == "never":
@@ -236,7 +252,8 @@ class MLAAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
         if self._use_absorbed(T):
             # Absorbed: attend over the latent directly, as one KV head of width r + dr with V = ckv.
-            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv[:, :dn])  # (B, H, T, r)
+            w_uk, w_uv_t = self._absorbed_weights()
+            q_lat = torch.matmul(q_nope, w_uk)  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
             query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, H * T, r + dr)  # heads folded into queries
             key = latent if latent is not None else torch.cat((ckv, k_pe), dim=-1)  # (B, 1, S, r + dr)
             if mask is None and T > 1:
@@ -244,7 +261,7 @@ class MLAAttention(nn.Module):
             if mask is not None:
                 mask = mask.expand(B, 1, T, S).unsqueeze(1).expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
             out = _attend(query, key, key, mask, self.scaling, dropout, eager, causal=False)[..., :r]  # (B, 1, H*T, r)
-            out = torch.einsum("bhtr,hvr->bhtv", out.reshape(B, H, T, r), w_kv[:, dn:])  # (B, H, T, dv)
+            out = torch.matmul(out.reshape(B, H, T, r), w_uv_t)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
         else:
             # Decompressed: per-head keys and values from the latent.
             kv_full = F.linear(ckv, w_kv.reshape(H * (dn + dv), r)).view(B, S, H, dn + dv).transpose(1, 2)

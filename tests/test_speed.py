@@ -123,3 +123,27 @@ def test_decode_after_crop_matches_a_full_forward(half):
         steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in (12, 13)]
         full = model(input_ids=torch.cat((ids[:, :9], ids[:, 12:14]), 1), use_cache=False).logits[:, -2:]
     assert (torch.cat(steps, 1) - full).abs().max().item() < TOL
+
+
+def test_absorbed_weight_cache_follows_weight_changes_and_gradients(half):
+    model = AutoModelForCausalLM.from_pretrained(half, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+
+    def both():
+        with torch.no_grad():
+            model.config.absorb = "always"
+            a = model(input_ids=ids).logits
+            model.config.absorb = "never"
+            return a, model(input_ids=ids).logits
+
+    a, n = both()
+    assert (a - n).abs().max().item() < TOL
+    with torch.no_grad():  # an in-place update (as an optimizer step does) must not leave stale absorbed weights
+        for layer in model.model.layers:
+            layer.self_attn.kv_b_proj.weight.mul_(1.5)
+    a2, n2 = both()
+    assert (a2 - n2).abs().max().item() < TOL and (a2 - a).abs().max().item() > 1e-3
+    model.config.absorb = "always"
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.grad.abs().sum() > 0
