@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models, tmp_path):
+def _export_and_venv(tiny_models, tmp_path, *extra_packages) -> tuple:
+    """(a tiny qwen2 export at budget 0.5, the python of a fresh venv with this torch + transformers + extras)."""
     out = tmp_path / "export"
     convert_tiny(tiny_models["qwen2"], out, kv_budget=0.5)
     venv = tmp_path / "venv"
@@ -40,8 +40,14 @@ def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models
     py = str(venv / "bin" / "python")
     torch_version = torch.__version__.split("+")[0]
     pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
-                          f"transformers=={transformers.__version__}"], capture_output=True, text=True)
+                          f"transformers=={transformers.__version__}", *extra_packages], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    return out, py
+
+
+@pytest.mark.slow
+def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models, tmp_path):
+    out, py = _export_and_venv(tiny_models, tmp_path)
     run = subprocess.run([py, "-c", SCRIPT, str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     import json
@@ -70,21 +76,12 @@ def test_stock_lm_eval_without_this_project(tiny_models, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "export"
-    convert_tiny(tiny_models["qwen2"], out, kv_budget=0.5)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    torch_version = torch.__version__.split("+")[0]
-    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
-                          f"transformers=={transformers.__version__}",
-                          f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}"], capture_output=True, text=True)
-    assert pip.returncode == 0, pip.stderr[-2000:]
+    out, py = _export_and_venv(tiny_models, tmp_path, f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}")
     probe = "import importlib.util as u; print(u.find_spec('convert'), u.find_spec('eval'))"
     check = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert check.stdout.split() == ["None", "None"]
     run = subprocess.run(
-        [str(venv / "bin" / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
+        [str(Path(py).with_name("lm_eval")), "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
          "--include_path", str(repo / "eval" / "tasks"), "--tasks", "mla_bb_goal_step", "--limit", "4",
          "--output_path", str(tmp_path / "res")],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
