@@ -123,6 +123,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_models_args(p: argparse.ArgumentParser) -> None:
+    """MODEL [MODEL ...] and --baseline, shared by mla eval and mla bench."""
+    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
+    p.add_argument("--baseline", help="the original model, measured first and compared against")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla",
@@ -191,8 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(local offline ones from eval/tasks or any lm-eval task), held-out perplexity, the KV cache per token "
         "(measured) and a short decode-speed probe. Writes report.md, results.json and report.png into --out.",
     )
-    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
-    p.add_argument("--baseline", help="the original model, evaluated first and compared against")
+    _add_models_args(p)
     p.add_argument("--out", required=True, help="report folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     _add_config_args(p, EvalConfig)
@@ -207,8 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batch x context prompt, then time new-tokens greedy decode steps (median of --runs). Prints a table with "
         "ratios to the original and, with --json, saves it. A benchmark: compare models only within one run.",
     )
-    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
-    p.add_argument("--baseline", help="the original model, benchmarked first and compared against")
+    _add_models_args(p)
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_config_args(p, BenchConfig)
     p.set_defaults(func=cmd_bench)
