@@ -16,29 +16,26 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from convert.config import opt
 from convert.errors import MLAError
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class BenchConfig:
     """Settings of ``mla bench`` (each field is a ``--flag``)."""
 
-    batch: int = _help("sequences decoded together", default=1)
-    context: int = _help("prompt tokens per sequence (prefilled before decoding)", default=512)
-    new_tokens: int = _help("timed decode steps per run", default=32)
-    runs: int = _help("decode runs; the median is reported", default=3)
-    device: str = _help("cpu, cuda, cuda:1, ... ('auto': cuda when available)", default="auto")
-    dtype: str = _help("float32, bfloat16 or float16 ('auto': bfloat16 on cuda, float32 on cpu)", default="auto")
-    threads: int = _help("CPU threads (0: torch's default)", default=0)
-    attn: str = _help("attention implementation of both models: sdpa or eager", default="sdpa")
-    seed: int = _help("seed of the random prompt", default=0)
+    batch: int = opt(1, "sequences decoded together")
+    context: int = opt(512, "prompt tokens per sequence (prefilled before decoding)")
+    new_tokens: int = opt(32, "timed decode steps per run")
+    runs: int = opt(3, "decode runs; the median is reported")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
+    dtype: str = opt("auto", "float32, bfloat16 or float16 ('auto': bfloat16 on cuda, float32 on cpu)")
+    threads: int = opt(0, "CPU threads (0: torch's default)")
+    attn: str = opt("sdpa", "attention implementation of both models: sdpa or eager")
+    seed: int = opt(0, "seed of the random prompt")
 
     def __post_init__(self):
         if min(self.batch, self.context, self.new_tokens, self.runs) < 1 or self.threads < 0:
@@ -49,7 +46,8 @@ class BenchConfig:
             raise MLAError(f"--attn must be sdpa or eager, got {self.attn!r}")
 
 
-def _cache_bytes(cache) -> int:
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a transformers cache holds (its layers' keys and values)."""
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -62,7 +60,6 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     """Prefill + decode timings of one model (run in the current process)."""
     import torch
 
-    from convert.sources import load_config, resolve_source
     from eval.perplexity import load_model
 
     if cfg.threads:
@@ -70,7 +67,6 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     cuda = device.startswith("cuda")
-    load_config(resolve_source(path), trust_remote_code=True)  # a clear error for a bad path
     model, _ = load_model(path, getattr(torch, dtype))
     model.config._attn_implementation = cfg.attn
     for sub in model.modules():
@@ -114,7 +110,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
                 token = step.logits[:, -1].argmax(-1, keepdim=True)
             sync()
             times.append(time.perf_counter() - t0)
-            cache_bytes = _cache_bytes(cache)
+            cached = cache_bytes(cache)
             cache.crop(-cfg.new_tokens)  # back to the prompt
     decode_s = statistics.median(times)
     tokens_cached = cfg.context + cfg.new_tokens
@@ -124,7 +120,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         "threads": torch.get_num_threads(), "prefill_s": prefill_s,
         "prefill_tok_s": cfg.batch * cfg.context / prefill_s,
         "decode_s": decode_s, "decode_runs_s": times, "decode_tok_s": cfg.batch * cfg.new_tokens / decode_s,
-        "kv_cache_mib": cache_bytes / 2**20, "kv_bytes_per_token": cache_bytes / (cfg.batch * tokens_cached),
+        "kv_cache_mib": cached / 2**20, "kv_bytes_per_token": cached / (cfg.batch * tokens_cached),
         "peak_memory_mib": peak / 2**20, "peak_memory_kind": "cuda max allocated" if cuda else "process max RSS",
     }
 

@@ -18,44 +18,41 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from convert.config import opt
 from convert.data import EVALUATION_DEFAULT, load_texts
 from convert.errors import MLAError
 from convert.save import atomic_dir, check_out
-from convert.sources import load_config, resolve_source
-from eval.perplexity import eval_windows, load_model, window_nll
+from convert.sources import resolve_source
+from eval.bench import cache_bytes
+from eval.perplexity import _vocab_size, eval_windows, load_model, window_nll
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = "mla_bigbench"
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class EvalConfig:
     """Settings of ``mla eval`` (each field is a ``--flag``)."""
 
-    tasks: str = _help("comma-separated lm-eval tasks or tags (local ones in eval/tasks: mla_bigbench, mla_bbc_tech, "
-                       "mla_offline; others need the Hub); '' skips lm-eval", default=DEFAULT_TASKS)
-    limit: int = _help("lm-eval documents per task (0 = all); the local tasks are shuffled, so this is a random "
-                       "sample", default=100)
-    num_fewshot: int = _help("lm-eval few-shot examples", default=0)
-    ppl_text: str = _help("held-out text for token-level perplexity (see convert.data); '' skips it",
-                          default=EVALUATION_DEFAULT)
-    ppl_tokens: int = _help("perplexity tokens (windows = tokens // seq-len)", default=16384)
-    ppl_seq_len: int = _help("perplexity window length", default=512)
-    speed_prompt: int = _help("decode probe: prompt tokens (0 skips the probe)", default=256)
-    speed_new: int = _help("decode probe: generated tokens", default=32)
-    batch_size: int = _help("batch size for lm-eval and perplexity", default=8)
-    device: str = _help("cpu, cuda, cuda:1, ... ('auto': cuda when available)", default="auto")
-    dtype: str = _help("float32, bfloat16 or float16", default="float32")
-    seed: int = _help("seed of lm-eval and of the perplexity windows", default=0)
+    tasks: str = opt(DEFAULT_TASKS, "comma-separated lm-eval tasks or tags (local ones in eval/tasks: mla_bigbench, "
+                     "mla_bbc_tech, mla_offline; others need the Hub); '' skips lm-eval")
+    limit: int = opt(100, "lm-eval documents per task (0 = all); the local tasks are shuffled, so this is a random "
+                     "sample")
+    num_fewshot: int = opt(0, "lm-eval few-shot examples")
+    ppl_text: str = opt(EVALUATION_DEFAULT, "held-out text for token-level perplexity (see convert.data); '' skips it")
+    ppl_tokens: int = opt(16384, "perplexity tokens (windows = tokens // seq-len)")
+    ppl_seq_len: int = opt(512, "perplexity window length")
+    speed_prompt: int = opt(256, "decode probe: prompt tokens (0 skips the probe)")
+    speed_new: int = opt(32, "decode probe: generated tokens")
+    batch_size: int = opt(8, "batch size for lm-eval and perplexity")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
+    dtype: str = opt("float32", "float32, bfloat16 or float16")
+    seed: int = opt(0, "seed of lm-eval and of the perplexity windows")
 
     def __post_init__(self):
         if self.limit < 0 or self.num_fewshot < 0 or self.batch_size < 1 or self.speed_prompt < 0:
@@ -127,12 +124,7 @@ def kv_bytes_per_token(model, tokens: int = 32) -> int:
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model(input_ids=ids.to(device), use_cache=True).past_key_values
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return round(total / tokens)
+    return round(cache_bytes(cache) / tokens)
 
 
 def decode_probe(model, prompt: torch.LongTensor, new_tokens: int, repeats: int = 2) -> dict:
@@ -219,10 +211,7 @@ def evaluate(models: list[str], baseline: str | None, out: str | Path, cfg: Eval
     entries = ([("original", baseline)] if baseline else [])
     taken = {"original"}
     entries += [(_label(m, taken), m) for m in models]
-    vocab = {}
-    for _, path in entries:  # fail early on a missing or unreadable model
-        vocab[path] = getattr(load_config(resolve_source(path), trust_remote_code=True).get_text_config(),
-                              "vocab_size", None)
+    vocab = {path: _vocab_size(path) for _, path in entries}  # fails early on a missing or unreadable model
     if cfg.ppl_text and len(set(vocab.values())) > 1:
         raise MLAError(f"the models have different vocabulary sizes ({vocab}): perplexities are not comparable")
     windows = None

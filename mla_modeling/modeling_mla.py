@@ -128,8 +128,6 @@ class MLALatentLayer(DynamicLayer):
         new = torch.cat((key_states, value_states), dim=-1)  # (B, 1, T, r + dr)
         S, T = self.get_seq_length(), new.shape[-2]
         buf = self._buf if self.keys is self._keys_view else None
-        if buf is not None and (buf.shape[-1] != new.shape[-1] or buf.shape[:2] != new.shape[:2]):
-            buf = None
         if buf is None or S + T > buf.shape[-2]:
             prefix = (buf[..., :S, :] if buf is not None else torch.cat((self.keys, self.values), dim=-1)) if S else None
             grown = new.new_empty(*new.shape[:2], S + T + max(256, S // 4), new.shape[-1])  # amortized O(1) appends
@@ -241,15 +239,12 @@ class MLAAttention(nn.Module):
         if past_key_values is not None:
             ckv, k_pe = past_key_values.update(ckv.contiguous(), k_pe.contiguous(), self.layer_idx)  # (B, 1, S, .)
             layers = getattr(past_key_values, "layers", None)
-            latent = getattr(layers[self.layer_idx], "latent", None) if layers is not None else None
-            if latent is not None and latent.shape[-2] != ckv.shape[-2]:
-                latent = None
+            latent = getattr(layers[self.layer_idx], "latent", None) if layers is not None else None  # MLALatentLayer
         S = ckv.shape[-2]
         eager = self.config._attn_implementation == "eager"
         dropout = self.attention_dropout if self.training else 0.0
         mask = attention_mask[:, :, :, :S] if attention_mask is not None else None
 
-        w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
         if self._use_absorbed(T):
             # Absorbed: attend over the latent directly, as one KV head of width r + dr with V = ckv.
             w_uk, w_uv_t = self._absorbed_weights()
@@ -264,6 +259,7 @@ class MLAAttention(nn.Module):
             out = torch.matmul(out.reshape(B, H, T, r), w_uv_t)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
         else:
             # Decompressed: per-head keys and values from the latent.
+            w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
             kv_full = F.linear(ckv, w_kv.reshape(H * (dn + dv), r)).view(B, S, H, dn + dv).transpose(1, 2)
             k_nope, value = kv_full.split([dn, dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
             key = torch.cat((k_nope, k_pe.expand(B, H, S, dr)), dim=-1)  # (B, H, S, dn + dr)
