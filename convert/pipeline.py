@@ -19,8 +19,10 @@ from .calibrate import collect_statistics
 from .config import ConvertConfig
 from .data import load_texts, token_windows
 from .errors import MLAError
-from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, save_state_dict, write_json
-from .sources import load_config, load_model, resolve_source
+from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_state_dict,
+                   write_json)
+from .sources import input_paths, load_config, load_model, resolve_source
+from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,25 +179,33 @@ def _absolute_spec(source) -> str:
     return str(local.resolve()) if local.is_dir() else source.spec
 
 
-def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print) -> dict:
-    """Convert ``src`` into an MLA export at ``out``; return the conversion record."""
+def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=()) -> dict:
+    """Convert ``src`` into an MLA export at ``out``; return the conversion record.
+
+    ``inputs``: more local paths the command reads (a recipe) that OUT must not replace.
+    """
+    cfg.validate()
+    out = check_out(out, cfg.overwrite, [*input_paths(src), *local_inputs(cfg.calib), *inputs])
+    with out_lock(out):
+        return _convert(src, out, cfg, log)
+
+
+def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     from mla_modeling.modeling_mla import MLAForCausalLM
 
     started = time.time()
-    cfg.validate()
-    out = Path(out).expanduser().resolve()
-    check_out(out, cfg.overwrite)
     source = resolve_source(src)
     src_config = load_config(source)
     layout = read_layout(src_config)
     plans = check_plan(layout, cfg)
+    check_weights(source, src_config)  # before the text download and the model allocation
     texts = load_texts(cfg.calib)
     dtype = _export_dtype(cfg, src_config)
     torch.manual_seed(cfg.seed)
 
     log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
         f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers)")
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, config=src_config)
     calib, verify = calibration_windows(tokenizer, texts, cfg)
     ref_logits = _logits(model, verify, cfg.batch_size)
     stats = collect_statistics(model, calib, cfg.batch_size, gradients=needs_gradients(layout, cfg, plans))

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from .config import RecoverConfig, split_list
 from .data import load_texts, token_windows
 from .errors import MLAError
-from .save import atomic_dir, check_out, save_state_dict, write_json
-from .sources import load_model, resolve_source
+from .save import atomic_dir, check_out, local_inputs, out_lock, save_state_dict, write_json
+from .sources import input_paths, load_model, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
@@ -213,22 +213,43 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
-             ckpt_dir: Path | None = None, teacher: str | None = None, log=print) -> dict:
-    """Recover CONVERTED by distillation into OUT (atomic); resumable from ``ckpt_dir`` (default OUT.ckpt)."""
-    from accelerate import Accelerator
+def _is_main_launch_process() -> bool:
+    """False in the non-zero ranks of torchrun / accelerate launch (only rank 0 locks and writes OUT)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
-    started = time.time()
+
+def data_inputs(cfg: RecoverConfig) -> list[Path]:
+    """Local paths among the training and validation text sources (what no output may replace)."""
+    return local_inputs(*split_list(cfg.data), cfg.val_data)
+
+
+def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
+             ckpt_dir: Path | None = None, teacher: str | None = None, log=print, inputs=()) -> dict:
+    """Recover CONVERTED by distillation into OUT (atomic); resumable from ``ckpt_dir`` (default OUT.ckpt).
+
+    ``inputs``: more local paths the command reads (a recipe) that OUT must not replace.
+    """
     cfg.validate()
-    converted, out = Path(converted).resolve(), Path(out).resolve()
-    check_out(out, overwrite)
-    if out == converted:
-        raise MLAError("OUT must differ from the converted model folder")
+    converted = Path(converted).expanduser().resolve()
     record = _read_record(converted)
     recorded = record.get("source", {})
     teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
     if not teacher:
         raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
+    readers = [converted, *input_paths(teacher), *data_inputs(cfg), *inputs]
+    out = check_out(out, overwrite, readers)
+    if ckpt_dir is None:
+        check_out(work_dir(out), True, readers, what="the checkpoint folder")
+    lock = out_lock(out) if _is_main_launch_process() else contextlib.nullcontext()
+    with lock:
+        return _finetune(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log)
+
+
+def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: RecoverConfig, overwrite: bool,
+              restart: bool, ckpt_dir: Path | None, log) -> dict:
+    from accelerate import Accelerator
+
+    started = time.time()
     ckpt_dir = ckpt_dir or work_dir(out)
     ckpt_path = ckpt_dir / CKPT_NAME
 
@@ -388,6 +409,7 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     acc.wait_for_everyone()
     if main and ckpt_path.exists():
         ckpt_path.unlink()
+        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill
         with contextlib.suppress(OSError):
             ckpt_dir.rmdir()
     return result
@@ -485,18 +507,25 @@ def _plot(evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print) -> dict:
+def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print,
+                        inputs=()) -> dict:
     """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go.
 
     The training-free conversion is kept in ``OUT.ckpt/converted`` (with the training checkpoints) until OUT is
     written, so re-running the same command after a kill resumes instead of converting again.
     """
-    from .pipeline import convert
-
-    out = Path(out).resolve()
     rcfg.validate()
     ccfg.validate()
-    check_out(out, ccfg.overwrite)
+    readers = [*input_paths(src), *local_inputs(ccfg.calib), *data_inputs(rcfg), *inputs]
+    out = check_out(out, ccfg.overwrite, readers)
+    check_out(work_dir(out), True, readers, what="the checkpoint folder")
+    with out_lock(out):
+        return _convert_and_recover(src, out, ccfg, rcfg, restart, log)
+
+
+def _convert_and_recover(src: str, out: Path, ccfg, rcfg: RecoverConfig, restart: bool, log) -> dict:
+    from .pipeline import convert
+
     work = work_dir(out)
     converted = work / "converted"
     settings_path = work / "convert_settings.json"

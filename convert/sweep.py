@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +26,8 @@ from .config import ConvertConfig
 from .data import EVALUATION_DEFAULT, load_texts
 from .errors import MLAError
 from .pipeline import build_config, calibration_windows, convert_weights, make_plans
-from .save import atomic_dir, check_out
-from .sources import load_config, load_model, resolve_source
+from .save import atomic_dir, check_out, local_inputs, out_lock
+from .sources import input_paths, load_config, load_model, resolve_source
 
 PRESETS = {
     "default": ({}, "rotate (loss-scored) + fisher latent + per-layer allocation (the default)"),
@@ -94,12 +95,22 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], base: ConvertConfig,
+def default_out(src: str) -> Path:
+    """``sweeps/<name of the source>``, the name taken from the resolved path (so ``..`` or ``.`` cannot escape)."""
+    path = Path(src).expanduser()
+    name = path.resolve().name if path.exists() else src.rstrip("/").split("/")[-1]
+    name = re.sub(r"[^\w.+-]", "_", name.removesuffix(".gguf")).lstrip(".")
+    return Path("sweeps") / (name or "source")
+
+
+def sweep(src: str, out: str | Path | None, budgets: list[float], methods: list[str], base: ConvertConfig,
           text: str = EVALUATION_DEFAULT, tokens: int = 16384, seq_len: int = 512, overwrite: bool = False,
           plot: bool = True, log=print) -> dict:
-    from eval.perplexity import check_eval_size, eval_windows, perplexity
+    """Sweep into ``out`` (default ``sweeps/<source name>``, its parent created only when the results are written)."""
+    from eval.perplexity import check_eval_size
 
-    started = time.time()
+    make_parent = out is None
+    out = default_out(src) if out is None else out
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
         raise MLAError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(PRESETS)}")
@@ -117,14 +128,22 @@ def sweep(src: str, out: str | Path, budgets: list[float], methods: list[str], b
             import matplotlib  # noqa: F401
         except ImportError:
             raise MLAError("the plot needs matplotlib: pip install matplotlib (or pass --no-plot)") from None
-    out = Path(out).expanduser().resolve()
-    check_out(out, overwrite)
+    out = check_out(out, overwrite, [*input_paths(src), *local_inputs(text, base.calib)], make_parent=make_parent)
+    with out_lock(out, make_parent=make_parent):
+        return _sweep(src, out, budgets, methods, base, configs, text, tokens, seq_len, overwrite, plot, log)
+
+
+def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: dict, text: str, tokens: int,
+           seq_len: int, overwrite: bool, plot: bool, log) -> dict:
+    from eval.perplexity import eval_windows, perplexity
+
+    started = time.time()
     source = resolve_source(src)
     src_config = load_config(source)
     layout = read_layout(src_config)
     calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
     torch.manual_seed(base.seed)
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, config=src_config)
     calib, _ = calibration_windows(tokenizer, calib_texts, base)
     windows = eval_windows(tokenizer, eval_texts, seq_len, tokens)
     original = perplexity(model, windows, base.batch_size, desc="ppl original")

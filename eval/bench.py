@@ -36,6 +36,7 @@ class BenchConfig:
     threads: int = opt(0, "CPU threads (0: torch's default)")
     attn: str = opt("sdpa", "attention implementation of both models: sdpa or eager")
     seed: int = opt(0, "seed of the random prompt")
+    trust_remote_code: bool = opt(False, "run the Python code of models whose config asks for it (auto_map); only for models you trust. Our own exports never need it")
 
     def __post_init__(self):
         if min(self.batch, self.context, self.new_tokens, self.runs) < 1 or self.threads < 0:
@@ -67,7 +68,7 @@ def measure(path: str, cfg: BenchConfig) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     cuda = device.startswith("cuda")
-    model, _ = load_model(path, getattr(torch, dtype))
+    model, _ = load_model(path, getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code)
     model.config._attn_implementation = cfg.attn
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
@@ -142,6 +143,11 @@ def _child(path: str, cfg: BenchConfig) -> dict:
 def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: str | None = None,
           log=print) -> dict:
     """Benchmark ``baseline`` (if any) then ``models``; print a side-by-side table; optionally write JSON."""
+    from convert.save import check_out_file
+    from convert.sources import input_paths
+
+    if json_path:  # checked before the benchmark, not after it
+        json_path = check_out_file(json_path, [p for m in [baseline, *models] for p in input_paths(m)])
     entries = ([("original", baseline)] if baseline else []) + [(Path(m.rstrip("/")).name or m, m) for m in models]
     rows = []
     for name, path in entries:
@@ -192,6 +198,9 @@ def _worker(argv: list[str]) -> int:
     except MLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -26,8 +26,8 @@ import torch
 from convert.config import opt
 from convert.data import EVALUATION_DEFAULT, load_texts
 from convert.errors import MLAError
-from convert.save import atomic_dir, check_out
-from convert.sources import resolve_source
+from convert.save import atomic_dir, check_out, local_inputs, out_lock
+from convert.sources import input_paths, resolve_source
 from eval.bench import cache_bytes
 from eval.perplexity import _vocab_size, eval_windows, load_model, window_nll
 
@@ -53,6 +53,7 @@ class EvalConfig:
     device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
     dtype: str = opt("float32", "float32, bfloat16 or float16")
     seed: int = opt(0, "seed of lm-eval and of the perplexity windows")
+    trust_remote_code: bool = opt(False, "run the Python code of models whose config asks for it (auto_map); only for models you trust. Our own exports never need it")
 
     def __post_init__(self):
         if self.limit < 0 or self.num_fewshot < 0 or self.batch_size < 1 or self.speed_prompt < 0:
@@ -167,7 +168,7 @@ def _ppl(nll: torch.Tensor) -> dict:
 def evaluate_model(name: str, path: str, cfg: EvalConfig, windows, log=print) -> dict:
     dtype = getattr(torch, cfg.dtype)
     log(f"[{name}] loading {path}")
-    model, tokenizer = load_model(path, dtype)
+    model, tokenizer = load_model(path, dtype, trust_remote_code=cfg.trust_remote_code)
     model.to(cfg.torch_device())
     row = {"name": name, "path": path, "model_type": model.config.model_type,
            "parameters": sum(p.numel() for p in model.parameters())}
@@ -203,22 +204,28 @@ def _label(path: str, taken: set) -> str:
 def evaluate(models: list[str], baseline: str | None, out: str | Path, cfg: EvalConfig, overwrite: bool = False,
              command: str | None = None, log=print) -> dict:
     """Evaluate ``baseline`` (if any) and ``models``; write report.md, results.json and report.png into ``out``."""
+    readers = [p for m in [baseline, *models] for p in input_paths(m)] + local_inputs(cfg.ppl_text)
+    out = check_out(out, overwrite, readers)
+    with out_lock(out):
+        return _evaluate(models, baseline, out, cfg, overwrite, command, log)
+
+
+def _evaluate(models: list[str], baseline: str | None, out: Path, cfg: EvalConfig, overwrite: bool,
+              command: str | None, log) -> dict:
     from eval.report import write_report
 
-    out = Path(out)
-    check_out(out, overwrite)
     check_tasks(cfg.task_list)
     entries = ([("original", baseline)] if baseline else [])
     taken = {"original"}
     entries += [(_label(m, taken), m) for m in models]
-    vocab = {path: _vocab_size(path) for _, path in entries}  # fails early on a missing or unreadable model
+    vocab = {path: _vocab_size(path, cfg.trust_remote_code) for _, path in entries}  # fails early on a missing or unreadable model
     if cfg.ppl_text and len(set(vocab.values())) > 1:
         raise MLAError(f"the models have different vocabulary sizes ({vocab}): perplexities are not comparable")
     windows = None
     if cfg.ppl_text:
         from convert.sources import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_source(entries[0][1]), trust_remote_code=True)
+        tokenizer = load_tokenizer(resolve_source(entries[0][1]), trust_remote_code=cfg.trust_remote_code)
         windows = eval_windows(tokenizer, load_texts(cfg.ppl_text), cfg.ppl_seq_len, cfg.ppl_tokens, cfg.seed)
     torch.manual_seed(cfg.seed)
     start = time.time()

@@ -42,13 +42,16 @@ def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str 
     return math.exp(window_nll(model, windows, batch_size, desc).mean().item())
 
 
-def load_model(path_or_name: str, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from a local folder, Hub id, .gguf file or built-in source name."""
-    return load_source(resolve_source(path_or_name), dtype, trust_remote_code=True)
+def load_model(path_or_name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer) from a local folder, Hub id, .gguf file or built-in source name.
+
+    Our exports load with this package's code; a model's own Python code runs only with ``trust_remote_code``.
+    """
+    return load_source(resolve_source(path_or_name), dtype, trust_remote_code=trust_remote_code)
 
 
-def _vocab_size(path_or_name: str) -> int:
-    config = load_config(resolve_source(path_or_name), trust_remote_code=True)
+def _vocab_size(path_or_name: str, trust_remote_code: bool = False) -> int:
+    config = load_config(resolve_source(path_or_name), trust_remote_code=trust_remote_code)
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
@@ -64,19 +67,20 @@ def eval_windows(tokenizer, texts, seq_len: int = 512, tokens: int = 16384, seed
 
 
 def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEFAULT, seq_len: int = 512,
-        tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu") -> dict:
+        tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu",
+        trust_remote_code: bool = False) -> dict:
     """Perplexities of ``model_path`` (and ``baseline``) on the same windows; a dict of the results."""
     texts = load_texts(text)
-    if baseline is not None and _vocab_size(baseline) != _vocab_size(model_path):
+    if baseline is not None and _vocab_size(baseline, trust_remote_code) != _vocab_size(model_path, trust_remote_code):
         raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
-    tokenizer = load_tokenizer(resolve_source(model_path), trust_remote_code=True)
+    tokenizer = load_tokenizer(resolve_source(model_path), trust_remote_code=trust_remote_code)
     windows = eval_windows(tokenizer, texts, seq_len, tokens, seed)
     result = {"text": text, "seq_len": seq_len, "windows": windows.shape[0], "tokens": windows.numel(),
               "model": model_path, "baseline": baseline}
     for key, path in (("ppl_original", baseline), ("ppl_converted", model_path)):
         if path is None:
             continue
-        model, _ = load_model(path)
+        model, _ = load_model(path, trust_remote_code=trust_remote_code)
         result[key] = perplexity(model.to(device), windows, batch_size, desc=key[4:])
         del model
     if baseline is not None:
@@ -104,9 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code of models whose config asks for it (only for models you trust)")
     a = p.parse_args(argv)
     try:
-        r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device)
+        if a.json:  # checked before the work, not after it
+            from convert.save import check_out_file
+            from convert.sources import input_paths
+
+            a.json = check_out_file(a.json, input_paths(a.model) + input_paths(a.baseline))
+        r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device,
+                a.trust_remote_code)
         if a.json:
             try:
                 with open(a.json, "w") as f:
@@ -116,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except MLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     rows = [("original", a.baseline, r.get("ppl_original")), ("converted", a.model, r["ppl_converted"])]
     print(f"{'model':<10} {'ppl':>10}  path")
     for name, path, ppl in rows:
