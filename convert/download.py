@@ -133,7 +133,7 @@ def fetch(art: Artifact, dest: Path, log=None) -> Path:
         (work / "tmp").mkdir()
         (work / "out").mkdir()
         cmd, env = _command(art, work)
-        _run_bounded(cmd, env, work, 3 * art.size + 64 * 2**20, art)
+        _run_bounded(cmd, env, work, 2 * art.size + 16 * 2**20, art)  # the client may hold a temporary copy
         got = work / "out" / art.filename
         if not got.is_file():
             names = ", ".join(p.name for p in (work / "out").iterdir()) or "nothing"

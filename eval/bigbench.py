@@ -32,6 +32,7 @@ from convert.errors import MLAError
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+SDIST_MAX_BYTES = 400_000_000  # the sdist is 358 MB: a larger download is stopped before the hash check
 PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 MAX_DOCS = 2000
 SEED = 0
@@ -45,6 +46,10 @@ TASKS = {
     "timedial": "timedial",  # temporal commonsense in dialogues, 3 options
 }
 _DONE = ".complete"
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class _Links(html.parser.HTMLParser):
@@ -73,10 +78,17 @@ def _download(dest: Path) -> Path:
         url = urllib.parse.urljoin(page_url, link.split("#")[0])
         part = dest.with_suffix(".part")
         digest = hashlib.sha256()
+        size = 0
         with urllib.request.urlopen(url, timeout=120) as r, open(part, "wb") as f:
             while chunk := r.read(1 << 20):
+                size += len(chunk)
+                if size > SDIST_MAX_BYTES:
+                    raise _TooLarge
                 digest.update(chunk)
                 f.write(chunk)
+    except _TooLarge:
+        part.unlink(missing_ok=True)
+        raise MLAError(f"BIG-bench data: {SDIST} grew past {SDIST_MAX_BYTES / 1e6:.0f} MB; stopped") from None
     except StopIteration:
         raise MLAError(f"BIG-bench data: {page_url} lists no {SDIST}") from None
     except OSError as e:
@@ -98,7 +110,8 @@ def data_root() -> Path:
     if not sdist.is_file():
         if local:
             raise MLAError(f"BIG-bench data: $MLA_BIGBENCH_SDIST={local} is not a file")
-        print(f"BIG-bench data: downloading {SDIST} (358 MB, once) into the user cache", file=sys.stderr)
+        print(f"BIG-bench data: downloading {SDIST} (PyPI sdist bigbench==1.0.0, 358 MB, sha256 {SDIST_SHA256[:12]}...) "
+              f"into {sdist.parent} (once; only the task files are kept)", file=sys.stderr)
         _download(sdist)
     wanted = {PREFIX + folder + "/task.json": folder for folder in TASKS.values()}
     try:
