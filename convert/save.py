@@ -100,7 +100,7 @@ def check_out_file(path, inputs=(), what: str = "--json") -> Path:
     return path
 
 
-_HELD: dict[Path, list] = {}  # lock path -> [fd, depth]: the lock is re-entrant within one process
+_HELD: set[Path] = set()  # lock files this process holds: the lock is re-entrant within one process
 
 
 def _lock_path(out: Path) -> Path:
@@ -125,19 +125,39 @@ def out_lock(out: Path, what: str = "OUT", wait: bool = False, make_parent: bool
                     parent.mkdir()
                     created.append(parent)
     if path in _HELD:
-        _HELD[path][1] += 1
-        try:
-            yield out
-        finally:
-            _HELD[path][1] -= 1
+        yield out
         return
+    try:
+        fd = _acquire(path, out, what, wait)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD.add(path)
+    try:
+        clear_stale(out)
+        yield out
+    finally:
+        _HELD.discard(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _acquire(path: Path, out: Path, what: str, wait: bool) -> int:
+    """An fd holding ``flock`` on the lock file ``path`` (the file that is there once locked)."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            for parent in reversed(created):
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
             raise MLAError(f"cannot write {what} in {out.parent}: {err.strerror or err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,26 +169,11 @@ def out_lock(out: Path, what: str = "OUT", wait: bool = False, make_parent: bool
             raise MLAError(f"{what} {out} is being written by another mla process (pid {owner or '?'}); wait for it "
                            "to finish or choose another folder") from None
         try:  # the holder before us may have removed the file after we opened it: lock the file that is there
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
         except FileNotFoundError:
-            same = False
-        if same:
-            break
+            pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[path] = [fd, 1]
-    try:
-        clear_stale(out)
-        yield out
-    finally:
-        del _HELD[path]
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
 
 
 _TEMP = re.compile(r"\.(tmp|old)-(\d+)(-.*)?")
@@ -179,8 +184,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by someone else
+        pass
     return True
 
 
