@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from .config import ConvertConfig, RecoverConfig, has_section, load_recipe, parse_overrides
 from .errors import MLAError
 from .save import local_inputs
+from .sources import quiet_library_warnings
 
 
 def _arg_type(tp):
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_warnings()
     parser = build_parser()
     # key=value overrides may come before or after --recipe/--overwrite; argparse only takes them in one run
     args, extra = parser.parse_known_args(argv)

@@ -53,7 +53,10 @@ def _overlap(out: Path, inputs: list[Path], what: str) -> None:
     cwd = Path.cwd().resolve()
     if cwd.is_relative_to(out):
         raise MLAError(f"{what} {out} is the current folder or contains it: give a new folder")
-    home = Path.home().resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        return
     if home.is_relative_to(out):
         raise MLAError(f"{what} {out} contains your home folder: give a new folder")
 

@@ -149,6 +149,14 @@ def register_mla() -> None:
         pass
 
 
+def quiet_library_warnings() -> None:
+    """transformers' warnings off unless ``$TRANSFORMERS_VERBOSITY`` asks for them: a command's errors are one line."""
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
 def _untrusted_hint(err: BaseException, trust_remote_code: bool) -> str:
     text = _first_line(err)
     if not trust_remote_code and "trust_remote_code" in str(err):

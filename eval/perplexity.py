@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from convert.data import EVALUATION_DEFAULT, load_texts, token_windows
 from convert.errors import MLAError
-from convert.sources import load_config, load_tokenizer, resolve_source
+from convert.sources import load_config, load_tokenizer, quiet_library_warnings, resolve_source
 from convert.sources import load_model as load_source
 
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code of models whose config asks for it (only for models you trust)")
     a = p.parse_args(argv)
+    quiet_library_warnings()
     try:
         if a.json:  # checked before the work, not after it
             from convert.save import check_out_file
