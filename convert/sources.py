@@ -103,14 +103,19 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def input_paths(spec: str | None) -> list[Path]:
-    """The local paths a model spec reads (without downloading anything): what no output may replace."""
-    if not spec:
-        return []
-    if spec in BUILTIN:
-        return [(cache_dir("models") / spec).resolve()]
-    path = Path(spec).expanduser()
-    return [path.resolve()] if path.exists() else []
+def input_paths(*specs: str | None) -> list[Path]:
+    """The local paths the model specs read (without downloading anything): what no output may replace."""
+    paths = []
+    for spec in filter(None, specs):
+        if spec in BUILTIN:
+            paths.append((cache_dir("models") / spec).resolve())
+        elif Path(spec).expanduser().exists():
+            paths.append(Path(spec).expanduser().resolve())
+    return paths
+
+
+TRUST_HELP = ("run the Python code of models whose config asks for it (auto_map); only for models you trust. Our own "
+              "exports never need it")
 
 
 def resolve_source(spec: str) -> Source:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convert.config import opt
+from convert.sources import TRUST_HELP
 from convert.errors import MLAError
 
 
@@ -36,7 +37,7 @@ class BenchConfig:
     threads: int = opt(0, "CPU threads (0: torch's default)")
     attn: str = opt("sdpa", "attention implementation of both models: sdpa or eager")
     seed: int = opt(0, "seed of the random prompt")
-    trust_remote_code: bool = opt(False, "run the Python code of models whose config asks for it (auto_map); only for models you trust. Our own exports never need it")
+    trust_remote_code: bool = opt(False, TRUST_HELP)
 
     def __post_init__(self):
         if min(self.batch, self.context, self.new_tokens, self.runs) < 1 or self.threads < 0:
@@ -147,7 +148,7 @@ def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: 
     from convert.sources import input_paths
 
     if json_path:  # checked before the benchmark, not after it
-        json_path = check_out_file(json_path, [p for m in [baseline, *models] for p in input_paths(m)])
+        json_path = check_out_file(json_path, input_paths(baseline, *models))
     entries = ([("original", baseline)] if baseline else []) + [(Path(m.rstrip("/")).name or m, m) for m in models]
     rows = []
     for name, path in entries:

@@ -27,7 +27,7 @@ from convert.config import opt
 from convert.data import EVALUATION_DEFAULT, load_texts
 from convert.errors import MLAError
 from convert.save import atomic_dir, check_out, local_inputs, out_lock
-from convert.sources import input_paths, resolve_source
+from convert.sources import TRUST_HELP, input_paths, resolve_source
 from eval.bench import cache_bytes
 from eval.perplexity import _vocab_size, eval_windows, load_model, window_nll
 
@@ -53,7 +53,7 @@ class EvalConfig:
     device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
     dtype: str = opt("float32", "float32, bfloat16 or float16")
     seed: int = opt(0, "seed of lm-eval and of the perplexity windows")
-    trust_remote_code: bool = opt(False, "run the Python code of models whose config asks for it (auto_map); only for models you trust. Our own exports never need it")
+    trust_remote_code: bool = opt(False, TRUST_HELP)
 
     def __post_init__(self):
         if self.limit < 0 or self.num_fewshot < 0 or self.batch_size < 1 or self.speed_prompt < 0:
@@ -204,7 +204,7 @@ def _label(path: str, taken: set) -> str:
 def evaluate(models: list[str], baseline: str | None, out: str | Path, cfg: EvalConfig, overwrite: bool = False,
              command: str | None = None, log=print) -> dict:
     """Evaluate ``baseline`` (if any) and ``models``; write report.md, results.json and report.png into ``out``."""
-    readers = [p for m in [baseline, *models] for p in input_paths(m)] + local_inputs(cfg.ppl_text)
+    readers = input_paths(baseline, *models) + local_inputs(cfg.ppl_text)
     out = check_out(out, overwrite, readers)
     with out_lock(out):
         return _evaluate(models, baseline, out, cfg, overwrite, command, log)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             from convert.save import check_out_file
             from convert.sources import input_paths
 
-            a.json = check_out_file(a.json, input_paths(a.model) + input_paths(a.baseline))
+            a.json = check_out_file(a.json, input_paths(a.model, a.baseline))
         r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device,
                 a.trust_remote_code)
         if a.json:
