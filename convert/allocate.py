@@ -1,4 +1,4 @@
-"""Rank allocation: share one KV budget between the layers' latent widths and RoPE widths.
+"""Rank allocation and the one-way flow of per-layer results: statistics -> plan -> layer tensors -> sink.
 
 The budget ``F`` gives ``round(F * 2 g d_h)`` cached values per token per layer on average; ``rope_share`` of them
 go to the decoupled RoPE key, the rest to the latent. With ``rank_alloc = "fisher"`` the totals are shared out
@@ -8,12 +8,20 @@ across layers by measured sensitivity instead of evenly:
 2. Latent: every layer's Fisher eigenvalues (``factorize``) are the estimated loss of dropping each latent
    direction; the largest over all layers are kept (at least ``MIN_RANK`` per layer).
 Both scores estimate the same quantity (nats of loss), so layers that matter get more and the total is exact.
+
+``LayerConverter`` takes each layer's statistics as calibration completes it. With fixed plans (uniform ranks,
+explicit ranks, lossless) the layer is converted at once. With ``fisher`` allocation it keeps only small summaries
+(RoPE component scores, eigenvalues) in memory and the rest in a ``layerwise.Spill``; every RoPE split and
+eigendecomposition is computed once and passed forward to the layer's tensors.
 """
 
+import time
+
+import torch
 from tqdm.auto import tqdm
 
 from .adapters import Layout
-from .assemble import LayerPlan, layer_spectrum, rope_scores
+from .assemble import LayerPlan, assemble, decompose, read_attention, rope_scores
 from .errors import MLAError
 
 MIN_RANK = 4
@@ -38,29 +46,103 @@ def uniform_plans(layout: Layout, rank: int, d_rope: int) -> list[LayerPlan]:
     return [LayerPlan(rank=rank, d_rope=d_rope) for _ in range(layout.num_layers)]
 
 
-def allocate(attns, stats, layout: Layout, total: int, d_rope: int, rope_method: str, span: int) -> list[LayerPlan]:
-    """Per-layer plans with ``sum(rank + d_rope) == total * num_layers`` from the calibration statistics."""
-    n = layout.num_layers
-    if rope_method == "rotate":
-        scored = []
-        for i, attn in enumerate(tqdm(attns, desc="score RoPE", unit="layer")):
-            scored += [(float(s), i) for s in rope_scores(attn, stats[i], layout, rope_method, span).flatten()]
-        scored.sort(key=lambda t: t[0], reverse=True)
-        ropes = [0] * n
-        for _, i in scored[: n * d_rope // 2]:
-            ropes[i] += 2
-    else:  # scores of unrotated selections are per head and not comparable across layers
-        ropes = [d_rope] * n
-    floor = min(MIN_RANK, total - d_rope)
-    ranks = [floor] * n
-    candidates = []
-    for i, attn in enumerate(tqdm(attns, desc="allocate ranks", unit="layer")):
-        spectrum = layer_spectrum(attn, stats[i], layout, ropes[i], rope_method, span)
-        candidates += [(float(v), i) for v in spectrum[floor:]]
-    candidates.sort(key=lambda t: t[0], reverse=True)
+def allocate_ropes(scores: list[torch.Tensor], d_rope: int) -> list[int]:
+    """RoPE width per layer: the ``n * d_rope / 2`` best-scoring rotated components over all layers keep RoPE."""
+    n = len(scores)
+    scored = sorted(((float(s), i) for i, sc in enumerate(scores) for s in sc.flatten()), key=lambda t: t[0],
+                    reverse=True)
+    ropes = [0] * n
+    for _, i in scored[: n * d_rope // 2]:
+        ropes[i] += 2
+    return ropes
+
+
+def allocate_ranks(spectra: list[torch.Tensor], ropes: list[int], total: int, floor: int) -> list[int]:
+    """Latent width per layer: ``floor`` each, then the largest remaining eigenvalues over all layers."""
+    n = len(spectra)
+    candidates = sorted(((float(v), i) for i, sp in enumerate(spectra) for v in sp[floor:]), key=lambda t: t[0],
+                        reverse=True)
     extra = n * total - sum(ropes) - floor * n
     if extra > len(candidates):
         raise MLAError("the KV budget exceeds what the layers can hold")
+    ranks = [floor] * n
     for _, i in candidates[:extra]:
         ranks[i] += 1
-    return [LayerPlan(rank=r, d_rope=d) for r, d in zip(ranks, ropes)]
+    return ranks
+
+
+class LayerConverter:
+    """Turns per-layer statistics into MLA attention tensors, handed to ``sink(i, tensors, freq_index)``.
+
+    ``plans``: the final plans when they need no calibration (else None: fisher allocation from ``total, d_rope``).
+    ``reader``: where the source attention weights are read (``layerwise.TensorReader``); ``store``: a Spill.
+    """
+
+    def __init__(self, layout: Layout, cfg, plans, reader, sink, store, rope_scaling: float = 1.0,
+                 totals: tuple[int, int] | None = None, lossless: bool = False):
+        self.layout, self.cfg, self.plans, self.reader, self.sink, self.store = layout, cfg, plans, reader, sink, store
+        self.rope_scaling, self.totals = rope_scaling, totals
+        self.rope_method, self.factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
+        self.scored: dict[int, tuple] = {}
+        self.freq_index: dict[int, list[int]] = {}
+        self.seconds: dict[str, float] = {"rope": 0.0, "decompose": 0.0, "assemble": 0.0}
+
+    def _emit(self, i: int, w, dec, rank: int) -> None:
+        t0 = time.perf_counter()
+        tensors = assemble(w, dec, self.layout, rank, self.rope_scaling)
+        self.seconds["assemble"] += time.perf_counter() - t0
+        self.freq_index[i] = dec.split.freq_index
+        self.sink(i, tensors, dec.split.freq_index)
+
+    def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False):
+        t0 = time.perf_counter()
+        dec = decompose(w, stats, self.layout, d_rope, self.rope_method, method, self.cfg.rope_span, scored, spectrum)
+        self.seconds["decompose"] += time.perf_counter() - t0
+        return dec
+
+    def add(self, i: int, stats) -> None:
+        """Layer ``i``'s statistics are complete (None when the conversion needs none)."""
+        w = read_attention(self.reader, i)
+        if self.plans is not None:
+            plan = self.plans[i]
+            self._emit(i, w, self._decompose(i, w, stats, plan.d_rope, self.factor_method), plan.rank)
+            return
+        if self.rope_method == "rotate":
+            t0 = time.perf_counter()
+            self.scored[i] = rope_scores(stats, self.layout, self.rope_method, self.cfg.rope_span)
+            self.seconds["rope"] += time.perf_counter() - t0
+        self.store.put(f"stats{i}", stats)
+
+    def finish(self) -> tuple[list[LayerPlan], list[list[int]]]:
+        """Allocate (when needed), convert the layers not yet converted; return (plans, freq_index per layer)."""
+        n = self.layout.num_layers
+        if self.plans is None:
+            total, d_rope = self.totals
+            # scores of unrotated selections are per head and not comparable across layers
+            ropes = allocate_ropes([self.scored[i][1] for i in range(n)], d_rope) if self.rope_method == "rotate" \
+                else [d_rope] * n
+            floor = min(MIN_RANK, total - d_rope)
+            spectra, reuse = [], self.factor_method == "fisher"
+            for i in tqdm(range(n), desc="allocate ranks", unit="layer"):
+                w = read_attention(self.reader, i)
+                stats = self.store.get(f"stats{i}")
+                dec = self._decompose(i, w, stats, ropes[i], "fisher", self.scored.get(i), spectrum=True)
+                spectra.append(dec.spectrum[0])
+                if reuse:
+                    self.store.pop(f"stats{i}")
+                    self.store.put(f"dec{i}", dec)
+                del dec, stats
+            ranks = allocate_ranks(spectra, ropes, total, floor)
+            self.plans = [LayerPlan(rank=r, d_rope=d) for r, d in zip(ranks, ropes)]
+            for i in tqdm(range(n), desc="convert layers", unit="layer"):
+                w = read_attention(self.reader, i)
+                if reuse:
+                    dec = self.store.pop(f"dec{i}")
+                else:
+                    dec = self._decompose(i, w, self.store.pop(f"stats{i}"), ropes[i], self.factor_method,
+                                          self.scored.get(i))
+                self._emit(i, w, dec, ranks[i])
+        missing = [i for i in range(n) if i not in self.freq_index]
+        if missing:
+            raise MLAError(f"internal error: layer {missing[0]} was never converted")
+        return self.plans, [self.freq_index[i] for i in range(n)]

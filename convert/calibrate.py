@@ -1,16 +1,22 @@
-"""Stage 2, calibrate: statistics of every attention layer on real text.
+"""Stage 2, calibrate: statistics of every attention layer on real text, one decoder layer at a time.
 
-For each layer we accumulate ``S = E[x~ x~^T]`` with ``x~ = [x; 1]`` the normed hidden state entering attention,
-augmented with a constant 1 so that biases are handled exactly. Every statistic the later stages need (key, value,
-query covariances) is a quadratic form of S: for a projection ``y = W x + b``, ``E[y y^T] = [W b] S [W b]^T``.
+All statistics live in the K/V output space (``2 g d_h`` wide, never the ``d + 1`` wide input space), where every
+later stage works: for ``y = [k; v] = [W_k; W_v] x + b`` (biases included) we keep ``C = E[y y^T]`` and, for the
+queries, ``E[q^2]`` per query dimension.
 
-With ``gradients=True`` one backward pass of next-token cross-entropy also gives, for the key and value projections,
-``G = E[g g^T / |g|^2]`` (directions of the loss gradient ``g`` w.r.t. the projection's output) and
-``S_g = E[|g|^2 x~ x~^T]`` (input moments weighted per token by the gradient energy). Then
-``tr(G dW S_g dW^T)`` estimates ``E[(g^T dW x~)^2]``: the (empirical Fisher) loss increase of an error ``dW``, in
-the same units for every layer. Weighting tokens by their gradient matters: a few tokens (attention sinks) carry
-large activations but need exact keys, and plain moments weight them like any other token.
-Memory: a few ``(d+1) x (d+1)`` float64 matrices per layer, independent of the amount of text.
+With gradients, next-token cross-entropy (summed over tokens) is back-propagated to the key and value outputs and
+we also keep, for each of ``k`` and ``v``, ``G = E[u u^T]`` with ``u = g / |g|`` (directions of the loss gradient
+``g`` w.r.t. that output), ``C_g = E[|g|^2 y y^T]`` (output moments weighted per token by the gradient energy) and
+the scalar ``E[|g|^2 |x~|^2]`` (``x~ = [x; 1]``, the trace of the input moments under the same weighting). Then
+``tr(G dW S_g dW^T)`` estimates ``E[(g^T dW x~)^2]``: the (empirical Fisher) loss increase of an error ``dW``, in the
+same units for every layer. Weighting tokens by their gradient matters: a few tokens (attention sinks) carry large
+activations but need exact keys, and plain moments weight them like any other token.
+
+The model is never run whole (``layerwise.LayerwiseModel``): a forward sweep pushes all calibration tokens through
+one layer at a time and keeps only the layer-boundary hidden states (spilled to disk when large); a reverse sweep
+recomputes each layer from its stored input and back-propagates the incoming gradient, which gives exactly the
+gradients of a full backward pass. A layer's statistics are handed on (``on_layer``) as soon as they are complete.
+Memory: one layer, the boundary states, and ``(2 g d_h)^2`` float64 numbers per statistic of the current layer.
 """
 
 from dataclasses import dataclass
@@ -21,89 +27,146 @@ from tqdm.auto import tqdm
 
 @dataclass
 class LayerStats:
-    moments: torch.Tensor  # (d+1, d+1)  E[x~ x~^T]
-    grad_k: torch.Tensor | None = None  # (g*d_h, g*d_h)  E[g g^T/|g|^2] of the key output
+    """Calibration statistics of one attention layer (float64, CPU), in the K/V output space."""
+
+    cov: torch.Tensor  # (2g*d_h, 2g*d_h)  E[y y^T], y = [k; v]
+    q_energy: torch.Tensor  # (n_h*d_h,)  E[q^2]
+    grad_k: torch.Tensor | None = None  # (g*d_h, g*d_h)  E[u u^T] of the key output's loss gradient
     grad_v: torch.Tensor | None = None  # (g*d_h, g*d_h)  same for the value output
-    moments_k: torch.Tensor | None = None  # (d+1, d+1)  E[|g_k|^2 x~ x~^T]
-    moments_v: torch.Tensor | None = None  # (d+1, d+1)  E[|g_v|^2 x~ x~^T]
+    cov_k: torch.Tensor | None = None  # (2g*d_h, 2g*d_h)  E[|g_k|^2 y y^T]
+    cov_v: torch.Tensor | None = None  # (2g*d_h, 2g*d_h)  E[|g_v|^2 y y^T]
+    trace_k: float = 0.0  # E[|g_k|^2 |x~|^2]
+    trace_v: float = 0.0  # E[|g_v|^2 |x~|^2]
 
     @property
     def has_gradients(self) -> bool:
         return self.grad_k is not None
 
-
-def attention_modules(model) -> list:
-    return [layer.self_attn for layer in model.model.layers]
-
-
-def _augment(x: torch.Tensor, d: int) -> torch.Tensor:
-    x = x.detach().reshape(-1, d).to(torch.float64).cpu()
-    return torch.cat((x, torch.ones(x.shape[0], 1, dtype=x.dtype)), dim=1)  # (N, d+1)
+    @property
+    def key_dim(self) -> int:
+        return self.cov.shape[0] // 2
 
 
-def collect_statistics(model, windows: torch.Tensor, batch_size: int = 4, gradients: bool = True,
-                       desc: str = "calibrate") -> list[LayerStats]:
-    """Run ``model`` over ``windows`` (N, T) and return the per-layer statistics (float64, on CPU)."""
-    attn = attention_modules(model)
-    d = model.config.hidden_size
-    acc = [{"moments": 0, "grad_k": 0, "grad_v": 0, "moments_k": 0, "moments_v": 0} for _ in attn]
-    inputs: dict[int, torch.Tensor] = {}
-    tokens = [0]
+class _Accumulator:
+    """Sums for one layer; ``finish`` divides by the token count."""
 
-    def pre_hook(i):
-        def hook(module, args, kwargs):
-            xa = _augment(kwargs.get("hidden_states", args[0] if args else None), d)
-            acc[i]["moments"] = acc[i]["moments"] + xa.T @ xa
-            if gradients:  # kept until the backward pass weights it by the gradient
-                inputs[i] = xa
-            if i == 0:
-                tokens[0] += xa.shape[0]
+    def __init__(self, w_kv: torch.Tensor, gradients: bool):
+        self.w_kv = w_kv  # (2g*d_h, d+1) float64 [W b] of k and v, on the compute device
+        self.gradients = gradients
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.tokens = 0
+        self.y: torch.Tensor | None = None  # outputs of the current batch, kept for its backward pass
+        self.x_norm2: torch.Tensor | None = None
 
-        return hook
+    def _add(self, name: str, value) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    def out_hook(i, name):
-        def forward_hook(module, args, output):
-            def grad_hook(grad):
-                g = grad.reshape(-1, grad.shape[-1]).to(torch.float64).cpu()  # (N, g*d_h)
-                norm2 = (g**2).sum(1, keepdim=True)  # (N, 1)
-                unit = g / norm2.clamp_min(1e-30).sqrt()
-                acc[i][f"grad_{name}"] = acc[i][f"grad_{name}"] + unit.T @ unit
-                acc[i][f"moments_{name}"] = acc[i][f"moments_{name}"] + (inputs[i] * norm2).T @ inputs[i]
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        d = x.shape[-1]
+        xa = x.detach().reshape(-1, d).to(torch.float64)
+        xa = torch.cat((xa, torch.ones_like(xa[:, :1])), dim=1)  # (N, d+1)
+        y = xa @ self.w_kv.T  # (N, 2g*d_h)
+        self._add("cov", y.T @ y)
+        self._add("q_energy", (q.detach().reshape(xa.shape[0], -1).to(torch.float64) ** 2).sum(0))
+        self.tokens += xa.shape[0]
+        if self.gradients:
+            self.y, self.x_norm2 = y, (xa**2).sum(1)
 
-            if output.requires_grad:
-                output.register_hook(grad_hook)
+    def backward(self, name: str, grad: torch.Tensor) -> None:
+        g = grad.reshape(-1, grad.shape[-1]).to(torch.float64)  # (N, g*d_h)
+        norm2 = (g**2).sum(1)  # (N,)
+        unit = g / norm2.clamp_min(1e-30).sqrt()[:, None]
+        self._add(f"grad_{name}", unit.T @ unit)
+        self._add(f"cov_{name}", (self.y * norm2[:, None]).T @ self.y)
+        self._add(f"trace_{name}", float((norm2 * self.x_norm2).sum()))
 
-        return forward_hook
+    def finish(self) -> LayerStats:
+        n = max(self.tokens, 1)
+        return LayerStats(**{k: (v / n).cpu() if torch.is_tensor(v) else v / n for k, v in self.sums.items()})
 
-    handles = [m.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, m in enumerate(attn)]
-    if gradients:
-        for i, m in enumerate(attn):
-            handles += [m.k_proj.register_forward_hook(out_hook(i, "k")), m.v_proj.register_forward_hook(out_hook(i, "v"))]
-    device = next(model.parameters()).device
-    flags = [p.requires_grad for p in model.parameters()]
-    embed = model.get_input_embeddings()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch"):
-            batch = windows[start : start + batch_size].to(device)
-            if not gradients:
-                with torch.no_grad():
-                    model.model(input_ids=batch, use_cache=False)
-                continue
-            with torch.enable_grad():
-                emb = embed(batch).detach().requires_grad_(True)
-                logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         batch[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
-            inputs.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-    n = max(tokens[0], 1)
+
+def _hooks(attn, acc: _Accumulator) -> list:
+    """Capture the attention input (and the q projection of it) and, with gradients, the k/v output gradients."""
+    seen = {}
+
+    def pre_hook(module, args, kwargs):
+        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    def q_hook(module, args, output):
+        acc.forward(seen.pop("x"), output)
+
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.q_proj.register_forward_hook(q_hook)]
+    if acc.gradients:
+        for name in ("k", "v"):
+            def out_hook(module, args, output, name=name):
+                if output.requires_grad:
+                    output.register_hook(lambda grad: acc.backward(name, grad))
+
+            handles.append(getattr(attn, f"{name}_proj").register_forward_hook(out_hook))
+    return handles
+
+
+def _w_kv(attn, device) -> torch.Tensor:
+    rows = []
+    for proj in (attn.k_proj, attn.v_proj):
+        w = proj.weight.detach().to(device, torch.float64)
+        b = proj.bias.detach().to(device, torch.float64) if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
+        rows.append(torch.cat((w, b[:, None]), dim=1))
+    return torch.cat(rows)  # (2g*d_h, d+1)
+
+
+def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer, store, extra=None,
+          desc: str = "calibrate"):
+    """Run ``lw`` (a ``LayerwiseModel``) over ``windows`` (N, T) layer by layer; call ``on_layer(i, stats)`` for each
+    layer as its statistics complete (layer order without gradients, reverse order with them).
+
+    ``store`` (a ``layerwise.Spill``) keeps the boundary hidden states. ``extra`` (M, T') are more windows pushed
+    through the source alongside (no statistics): their final hidden states are returned (the verification reference).
+    """
+    batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
+    n = lw.num_layers
+    with torch.no_grad():
+        states = [lw.embed(b) for b in batches]
+        extra_h = lw.embed(extra) if extra is not None else None
+    for i in tqdm(range(n), desc=f"{desc}: forward", unit="layer"):
+        if gradients:
+            store.put(f"h{i}", torch.cat(states))
+        attn = lw.load(i).self_attn
+        acc = _Accumulator(_w_kv(attn, lw.device), gradients=False)
+        handles = _hooks(attn, acc) if not gradients else []
+        try:
+            with torch.no_grad():
+                states = [lw.run(i, h) for h in states]
+                if extra_h is not None:
+                    for h in handles:
+                        h.remove()
+                    handles = []
+                    extra_h = lw.run(i, extra_h)
+        finally:
+            for h in handles:
+                h.remove()
+            lw.release(i)
+        if not gradients:
+            on_layer(i, acc.finish())
     if not gradients:
-        return [LayerStats(moments=a["moments"] / n) for a in acc]
-    return [LayerStats(**{k: v / n for k, v in a.items()}) for a in acc]
+        return extra_h
+    grads = [lw.head_gradient(h, b) for h, b in zip(states, batches)]  # dLoss/dh_n per batch
+    del states
+    for i in tqdm(reversed(range(n)), total=n, desc=f"{desc}: backward", unit="layer"):
+        inputs = store.pop(f"h{i}").split(batch_size)
+        attn = lw.load(i).self_attn
+        acc = _Accumulator(_w_kv(attn, lw.device), gradients=True)
+        handles = _hooks(attn, acc)
+        try:
+            for b, h in enumerate(inputs):
+                h = h.to(lw.device).requires_grad_(True)
+                with torch.enable_grad():
+                    out = lw.run(i, h)
+                    torch.autograd.backward(out, grads[b])
+                grads[b] = h.grad.detach()
+        finally:
+            for h in handles:
+                h.remove()
+            lw.release(i)
+        on_layer(i, acc.finish())
+    return extra_h

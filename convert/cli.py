@@ -122,6 +122,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_convert(args) -> int:
+    from eval.bench_convert import bench_convert
+
+    bench_convert(args.shape, args.convert_args or None, out=args.out, tokenizer=args.tokenizer, load_check=args.load_check,
+                  json_path=args.json)
+    return 0
+
+
 def _add_models_args(p: argparse.ArgumentParser) -> None:
     """MODEL [MODEL ...] and --baseline, shared by mla eval and mla bench."""
     p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
@@ -215,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     _add_config_args(p, BenchConfig)
     p.set_defaults(func=cmd_bench)
+
+    from eval.bench_convert import DEFAULT_ARGS, SHAPES
+
+    p = sub.add_parser(
+        "bench-convert",
+        help="peak memory and time of converting a random-weight bf16 checkpoint of a real shape",
+        usage="mla bench-convert SHAPE [--out OUT] [--tokenizer T] [--load-check] [--json F] [-- CONVERT-OPTIONS]",
+        description="Write (once, into the user cache) a random-weight bf16 checkpoint of SHAPE, run mla convert on "
+        "it in a child process and report its peak RSS, wall time and stage times. Arguments after -- go to mla "
+        f"convert (default: {' '.join(DEFAULT_ARGS)}).",
+    )
+    p.add_argument("shape", choices=list(SHAPES), help="the real model whose tensor shapes are used")
+    p.add_argument("--out", help="where the export goes (default: the user cache, replaced each run)")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokenizer the checkpoint gets")
+    p.add_argument("--load-check", action="store_true",
+                   help="then load the export in bf16 with AutoModelForCausalLM and check finite logits")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench_convert)
     return parser
 
 
@@ -222,13 +248,19 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_library_warnings()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if argv[:1] == ["bench-convert"] and "--" in argv:  # mla bench-convert SHAPE [options] -- <mla convert options>
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     # key=value overrides may come before or after --recipe/--overwrite; argparse only takes them in one run
     args, extra = parser.parse_known_args(argv)
     if extra:
         if getattr(args, "overrides", None) is None or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = args.overrides + extra
-    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+    args.argv = argv[1:]
+    args.convert_args = passthrough
     try:
         return args.func(args)
     except MLAError as err:

@@ -58,7 +58,10 @@ class ConvertConfig:
     calib_seqs: int = opt(16, "Number of calibration sequences.")
     calib_len: int = opt(512, "Tokens per calibration sequence.")
     seed: int = opt(0, "Seed for choosing calibration windows (the export is deterministic given the seed).")
-    dtype: str = opt("float32", "Dtype of the exported weights: float32, bfloat16, float16 or auto (the source's).")
+    dtype: str = opt("auto", "Dtype of the exported weights: auto (the source's: a bf16 source gives a bf16 export), "
+                     "float32, bfloat16 or float16.")
+    device: str = opt("auto", "Where calibration runs: auto (CUDA when present, else CPU), cpu or cuda. On a GPU the "
+                      "forward/backward runs in the source's bf16/fp16; statistics are float64 everywhere.")
     verify_seqs: int = opt(2, "Sequences of calibration text on which the export's logits are compared to the source's.")
     batch_size: int = opt(4, "Batch size for calibration and verification forwards.")
     overwrite: bool = opt(False, "Replace an existing non-empty OUT.")
@@ -75,6 +78,8 @@ class ConvertConfig:
             raise MLAError(f"--rope-dim must be a non-negative multiple of 2, got {self.rope_dim}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise MLAError(f"--dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise MLAError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         choices = {"rope_method": ROPE_METHODS, "factor_method": FACTOR_METHODS, "rank_alloc": ("fisher", "uniform")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

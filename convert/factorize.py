@@ -11,8 +11,11 @@ dropped eigenvalues are that error.
   squares separately for keys (under their own weighting ``S_k``) and values (``S_v``).
 - ``pca``: ``S`` the plain input moments, ``L`` scales the key rows so that K and V carry equal energy.
 - ``svd``: ``P`` = top left singular vectors of the balanced weights (ignores the data; a baseline).
+Every statistic is a covariance of ``Z`` (D x D, D <= 2 g d_h): the maths never touches the (d+1)-dim input space.
 With ``r = D`` the factorization is exact.
 """
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,26 +25,53 @@ FACTOR_METHODS = ("fisher", "pca", "svd")
 DAMPING = 1e-2  # relative ridge on the gradient-direction blocks (keeps L invertible and well conditioned)
 
 
+@dataclass
+class LatentStats:
+    """Statistics of ``Z`` (D wide) from ``calibrate.LayerStats`` through ``Z = T y``: all D x D, float64."""
+
+    cov: torch.Tensor | None  # E[Z Z^T]
+    cov_k: torch.Tensor | None = None  # E[|g_k|^2 Z Z^T]
+    cov_v: torch.Tensor | None = None  # E[|g_v|^2 Z Z^T]
+    grad_k: torch.Tensor | None = None  # (n_key, n_key) gradient directions of the key rows (already rotated)
+    grad_v: torch.Tensor | None = None  # (D - n_key, D - n_key)
+    trace_k: float = 0.0
+    trace_v: float = 0.0
+
+    @classmethod
+    def of(cls, stats, transform: torch.Tensor, key_rotation: torch.Tensor | None = None) -> "LatentStats":
+        """``transform`` (D, 2g*d_h) maps ``y = [k; v]`` to ``Z``; ``key_rotation`` rotates the key gradients."""
+        if stats is None:
+            return cls(cov=None)
+
+        def sandwich(c):
+            return transform @ c @ transform.T
+
+        if not stats.has_gradients:
+            return cls(cov=sandwich(stats.cov))
+        rot = key_rotation if key_rotation is not None else torch.eye(stats.grad_k.shape[0], dtype=torch.float64)
+        return cls(cov=sandwich(stats.cov), cov_k=sandwich(stats.cov_k), cov_v=sandwich(stats.cov_v),
+                   grad_k=rot @ stats.grad_k @ rot.T, grad_v=stats.grad_v, trace_k=stats.trace_k,
+                   trace_v=stats.trace_v)
+
+
 def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(mat)
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
-def _problem(z_aug, n_key: int, method: str, moments, fisher):
-    """``(S, L)``: the input moments and the output metric of the latent problem."""
-    total = z_aug.shape[0]
+def _problem(n_key: int, total: int, method: str, zs: LatentStats):
+    """``(C, L)``: the covariance of ``Z`` the latent must keep and the output metric of the latent problem."""
     if method == "fisher":
-        if fisher is None:
+        if zs.grad_k is None:
             raise MLAError("factorization 'fisher' needs gradient statistics")
-        g_k, g_v, s_k, s_v = fisher
-        s = (s_k + s_v) / 2
+        trace_s = (zs.trace_k + zs.trace_v) / 2
         blocks = []
-        for g, s_own in ((g_k, s_k), (g_v, s_v)):
+        for g, trace_own in ((zs.grad_k, zs.trace_k), (zs.grad_v, zs.trace_v)):
             ridge = DAMPING * torch.trace(g) / max(g.shape[0], 1)
-            g = (g + ridge * torch.eye(g.shape[0], dtype=g.dtype)) * (torch.trace(s_own) / torch.trace(s))
+            g = (g + ridge * torch.eye(g.shape[0], dtype=g.dtype)) * (trace_own / trace_s)
             blocks.append(_sqrt_psd(g))
-        return s, torch.block_diag(*blocks)
-    cov = z_aug @ moments @ z_aug.T
+        return (zs.cov_k + zs.cov_v) / 2, torch.block_diag(*blocks)
+    cov = zs.cov
     alpha = 1.0
     if 0 < n_key < total:
         e_key, e_val = torch.trace(cov[:n_key, :n_key]), torch.trace(cov[n_key:, n_key:])
@@ -49,26 +79,32 @@ def _problem(z_aug, n_key: int, method: str, moments, fisher):
             alpha = float((e_val / e_key).sqrt())
     scale = torch.ones(total, dtype=torch.float64)
     scale[:n_key] = alpha
-    return moments, torch.diag(scale)
+    return cov, torch.diag(scale)
 
 
-def latent_spectrum(z_aug, n_key: int, method: str, moments, fisher=None):
+def latent_spectrum(z_aug, n_key: int, method: str, zs: LatentStats):
     """``(evals, basis, L)``: the eigen-decomposition (descending) of one layer's latent problem."""
     if method not in FACTOR_METHODS:
         raise MLAError(f"unknown factorization {method!r}; choose from {', '.join(FACTOR_METHODS)}")
-    s, metric = _problem(z_aug, n_key, method, moments, fisher)
+    total = z_aug.shape[0]
     if method == "svd":
+        metric = torch.eye(total, dtype=torch.float64)
+        if zs.cov is not None and 0 < n_key < total:
+            metric = _problem(n_key, total, "pca", zs)[1]
         u, sv, _ = torch.linalg.svd(metric @ z_aug, full_matrices=True)
         evals = torch.zeros(u.shape[0], dtype=torch.float64)
         evals[: sv.shape[0]] = sv**2
         return evals, u, metric
-    evals, evecs = torch.linalg.eigh(metric @ z_aug @ s @ z_aug.T @ metric.T)
+    cov, metric = _problem(n_key, total, method, zs)
+    evals, evecs = torch.linalg.eigh(metric @ cov @ metric.T)
     order = torch.argsort(evals, descending=True)
     return evals[order].clamp_min(0), evecs[:, order], metric
 
 
-def joint_latent(z_aug, n_key: int, rank: int, method: str, moments, fisher=None):
-    """Return ``(A, B)``: ``A`` (r, d+1) down-projection incl. bias column, ``B`` (D, r) up-projection."""
+def joint_latent(z_aug, n_key: int, rank: int, method: str, zs: LatentStats, spectrum=None):
+    """Return ``(A, B)``: ``A`` (r, d+1) down-projection incl. bias column, ``B`` (D, r) up-projection.
+
+    ``spectrum``: the ``latent_spectrum`` of this problem when already computed (reused, not recomputed)."""
     if method not in FACTOR_METHODS:
         raise MLAError(f"unknown factorization {method!r}; choose from {', '.join(FACTOR_METHODS)}")
     total = z_aug.shape[0]
@@ -76,13 +112,14 @@ def joint_latent(z_aug, n_key: int, rank: int, method: str, moments, fisher=None
         raise MLAError(f"kv_lora_rank {rank} is impossible: it must be between 1 and {total} for this layer")
     if rank == total:  # exact: no basis change at all (avoids rounding in lossless conversions)
         return z_aug.clone(), torch.eye(total, dtype=torch.float64)
-    _, basis, metric = latent_spectrum(z_aug, n_key, method, moments, fisher)
+    _, basis, metric = spectrum if spectrum is not None else latent_spectrum(z_aug, n_key, method, zs)
     basis = basis[:, :rank]  # (D, r)
     down = basis.T @ metric @ z_aug  # (r, d+1)
     up = torch.linalg.solve(metric, basis)  # (D, r)
     if method == "fisher":  # least-squares up-projections, keys and values each under their own weighting
-        for rows, s in ((slice(0, n_key), fisher[2]), (slice(n_key, total), fisher[3])):
-            cc = down @ s @ down.T  # (r, r)
+        proj = basis.T @ metric  # (r, D): down = proj @ z_aug
+        for rows, c in ((slice(0, n_key), zs.cov_k), (slice(n_key, total), zs.cov_v)):
+            cc = proj @ c @ proj.T  # (r, r) = A S A^T
             cc = cc + 1e-9 * torch.trace(cc) / rank * torch.eye(rank, dtype=cc.dtype)
-            up[rows] = torch.linalg.solve(cc, down @ s @ z_aug[rows].T).T
+            up[rows] = torch.linalg.solve(cc, proj @ c[:, rows]).T  # A S Z_rows^T
     return down, up

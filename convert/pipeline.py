@@ -1,8 +1,15 @@
 """The conversion pipeline: load -> calibrate -> RoPE split -> factorize -> assemble -> save -> verify.
 
-Memory: the source model plus one layer's work. Each layer's new tensors are computed in float64 from the source
-projections, cast to the export dtype, and the source's k/v projections are dropped as we go.
+Layer-sequential: the source is read one decoder layer at a time (``layerwise``); calibration pushes every token
+through one layer at a time and keeps only the layer-boundary hidden states; a reverse sweep gives the gradients;
+each layer is converted as soon as its statistics (or, with per-layer rank allocation, every layer's small summary)
+are complete, and the export is written shard by shard. Memory: one layer, the embedding or one output-head chunk,
+the boundary states (on disk beyond ``SPILL_BYTES``) and one layer's statistics. Sources that are not a local
+safetensors folder (GGUF, ``.bin``, Hub ids) are loaded whole by transformers, then converted the same way.
 """
+
+import os
+import resource
 
 import platform
 import time
@@ -13,19 +20,20 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Layout, read_layout
-from .allocate import allocate, budget_totals, uniform_plans
-from .assemble import LayerPlan, convert_layer
-from .calibrate import collect_statistics
+from .allocate import LayerConverter, budget_totals, uniform_plans
+from .assemble import LayerPlan
+from .calibrate import sweep
 from .config import ConvertConfig
 from .data import load_texts, token_windows
 from .errors import MLAError
-from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_state_dict,
-                   write_json)
-from .sources import input_paths, load_config, load_model, resolve_source
+from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, StateDictReader, write_error
+from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, write_json
+from .sources import input_paths, load_config, load_model, load_tokenizer, resolve_source
 from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPILL_BYTES = int(os.environ.get("MLA_SPILL_BYTES", 2**30))  # in-memory boundary states / statistics before disk
 
 
 def _requested_budget(cfg: ConvertConfig) -> float | None:
@@ -60,39 +68,14 @@ def needs_gradients(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] |
     return plans is None or cfg.rope_method == "rotate" or cfg.factor_method == "fisher"
 
 
-def make_plans(model, stats, layout: Layout, cfg: ConvertConfig) -> list[LayerPlan]:
-    plans = check_plan(layout, cfg)
-    if plans is not None:
-        return plans
-    total, d_rope = budget_totals(layout, cfg, _requested_budget(cfg))
-    attns = [layer.self_attn for layer in model.model.layers]
-    return allocate(attns, stats, layout, total, d_rope, cfg.rope_method, cfg.rope_span)
+def needs_statistics(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] | None) -> bool:
+    return not is_lossless(layout, plans)
 
 
-def convert_weights(model, stats, layout: Layout, plans: list[LayerPlan], cfg: ConvertConfig, dtype: torch.dtype,
-                    free: bool = False) -> tuple[dict, list[list[int]]]:
-    """The export's state dict and per-layer RoPE frequencies; ``free`` drops the source projections as it goes."""
-    lossless = is_lossless(layout, plans)
-    rope_method, factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
-    rope_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0) or 1.0)
-    state, freq_index = {}, []
-    for i, layer in enumerate(tqdm(model.model.layers, desc="convert layers", unit="layer")):
-        attn = layer.self_attn
-        tensors, freqs = convert_layer(attn, stats[i], layout, plans[i], rope_method, factor_method, cfg.rope_span,
-                                       rope_scaling)
-        for name, t in tensors.items():
-            state[f"model.layers.{i}.self_attn.{name}"] = t.to(dtype)
-        freq_index.append(freqs)
-        if free:
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(attn, name, None)
-            stats[i] = None
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for name, t in model.state_dict().items():
-        if ".self_attn." in name or (tied and name == "lm_head.weight"):
-            continue
-        state[name] = t.detach().to(dtype)
-    return state, freq_index
+def layer_converter(layout: Layout, cfg: ConvertConfig, plans, reader, sink, store, rope_scaling: float):
+    """The LayerConverter for ``cfg`` (plans None: fisher allocation under the budget's totals)."""
+    totals = None if plans is not None else budget_totals(layout, cfg, _requested_budget(cfg))
+    return LayerConverter(layout, cfg, plans, reader, sink, store, rope_scaling, totals, is_lossless(layout, plans))
 
 
 def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype):
@@ -135,30 +118,79 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
     return config
 
 
-def _export_dtype(cfg: ConvertConfig, src_config) -> torch.dtype:
-    if cfg.dtype != "auto":
-        return DTYPES[cfg.dtype]
-    dtype = getattr(src_config, "dtype", None)
+def source_dtype(src_config) -> torch.dtype:
+    """The dtype the source's config declares (float32 when it declares none we know)."""
+    dtype = getattr(src_config, "dtype", None) or getattr(src_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if dtype in DTYPES.values() else torch.float32
 
 
-@torch.no_grad()
-def _logits(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(input_ids=windows[i : i + batch_size], use_cache=False).logits.float()
-                      for i in range(0, len(windows), batch_size)])
+def _export_dtype(cfg: ConvertConfig, src_config) -> torch.dtype:
+    return DTYPES[cfg.dtype] if cfg.dtype != "auto" else source_dtype(src_config)
 
 
-def _compare(ref: torch.Tensor, new: torch.Tensor) -> dict:
-    logp, logq = ref.log_softmax(-1), new.log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
-    return {
-        "max_abs_logit_diff": float((ref - new).abs().max()),
-        "mean_kl": float(kl),
-        "top1_agreement": float((ref.argmax(-1) == new.argmax(-1)).float().mean()),
-        "tokens": int(ref.shape[0] * ref.shape[1]),
-    }
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; MLAError when CUDA is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MLAError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+                       "use --device cpu")
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device, src_config) -> torch.dtype:
+    """float32 on CPU; on a GPU the source's own half precision (statistics are float64 either way)."""
+    src = source_dtype(src_config)
+    return src if device.type == "cuda" and src in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process so far (and of the GPU when used), in bytes."""
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def open_source(source, src_config, device, dtype, layout: Layout, log=print) -> LayerwiseModel:
+    """The source as a LayerwiseModel: streamed from its safetensors when it is a local folder holding every tensor
+    under its standard name, else loaded whole by transformers first."""
+    local = source.local
+    files = ("model.safetensors.index.json", "model.safetensors")
+    if local is not None and not source.gguf_file and any((local / f).is_file() for f in files):
+        lw = LayerwiseModel(src_config, SafetensorsReader(local), device, dtype, layout.layer_types)
+        if not lw.missing():
+            return lw
+    log(f"{source.description}: not a safetensors folder with standard tensor names; loading it whole")
+    model, _ = load_model(source, config=src_config)
+    return LayerwiseModel(src_config, StateDictReader(model), device, dtype, layout.layer_types)
+
+
+def _compare(ref: LayerwiseModel, new: LayerwiseModel, ref_h: torch.Tensor, new_h: torch.Tensor) -> dict:
+    """Logit agreement of two models' final hidden states (B, T, d), one window at a time."""
+    max_diff, kl, agree, tokens = 0.0, 0.0, 0, 0
+    for b in range(ref_h.shape[0]):
+        p, q = ref.logits(ref_h[b : b + 1]), new.logits(new_h[b : b + 1])  # (1, T, V)
+        logp, logq = p.log_softmax(-1), q.log_softmax(-1)
+        max_diff = max(max_diff, float((p - q).abs().max()))
+        kl += float((logp.exp() * (logp - logq)).sum(-1).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        tokens += p.shape[1]
+    return {"max_abs_logit_diff": max_diff, "mean_kl": kl / tokens, "top1_agreement": agree / tokens,
+            "tokens": tokens}
+
+
+def run_layers(lw: LayerwiseModel, windows: torch.Tensor, desc: str) -> torch.Tensor:
+    """Final hidden states of ``windows`` through every layer of ``lw``, one layer at a time."""
+    with torch.no_grad():
+        h = lw.embed(windows)
+        for i in tqdm(range(lw.num_layers), desc=desc, unit="layer"):
+            lw.load(i)
+            h = lw.run(i, h)
+            lw.release(i)
+    return h
 
 
 def calibration_windows(tokenizer, texts, cfg: ConvertConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,33 +222,140 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
         return _convert(src, out, cfg, log)
 
 
+
+class _ExportSink:
+    """Writes each converted layer (its new attention plus its other tensors, in the export dtype) into shards."""
+
+    def __init__(self, writer: ShardWriter, lw: LayerwiseModel, dtype: torch.dtype):
+        self.writer, self.lw, self.dtype = writer, lw, dtype
+
+    def __call__(self, i: int, tensors: dict, freq_index) -> None:
+        for name, t in tensors.items():
+            self.writer.add(f"model.layers.{i}.self_attn.{name}", t.to(self.dtype))
+        rest = [n for n in self.lw.layer_names(i) if ".self_attn." not in n]
+        for name, t in self.lw.reader.get(rest).items():
+            self.writer.add(name, t.to(self.dtype))
+
+    def globals(self) -> None:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.lw.config.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for name in names:
+            self.writer.add(name, self.lw.reader.get([name])[name].to(self.dtype))
+
+
 def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
-    from mla_modeling.modeling_mla import MLAForCausalLM
+    from mla_modeling.configuration_mla import MLAConfig  # noqa: F401  (registered for the export's skeleton)
 
     started = time.time()
+    stages: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        now = time.time()
+        stages[name] = round(stages.get(name, 0.0) + now - t0, 2)
+        return now
+
+    device = resolve_device(cfg.device)
     source = resolve_source(src)
     src_config = load_config(source)
     layout = read_layout(src_config)
     plans = check_plan(layout, cfg)
-    check_weights(source, src_config)  # before the text download and the model allocation
+    check_weights(source, src_config)  # before the text download and any allocation
     texts = load_texts(cfg.calib)
-    dtype = _export_dtype(cfg, src_config)
+    dtype, work_dtype = _export_dtype(cfg, src_config), compute_dtype(device, src_config)
     torch.manual_seed(cfg.seed)
 
     log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
-        f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers)")
-    model, tokenizer = load_model(source, config=src_config)
+        f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers) on {device}")
+    tokenizer = load_tokenizer(source)
     calib, verify = calibration_windows(tokenizer, texts, cfg)
-    ref_logits = _logits(model, verify, cfg.batch_size)
-    stats = collect_statistics(model, calib, cfg.batch_size, gradients=needs_gradients(layout, cfg, plans))
-    plans = plans or make_plans(model, stats, layout, cfg)
-    state, freq_index = convert_weights(model, stats, layout, plans, cfg, dtype, free=True)
+    if int(max(calib.max(), verify.max())) >= src_config.vocab_size:
+        raise MLAError(f"the tokenizer of {src} gives token ids up to {int(max(calib.max(), verify.max()))}, beyond "
+                       f"the model's vocabulary ({src_config.vocab_size})")
+    lw = open_source(source, src_config, device, work_dtype, layout, log)
+    rope_scaling = float(getattr(lw.rotary, "attention_scaling", 1.0) or 1.0)
+    t0 = lap("load", started)
 
-    config = build_config(src_config, layout, plans, freq_index, dtype)
+    with atomic_dir(out, cfg.overwrite) as tmp:
+        store = Spill(tmp / ".work", SPILL_BYTES)
+        writer = ShardWriter(tmp)
+        sink = _ExportSink(writer, lw, dtype)
+        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store, rope_scaling)
+        if needs_statistics(layout, cfg, plans):
+            ref_h = sweep(lw, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add, store,
+                          extra=verify)
+        else:
+            ref_h = run_layers(lw, verify, "reference")
+            for i in range(layout.num_layers):
+                converter.add(i, None)
+        t0 = lap("calibrate", t0)
+        plans, freq_index = converter.finish()
+        sink.globals()
+        try:
+            writer.close()
+        except OSError as err:
+            raise write_error(err, tmp) from None
+        t0 = lap("convert", t0)
+
+        config = build_config(src_config, layout, plans, freq_index, dtype)
+        try:
+            config.save_pretrained(tmp)
+            copy_remote_code(tmp)
+            tokenizer.save_pretrained(tmp)
+            _save_generation_config(source, tmp)
+        except OSError as err:
+            raise write_error(err, tmp) from None
+        exported = LayerwiseModel(config, SafetensorsReader(tmp), device, work_dtype, config.layer_types)
+        verify_result = _compare(lw, exported, ref_h, run_layers(exported, verify, "verify"))
+        t0 = lap("verify", t0)
+        record = _record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
+        record["verify"] = verify_result
+        record["elapsed_s"] = round(time.time() - started, 1)
+        record["profile"] = {
+            "device": str(device), "compute_dtype": str(work_dtype).replace("torch.", ""), **peak_memory(device),
+            "stage_s": stages,
+            "layer_maths_s": {k: round(v, 2) for k, v in converter.seconds.items()},
+            "layer_maths_s_per_layer": round(sum(converter.seconds.values()) / layout.num_layers, 3),
+            "source_bytes": _folder_bytes(source.local), "export_bytes": _folder_bytes(tmp),
+        }
+        if (tmp / ".work").exists():
+            import shutil
+
+            shutil.rmtree(tmp / ".work")
+        write_json(tmp / "mla_conversion.json", record)
+    kv = record["kv_cache"]
+    prof = record["profile"]
+    log(f"converted {src} -> {out}: KV cache {kv['original_bytes_per_token']} -> {kv['mla_bytes_per_token']} "
+        f"bytes/token ({kv['ratio']:.2%}, {1 - kv['ratio']:.1%} saved); verify top-1 agreement "
+        f"{record['verify']['top1_agreement']:.1%}, max |dlogit| {record['verify']['max_abs_logit_diff']:.2e}; "
+        f"{record['elapsed_s']:.0f}s, peak RSS {prof['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return record
+
+
+def _folder_bytes(path) -> int | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and ".work" not in f.parts)
+
+
+def _save_generation_config(source, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(source.path, **source.load_kwargs())
+    except Exception:  # noqa: BLE001 - no generation config (or none readable): the export simply has none
+        return
+    gen.save_pretrained(folder)
+
+
+def _record(src, source, cfg: ConvertConfig, layout: Layout, plans, freq_index, dtype, calib, config) -> dict:
     mla_values = config.cache_values_per_token()
     orig_values = layout.kv_values_per_token_layer * layout.num_layers
     esize = torch.empty((), dtype=dtype).element_size()
-    record = {
+    return {
         "format_version": 1,
         "tool": f"mla-retrofit {__version__}",
         "source": {
@@ -270,22 +409,3 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
             "python": platform.python_version(),
         },
     }
-
-    with atomic_dir(out, cfg.overwrite) as tmp:
-        save_state_dict(state, tmp)
-        config.save_pretrained(tmp)
-        copy_remote_code(tmp)
-        tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        del model, state
-        exported = MLAForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        record["verify"] = _compare(ref_logits, _logits(exported, verify, cfg.batch_size))
-        record["elapsed_s"] = round(time.time() - started, 1)
-        write_json(tmp / "mla_conversion.json", record)
-    kv = record["kv_cache"]
-    log(f"converted {src} -> {out}: KV cache {kv['original_bytes_per_token']} -> {kv['mla_bytes_per_token']} "
-        f"bytes/token ({kv['ratio']:.2%}, {1 - kv['ratio']:.1%} saved); verify top-1 agreement "
-        f"{record['verify']['top1_agreement']:.1%}, max |dlogit| {record['verify']['max_abs_logit_diff']:.2e}; "
-        f"{record['elapsed_s']:.0f}s")
-    return record

@@ -36,7 +36,7 @@ from .config import RecoverConfig, split_list
 from .data import load_texts, token_windows
 from .errors import MLAError
 from .save import atomic_dir, check_out, local_inputs, out_lock, save_state_dict, write_json
-from .sources import input_paths, load_model, resolve_source
+from .sources import input_paths, load_config, load_model, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
@@ -135,6 +135,55 @@ def _load_student(converted: Path):
     if missing:
         raise MLAError(f"weights of {converted} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
     return model
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]:
+    """The teacher, sharing every frozen student tensor that holds exactly its own values (embeddings, MLP base
+    weights, output head; norms too unless they are trained): only the original attention projections (and trained
+    norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
+    from .layerwise import SafetensorsReader, StateDictReader, skeleton
+    from .weights import check_weights
+
+    check_weights(source, config)
+    frozen = {}
+    for name, p in student.named_parameters():
+        if p.requires_grad or "lora_" in name or ".modules_to_save." in name:
+            continue
+        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+        frozen[key] = p
+    model = skeleton(config)
+    names = [n for n in model.state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
+    local = source.local
+    reader = None
+    files = ("model.safetensors.index.json", "model.safetensors")
+    if local is not None and not source.gguf_file and any((local / f).is_file() for f in files):
+        reader = SafetensorsReader(local)
+        if not set(names) <= reader.names():
+            reader = None
+    if reader is None:  # GGUF, .bin, Hub id: transformers loads it whole, the shared copies are then freed
+        reader = StateDictReader(load_model(source, config=config)[0])
+    state, shared = {}, 0
+    for name in names:
+        t = reader.get([name])[name].to(device, torch.float32)
+        own = frozen.get(name)
+        if own is not None and own.shape == t.shape and own.dtype == t.dtype and torch.equal(own.detach(), t):
+            t = own.detach()  # the same storage as the student's
+            shared += t.numel() * t.element_size()
+        state[name] = t
+    del reader
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys or [k for k in result.missing_keys if k != "lm_head.weight"]:
+        raise MLAError(f"internal error: the teacher's weights do not fit its architecture ({result})")
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval(), shared
 
 
 def _module_names(model) -> set[str]:
@@ -282,11 +331,12 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     # load: student, teacher, text
     student = _load_student(converted)
     say(f"teacher: {teacher}")
-    teacher_model, tokenizer = load_model(resolve_source(teacher))
-    teacher_model.requires_grad_(False)
-    if teacher_model.config.get_text_config().vocab_size != student.config.vocab_size:
-        raise MLAError(f"teacher {teacher} has vocabulary {teacher_model.config.get_text_config().vocab_size}, the "
+    teacher_source = resolve_source(teacher)
+    teacher_config = load_config(teacher_source)
+    if teacher_config.get_text_config().vocab_size != student.config.vocab_size:
+        raise MLAError(f"teacher {teacher} has vocabulary {teacher_config.get_text_config().vocab_size}, the "
                        f"student {student.config.vocab_size}: not the model it was converted from")
+    tokenizer = load_tokenizer(teacher_source)
     windows = _windows(tokenizer, cfg)
     val = _val_windows(tokenizer, cfg)
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
@@ -314,8 +364,10 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     else:
         torch.manual_seed(cfg.seed)
     model, optimizer = acc.prepare(model, optimizer)
-    teacher_model.to(acc.device)
     inner = acc.unwrap_model(model)
+    teacher_model, shared = load_teacher(teacher_source, teacher_config, inner, acc.device)
+    say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
+        f"its own {(_param_bytes(teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
 
     def evaluate(step: int) -> None:
         nonlocal teacher_nll

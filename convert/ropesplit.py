@@ -8,7 +8,7 @@ layout: real parts of the kept pairs, then imaginary parts) and whose other rows
 
 Methods:
 - ``rotate`` (default): ``U_i`` = PCA of the frequency-``i`` key components across heads, weighted by the loss
-  gradient (``LayerStats.moments_k``); each rotated component is scored by the loss it would cost without RoPE:
+  gradient (``LayerStats.cov_k``); each rotated component is scored by the loss it would cost without RoPE:
   ``(1 - sinc(theta_i * span)) * E[|g|^2 k_c^2] * (gradient share of the component)``. The first factor is the mean
   of ``1 - cos(theta_i * delta)`` over distances ``delta`` in ``[0, span]``: a slow frequency hardly rotates over the
   span, so dropping its RoPE costs little however large its norm. Scores are in the units of the latent's
@@ -42,18 +42,23 @@ def _pair_rows(num_kv: int, head_dim: int, i: int) -> tuple[list[int], list[int]
     return [j * head_dim + i for j in range(num_kv)], [j * head_dim + i + half for j in range(num_kv)]
 
 
-def component_scores(k_aug, q_aug, stats, num_kv: int, head_dim: int, method: str, theta, span: int):
-    """``(rotations, scores)``: per frequency ``i`` the ``U_i`` (rows = components) and each component's score."""
+def component_scores(stats, num_kv: int, head_dim: int, num_heads: int, method: str, theta, span: int):
+    """``(rotations, scores)``: per frequency ``i`` the ``U_i`` (rows = components) and each component's score.
+
+    ``stats`` (``calibrate.LayerStats``) may be None for the methods that need no data (``high``, ``uniform``)."""
     if method not in ROPE_METHODS:
         raise MLAError(f"unknown rope method {method!r}; choose from {', '.join(ROPE_METHODS)}")
-    if method == "rotate" and not stats.has_gradients:
+    if method == "rotate" and not (stats is not None and stats.has_gradients):
         raise MLAError("rope method 'rotate' needs gradient statistics")
-    half = head_dim // 2
-    num_heads = q_aug.shape[0] // head_dim
+    half, dim = head_dim // 2, num_kv * head_dim
     group = num_heads // num_kv
     weighted = method == "rotate"
-    cov_k = k_aug @ (stats.moments_k if weighted else stats.moments) @ k_aug.T  # (g*d_h, g*d_h)
-    q_diag = ((q_aug @ stats.moments) * q_aug).sum(1)  # (n_h*d_h,) E[q^2] per query dim
+    if stats is None:
+        cov_k = torch.zeros(dim, dim, dtype=torch.float64)
+        q_diag = torch.zeros(num_heads * head_dim, dtype=torch.float64)
+    else:
+        cov_k = (stats.cov_k if weighted else stats.cov)[:dim, :dim]  # (g*d_h, g*d_h) key block
+        q_diag = stats.q_energy  # (n_h*d_h,) E[q^2] per query dim
     q_energy = torch.zeros(half, num_kv, dtype=torch.float64)  # per frequency, per KV group, summed over its heads
     for h in range(num_heads):
         q_energy[:, h // group] += q_diag[h * head_dim : h * head_dim + half] + q_diag[h * head_dim + half : (h + 1) * head_dim]
@@ -102,14 +107,18 @@ def _select(scores: torch.Tensor, method: str, n_pairs: int) -> list[tuple[int, 
     return sorted(order[:n_pairs])
 
 
-def rope_split(k_aug, q_aug, stats, num_kv: int, head_dim: int, d_rope: int, method: str, theta, span: int) -> RopeSplit:
-    """Build the RoPE split of one layer from its augmented k/q weights ``[W b]`` and its calibration statistics."""
+def rope_split(stats, num_kv: int, head_dim: int, num_heads: int, d_rope: int, method: str, theta, span: int,
+               scored=None) -> RopeSplit:
+    """The RoPE split of one layer from its calibration statistics (``scored``: ``component_scores`` already
+    computed for this layer, reused instead of recomputed)."""
     if d_rope % 2 or not 0 <= d_rope <= num_kv * head_dim:
         raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * head_dim}")
     half, n_pairs = head_dim // 2, d_rope // 2
     if n_pairs == half * num_kv:  # everything keeps RoPE: identity, exactly lossless
-        method = "high"
-    rotations, scores = component_scores(k_aug, q_aug, stats, num_kv, head_dim, method, theta, span)
+        method, scored = "high", None
+    if scored is None:
+        scored = component_scores(stats, num_kv, head_dim, num_heads, method, theta, span)
+    rotations, scores = scored
     kept = _select(scores, method, n_pairs)
     kept_set = set(kept)
     rest = [(i, c) for i in range(half) for c in range(num_kv) if (i, c) not in kept_set]

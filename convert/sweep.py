@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from .adapters import read_layout
-from .calibrate import collect_statistics
+from .calibrate import sweep as calibrate
 from .config import ConvertConfig
 from .data import EVALUATION_DEFAULT, load_texts
 from .errors import MLAError
-from .pipeline import build_config, calibration_windows, convert_weights, make_plans
+from .layerwise import LayerwiseModel, Spill, StateDictReader
+from .pipeline import build_config, calibration_windows, check_plan, compute_dtype, layer_converter, resolve_device
 from .save import atomic_dir, check_out, local_inputs, out_lock
 from .sources import input_paths, load_config, load_model, resolve_source
 
@@ -143,21 +144,34 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
     layout = read_layout(src_config)
     calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
     torch.manual_seed(base.seed)
+    device = resolve_device(base.device)
     model, tokenizer = load_model(source, config=src_config)
     calib, _ = calibration_windows(tokenizer, calib_texts, base)
     windows = eval_windows(tokenizer, eval_texts, seq_len, tokens)
-    original = perplexity(model, windows, base.batch_size, desc="ppl original")
+    original = perplexity(model.to(device), windows, base.batch_size, desc="ppl original")
     log(f"original perplexity {original:.2f} on {windows.numel()} tokens of {text}")
-    stats = collect_statistics(model, calib, base.batch_size, gradients=True)
+    reader = StateDictReader(model)
+    lw = LayerwiseModel(src_config, reader, device, compute_dtype(device, src_config), layout.layer_types)
+    rope_scaling = float(getattr(lw.rotary, "attention_scaling", 1.0) or 1.0)
+    stats = [None] * layout.num_layers
+    calibrate(lw, calib, base.batch_size, True, stats.__setitem__, Spill(out.parent, float("inf")))
     full = layout.kv_values_per_token_layer
     rows = []
     for method in methods:
         for budget in budgets:
             t0 = time.time()
             cfg = replace(configs[method], kv_budget=budget)
-            plans = make_plans(model, stats, layout, cfg)
-            state, freqs = convert_weights(model, stats, layout, plans, cfg, torch.float32)
-            mla = _in_memory(state, build_config(src_config, layout, plans, freqs, torch.float32))
+            state = {n: t for n, t in reader.state.items() if ".self_attn." not in n}
+
+            def sink(i, tensors, freq_index, state=state):
+                state.update({f"model.layers.{i}.self_attn.{n}": t.float() for n, t in tensors.items()})
+
+            converter = layer_converter(layout, cfg, check_plan(layout, cfg), reader, sink,
+                                        Spill(out.parent, float("inf")), rope_scaling)
+            for i, st in enumerate(stats):
+                converter.add(i, st)
+            plans, freqs = converter.finish()
+            mla = _in_memory(state, build_config(src_config, layout, plans, freqs, torch.float32)).to(device)
             ppl = perplexity(mla, windows, base.batch_size, desc=f"ppl {method} {budget:g}")
             del mla, state
             values = sum(p.rank + p.d_rope for p in plans) / layout.num_layers

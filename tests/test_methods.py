@@ -4,30 +4,44 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from conftest import convert_tiny
 from convert.adapters import read_layout
 from convert.allocate import MIN_RANK
-from convert.assemble import augmented, rope_theta
-from convert.calibrate import collect_statistics
+from convert.assemble import read_attention, rope_theta
+from convert.calibrate import sweep
 from convert.config import ConvertConfig
 from convert.data import load_texts, token_windows
-from convert.factorize import FACTOR_METHODS, joint_latent
-from convert.pipeline import make_plans
+from convert.factorize import FACTOR_METHODS, LatentStats, joint_latent
+from convert.layerwise import LayerwiseModel, SafetensorsReader, Spill
+from convert.pipeline import check_plan, layer_converter
 from convert.ropesplit import ROPE_METHODS, rope_split
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_models):
-    """(model, layout, stats with gradients) of the tiny GQA llama on a little pydoc text."""
-    from transformers import AutoTokenizer
+def calibrated(tiny_models, tmp_path_factory):
+    """(reader, layout, stats with gradients) of the tiny GQA llama on a little pydoc text."""
+    from transformers import AutoConfig, AutoTokenizer
 
     src = tiny_models["llama-gqa"]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(src)
+    layout = read_layout(config)
+    reader = SafetensorsReader(src)
+    lw = LayerwiseModel(config, reader, "cpu", torch.float32, layout.layer_types)
     tok = AutoTokenizer.from_pretrained(src)
     windows = token_windows(tok, load_texts("pydoc"), 64, 4, seed=0)
-    return model, read_layout(model.config), collect_statistics(model, windows, batch_size=2, gradients=True)
+    stats = [None] * layout.num_layers
+    sweep(lw, windows, 2, True, stats.__setitem__, Spill(tmp_path_factory.mktemp("spill"), 0))
+    return reader, layout, stats
+
+
+def make_plans(reader, stats, layout, cfg):
+    """The plans the converter settles on for ``cfg`` (nothing written)."""
+    plans = check_plan(layout, cfg)
+    conv = layer_converter(layout, cfg, plans, reader, lambda *a: None, Spill("/nonexistent", float("inf")), 1.0)
+    for i, st in enumerate(stats):
+        conv.add(i, st)
+    return conv.finish()[0]
 
 
 def _rope_matrix(dim: int, head_dim: int, pos: int, theta: list[float]) -> torch.Tensor:
@@ -46,11 +60,10 @@ def _rope_matrix(dim: int, head_dim: int, pos: int, theta: list[float]) -> torch
 @pytest.mark.parametrize("d_rope", [0, 8, 20, 32])
 def test_rope_split_rotation_is_orthogonal_and_commutes_with_rope(calibrated, method, d_rope):
     """R is orthogonal and maps RoPE on the stacked heads onto RoPE on its own pairs: every q.k is unchanged."""
-    model, layout, stats = calibrated
-    attn = model.model.layers[0].self_attn
+    reader, layout, stats = calibrated
     g, d_h = layout.num_kv_heads, layout.head_dim
     theta = rope_theta(layout)
-    split = rope_split(augmented(attn.k_proj), augmented(attn.q_proj), stats[0], g, d_h, d_rope, method, theta, 64)
+    split = rope_split(stats[0], g, d_h, layout.num_heads, d_rope, method, theta, 64)
     rot, dim = split.rotation, g * d_h
     assert torch.allclose(rot @ rot.T, torch.eye(dim, dtype=torch.float64), atol=1e-10)
     assert len(split.freq_index) == d_rope // 2
@@ -74,20 +87,21 @@ def test_rope_split_rotation_is_orthogonal_and_commutes_with_rope(calibrated, me
 
 @pytest.mark.parametrize("method", FACTOR_METHODS)
 def test_factorization_exact_at_full_rank_and_monotone(calibrated, method):
-    model, layout, stats = calibrated
-    attn = model.model.layers[1].self_attn
-    st = stats[1]
-    z = torch.cat((augmented(attn.k_proj), augmented(attn.v_proj)))  # (D, d+1), D = 64
-    n_key = augmented(attn.k_proj).shape[0]
-    fisher = (st.grad_k, st.grad_v, st.moments_k, st.moments_v)
-    down, up = joint_latent(z, n_key, z.shape[0], method, st.moments, fisher)
+    reader, layout, stats = calibrated
+    w, st = read_attention(reader, 1), stats[1]
+    z = torch.cat((w.k_aug, w.v_aug))  # (D, d+1), D = 64
+    n_key = w.k_aug.shape[0]
+    zs = LatentStats.of(st, torch.eye(z.shape[0], dtype=torch.float64))
+    down, up = joint_latent(z, n_key, z.shape[0], method, zs)
     assert torch.allclose(up @ down, z, atol=1e-12)
     errors = []
     for rank in (4, 16, 32, 48, 63):
-        down, up = joint_latent(z, n_key, rank, method, st.moments, fisher)
+        down, up = joint_latent(z, n_key, rank, method, zs)
         assert down.shape == (rank, z.shape[1]) and up.shape == (z.shape[0], rank)
-        err = z - up @ down
-        errors.append(float(torch.trace(err @ st.moments @ err.T)))
+        # the error in the output space: E|(I - up P) y|^2 with y = [k; v], P the map y -> latent (down = P z)
+        proj = torch.linalg.lstsq(z.T, down.T).solution.T  # (r, D): down = proj @ z
+        err = torch.eye(z.shape[0], dtype=torch.float64) - up @ proj
+        errors.append(float(torch.trace(err @ st.cov @ err.T)))
     assert errors == sorted(errors, reverse=True), errors
     assert errors[-1] < 0.05 * errors[0]
 
@@ -106,9 +120,9 @@ def test_error_grows_as_rank_shrinks_for_each_factorization(tiny_models, tmp_pat
 @pytest.mark.parametrize("rope", ["rotate", "norm"])
 @pytest.mark.parametrize("budget", [0.9, 0.5, 0.3125, 0.1875, 0.125])
 def test_budget_accounting_is_exact(calibrated, alloc, rope, budget):
-    model, layout, stats = calibrated
+    reader, layout, stats = calibrated
     cfg = ConvertConfig(kv_budget=budget, rank_alloc=alloc, rope_method=rope)
-    plans = make_plans(model, stats, layout, cfg)
+    plans = make_plans(reader, stats, layout, cfg)
     kv_dim = layout.num_kv_heads * layout.head_dim
     assert sum(p.rank + p.d_rope for p in plans) == round(budget * 2 * kv_dim) * layout.num_layers
     for p in plans:
