@@ -39,49 +39,68 @@ class TensorReader:
         raise NotImplementedError
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class SafetensorsReader(TensorReader):
-    """The safetensors weights of a folder (``model.safetensors`` or shards with an index), read tensor by tensor."""
+    """The safetensors weights of a folder (``model.safetensors`` or shards with an index), read tensor by tensor.
+
+    Tensors are read with plain file reads into fresh memory (no memory map), so a tensor costs its own size and
+    nothing stays resident once it is dropped."""
 
     def __init__(self, folder: Path):
-        from .weights import safetensors_shapes
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.file_of = dict(json.loads(index.read_text())["weight_map"])
-        else:
-            self._shapes = safetensors_shapes(self.folder, str(folder)) or {}
-            self.file_of = {n: "model.safetensors" for n in self._shapes}
-        self._shapes = None
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int]] = {}  # name: (file, dtype, shape, offset)
+        for file in files:
+            with open(self.folder / file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise MLAError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported here")
+                self.entries[name] = (file, _DTYPES[info["dtype"]], tuple(info["shape"]),
+                                      8 + n + int(info["data_offsets"][0]))
 
     def names(self) -> set[str]:
-        return set(self.file_of)
+        return set(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        from .weights import safetensors_shapes
+        return self.entries[name][2]
 
-        if self._shapes is None:
-            self._shapes = safetensors_shapes(self.folder, str(self.folder)) or {}
-        return self._shapes[name]
+    def _read(self, f, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        _, dtype, shape, offset = self.entries[name]
+        stop = shape[0] if stop is None else stop
+        if not shape:
+            start, stop = 0, 1
+        row = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        f.seek(offset + start * row)
+        view = memoryview(out.view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy())
+        if f.readinto(view) != (stop - start) * row:
+            raise MLAError(f"{self.folder / self.entries[name][0]} is truncated (tensor {name})")
+        return out
 
     def get(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = {}
         for n in names:
-            by_file.setdefault(self.file_of[n], []).append(n)
+            by_file.setdefault(self.entries[n][0], []).append(n)
         out = {}
         for file, group in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+            with open(self.folder / file, "rb", buffering=0) as f:
                 for n in group:
-                    out[n] = f.get_tensor(n).clone()  # own memory: nothing stays mapped once the file is closed
+                    out[n] = self._read(f, n)
         return out
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.folder / self.file_of[name]), framework="pt", device="cpu") as f:
-            return f.get_slice(name)[start:stop].clone()
+        with open(self.folder / self.entries[name][0], "rb", buffering=0) as f:
+            return self._read(f, name, start, min(stop, self.entries[name][2][0]))
 
 
 class StateDictReader(TensorReader):
