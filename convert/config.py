@@ -138,6 +138,9 @@ class RecoverConfig:
     seed: int = opt(0, "Seed for data order, LoRA initialisation and dropout.")
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu or cuda; accelerate launch sets it per process.")
     precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    gradient_checkpointing: bool = opt(
+        False, "Recompute each decoder layer's activations in the backward pass instead of storing them (less memory "
+        "for big models and long sequences, about a third more compute; the same losses).")
 
     def validate(self) -> None:
         check_finite(self, flags=False)

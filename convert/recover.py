@@ -343,6 +343,8 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     say(f"training text: {cfg.data} ({len(windows)} windows of {cfg.seq_len}); {total_steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
 
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_peft(student, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -455,6 +457,9 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
         checkpoint(total_steps)
 
     result = None
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer, teacher_model  # the export needs neither: free their memory first
+    model = None
     if main:
         result = _export(inner, converted, out, record, cfg, teacher, history, evals, n_train, overwrite, val, micro,
                          acc, started, ckpt_dir)
@@ -495,19 +500,21 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
         if merged.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_state_dict(state, tmp)
+        del state, merged
         for item in converted.iterdir():
             if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
                 shutil.copyfile(item, tmp / item.name)
-        reloaded = MLAForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(acc.device)
         final = evals[-1] if evals else None
         verify = None
         if val is not None:
+            model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
+            reloaded = MLAForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(acc.device)
             nll = _nll(reloaded, val, micro)
+            del reloaded
             verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
             if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
                 raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
                                f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
-        del reloaded
         steps = history[-1]["step"] if history else 0
         record = dict(record)
         record["recovery"] = {

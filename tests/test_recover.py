@@ -253,3 +253,17 @@ def test_teacher_from_a_relative_source_path_works_from_any_folder(tiny_models, 
     result = finetune(tmp_path / "conv", tmp_path / "out", RecoverConfig(**_args(setup, tokens=64 * 4 * 2, val_data="")),
                       log=lambda *_: None)
     assert result["recovery"]["teacher"] == str(src.resolve())
+
+
+def test_gradient_checkpointing_gives_the_same_losses(setup):
+    """gradient_checkpointing=true recomputes activations in the backward pass: the same training, less memory."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = setup / f"gc-{flag}"
+        proc = subprocess.run(_cli(setup, out, tokens=64 * 4 * 6, eval_every=100, gradient_checkpointing=flag),
+                              env=_env(), cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[flag] = json.loads((out / "mla_conversion.json").read_text())["recovery"]["history"]
+    losses = {flag: [h["loss"] for h in hist] for flag, hist in runs.items()}
+    assert len(losses["true"]) == 6
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
