@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: sweeps/<source name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    _add_config_args(p, ConvertConfig, only={"calib", "calib_seqs", "calib_len", "seed", "batch_size"})
+    _add_config_args(p, ConvertConfig, only={"calib", "calib_seqs", "calib_len", "seed", "batch_size", "device"})
     p.set_defaults(func=cmd_sweep)
 
     from eval.evaluate import EvalConfig

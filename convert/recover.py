@@ -344,7 +344,10 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
         f"{cfg.batch_size} x {cfg.seq_len} tokens{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
 
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_peft(student, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
