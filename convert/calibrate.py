@@ -126,7 +126,7 @@ def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer,
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
     n = lw.num_layers
     with torch.no_grad():
-        states = [lw.embed(b) for b in batches]
+        states = list(lw.embed(windows).split(batch_size))  # one read of the embedding table
         extra_h = lw.embed(extra) if extra is not None else None
     for i in tqdm(range(n), desc=f"{desc}: forward", unit="layer"):
         if gradients:
