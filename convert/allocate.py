@@ -94,7 +94,7 @@ class LayerConverter:
         self.freq_index[i] = dec.split.freq_index
         self.sink(i, tensors, dec.split.freq_index)
 
-    def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False):
+    def _decompose(self, w, stats, d_rope, method, scored=None, spectrum=False):
         t0 = time.perf_counter()
         dec = decompose(w, stats, self.layout, d_rope, self.rope_method, method, self.cfg.rope_span, scored, spectrum)
         self.seconds["decompose"] += time.perf_counter() - t0
@@ -105,7 +105,7 @@ class LayerConverter:
         w = read_attention(self.reader, i)
         if self.plans is not None:
             plan = self.plans[i]
-            self._emit(i, w, self._decompose(i, w, stats, plan.d_rope, self.factor_method), plan.rank)
+            self._emit(i, w, self._decompose(w, stats, plan.d_rope, self.factor_method), plan.rank)
             return
         if self.rope_method == "rotate":
             t0 = time.perf_counter()
@@ -126,7 +126,7 @@ class LayerConverter:
             for i in tqdm(range(n), desc="allocate ranks", unit="layer"):
                 w = read_attention(self.reader, i)
                 stats = self.store.get(f"stats{i}")
-                dec = self._decompose(i, w, stats, ropes[i], "fisher", self.scored.get(i), spectrum=True)
+                dec = self._decompose(w, stats, ropes[i], "fisher", self.scored.get(i), spectrum=True)
                 spectra.append(dec.spectrum[0])
                 if reuse:
                     self.store.pop(f"stats{i}")
@@ -139,7 +139,7 @@ class LayerConverter:
                 if reuse:
                     dec = self.store.pop(f"dec{i}")
                 else:
-                    dec = self._decompose(i, w, self.store.pop(f"stats{i}"), ropes[i], self.factor_method,
+                    dec = self._decompose(w, self.store.pop(f"stats{i}"), ropes[i], self.factor_method,
                                           self.scored.get(i))
                 self._emit(i, w, dec, ranks[i])
         missing = [i for i in range(n) if i not in self.freq_index]

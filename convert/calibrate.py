@@ -129,24 +129,22 @@ def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer,
         states = list(lw.embed(windows).split(batch_size))  # one read of the embedding table
         extra_h = lw.embed(extra) if extra is not None else None
     for i in tqdm(range(n), desc=f"{desc}: forward", unit="layer"):
-        if gradients:
+        if gradients:  # statistics come in the reverse sweep, which recomputes this layer from its input
             store.put(f"h{i}", torch.cat(states))
         attn = lw.load(i).self_attn
-        acc = _Accumulator(_w_kv(attn, lw.device), gradients=False)
-        handles = _hooks(attn, acc) if not gradients else []
+        acc = None if gradients else _Accumulator(_w_kv(attn, lw.device), gradients=False)
+        handles = _hooks(attn, acc) if acc is not None else []
         try:
             with torch.no_grad():
                 states = [lw.run(i, h) for h in states]
-                if extra_h is not None:
-                    for h in handles:
-                        h.remove()
-                    handles = []
-                    extra_h = lw.run(i, extra_h)
         finally:
             for h in handles:
                 h.remove()
-            lw.release(i)
-        if not gradients:
+        if extra_h is not None:  # no statistics from these windows
+            with torch.no_grad():
+                extra_h = lw.run(i, extra_h)
+        lw.release(i)
+        if acc is not None:
             on_layer(i, acc.finish())
     if not gradients:
         return extra_h

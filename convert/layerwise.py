@@ -35,9 +35,6 @@ class TensorReader:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -51,28 +48,18 @@ class SafetensorsReader(TensorReader):
     nothing stays resident once it is dropped."""
 
     def __init__(self, folder: Path):
+        from .weights import safetensors_files, safetensors_header
+
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
         self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int]] = {}  # name: (file, dtype, shape, offset)
-        for file in files:
-            with open(self.folder / file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise MLAError(f"{file}: tensor {name} has dtype {info['dtype']}, which is not supported here")
-                self.entries[name] = (file, _DTYPES[info["dtype"]], tuple(info["shape"]),
-                                      8 + n + int(info["data_offsets"][0]))
+        for file in safetensors_files(self.folder, str(folder)) or []:
+            for name, (dtype, shape, offset) in safetensors_header(self.folder / file, str(folder)).items():
+                if dtype not in _DTYPES:
+                    raise MLAError(f"{file}: tensor {name} has dtype {dtype}, which is not supported here")
+                self.entries[name] = (file, _DTYPES[dtype], shape, offset)
 
     def names(self) -> set[str]:
         return set(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
 
     def _read(self, f, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         _, dtype, shape, offset = self.entries[name]
@@ -113,14 +100,31 @@ class StateDictReader(TensorReader):
     def names(self) -> set[str]:
         return set(self.state)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.state[name].shape)
-
     def get(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self.state[n].detach() for n in names}
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.state[name].detach()[start:stop]
+
+
+def open_reader(source, config, log=None) -> TensorReader:
+    """The weights of ``source``: read tensor by tensor from a local safetensors folder that holds every tensor the
+    architecture needs under its standard name; otherwise (GGUF, ``.bin``, Hub ids, renamed tensors) the model is
+    loaded whole by transformers and served from memory."""
+    from .sources import load_model
+
+    local = source.local
+    if local is not None and not source.gguf_file and local.is_dir():
+        from .weights import safetensors_files
+
+        if safetensors_files(local, source.spec) is not None:
+            reader = SafetensorsReader(local)
+            need = [n for n in skeleton(config).state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
+            if set(need) <= reader.names():
+                return reader
+    if log is not None:
+        log(f"{source.description}: not a safetensors folder with standard tensor names; loading it whole")
+    return StateDictReader(load_model(source, config=config)[0])
 
 
 def skeleton(config):
@@ -150,12 +154,6 @@ class LayerwiseModel:
     # --- tensors -------------------------------------------------------------------------------------------------
     def layer_names(self, i: int) -> list[str]:
         return [f"model.layers.{i}.{k}" for k in self.base.layers[i].state_dict()]
-
-    def missing(self) -> list[str]:
-        """Tensor names the architecture needs that the reader lacks."""
-        names = self.reader.names()
-        need = [n for n in self.model.state_dict() if n != "lm_head.weight" or not self.config.tie_word_embeddings]
-        return [n for n in need if n not in names]
 
     def load(self, i: int) -> torch.nn.Module:
         """Materialise decoder layer ``i`` (its weights in ``dtype`` on ``device``) and return it."""
@@ -273,6 +271,14 @@ class Spill:
             return self.ram[name]
         return torch.load(self.folder / f"{name}.pt", weights_only=False)
 
+    def close(self) -> None:
+        """Drop everything (the folder too)."""
+        import shutil
+
+        self.ram.clear()
+        self.used = 0
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def pop(self, name: str):
         if name in self.ram:
             self.used -= self.bytes.pop(name)
@@ -291,7 +297,8 @@ def write_error(err: OSError, folder: Path) -> MLAError:
 
 
 class ShardWriter:
-    """Tensors added in any order, written in shards of about ``max_bytes``; ``close`` names them the HF way."""
+    """Tensors added in any order, written in shards of at most ``max_bytes`` (unless one tensor alone is larger);
+    ``close`` names them the HF way. At most one shard's tensors are held in memory."""
 
     def __init__(self, folder: Path, max_bytes: int = 2**30):
         self.folder, self.max_bytes = Path(folder), max_bytes
@@ -301,10 +308,11 @@ class ShardWriter:
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += tensor.numel() * tensor.element_size()
-        if self.buffered >= self.max_bytes:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + size > self.max_bytes:  # a shard exceeds the size only for one big tensor
             self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffered += size
 
     def flush(self) -> None:
         from safetensors.torch import save_file

@@ -9,9 +9,8 @@ safetensors folder (GGUF, ``.bin``, Hub ids) are loaded whole by transformers, t
 """
 
 import os
-import resource
-
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from .calibrate import sweep
 from .config import ConvertConfig
 from .data import load_texts, token_windows
 from .errors import MLAError
-from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, StateDictReader, write_error
+from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, open_reader, write_error
 from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, write_json
-from .sources import input_paths, load_config, load_model, load_tokenizer, resolve_source
+from .sources import input_paths, load_config, load_tokenizer, resolve_source
 from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
@@ -154,20 +153,6 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def open_source(source, src_config, device, dtype, layout: Layout, log=print) -> LayerwiseModel:
-    """The source as a LayerwiseModel: streamed from its safetensors when it is a local folder holding every tensor
-    under its standard name, else loaded whole by transformers first."""
-    local = source.local
-    files = ("model.safetensors.index.json", "model.safetensors")
-    if local is not None and not source.gguf_file and any((local / f).is_file() for f in files):
-        lw = LayerwiseModel(src_config, SafetensorsReader(local), device, dtype, layout.layer_types)
-        if not lw.missing():
-            return lw
-    log(f"{source.description}: not a safetensors folder with standard tensor names; loading it whole")
-    model, _ = load_model(source, config=src_config)
-    return LayerwiseModel(src_config, StateDictReader(model), device, dtype, layout.layer_types)
-
-
 def _compare(ref: LayerwiseModel, new: LayerwiseModel, ref_h: torch.Tensor, new_h: torch.Tensor) -> dict:
     """Logit agreement of two models' final hidden states (B, T, d), one window at a time."""
     max_diff, kl, agree, tokens = 0.0, 0.0, 0, 0
@@ -272,7 +257,7 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     if int(max(calib.max(), verify.max())) >= src_config.vocab_size:
         raise MLAError(f"the tokenizer of {src} gives token ids up to {int(max(calib.max(), verify.max()))}, beyond "
                        f"the model's vocabulary ({src_config.vocab_size})")
-    lw = open_source(source, src_config, device, work_dtype, layout, log)
+    lw = LayerwiseModel(src_config, open_reader(source, src_config, log), device, work_dtype, layout.layer_types)
     rope_scaling = float(getattr(lw.rotary, "attention_scaling", 1.0) or 1.0)
     t0 = lap("load", started)
 
@@ -318,10 +303,7 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
             "layer_maths_s_per_layer": round(sum(converter.seconds.values()) / layout.num_layers, 3),
             "source_bytes": _folder_bytes(source.local), "export_bytes": _folder_bytes(tmp),
         }
-        if (tmp / ".work").exists():
-            import shutil
-
-            shutil.rmtree(tmp / ".work")
+        store.close()
         write_json(tmp / "mla_conversion.json", record)
     kv = record["kv_cache"]
     prof = record["profile"]

@@ -36,7 +36,7 @@ from .config import RecoverConfig, split_list
 from .data import load_texts, token_windows
 from .errors import MLAError
 from .save import atomic_dir, check_out, local_inputs, out_lock, save_state_dict, write_json
-from .sources import input_paths, load_config, load_model, load_tokenizer, resolve_source
+from .sources import input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
@@ -145,7 +145,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
     """The teacher, sharing every frozen student tensor that holds exactly its own values (embeddings, MLP base
     weights, output head; norms too unless they are trained): only the original attention projections (and trained
     norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
-    from .layerwise import SafetensorsReader, StateDictReader, skeleton
+    from .layerwise import open_reader, skeleton
     from .weights import check_weights
 
     check_weights(source, config)
@@ -157,15 +157,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
         frozen[key] = p
     model = skeleton(config)
     names = [n for n in model.state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
-    local = source.local
-    reader = None
-    files = ("model.safetensors.index.json", "model.safetensors")
-    if local is not None and not source.gguf_file and any((local / f).is_file() for f in files):
-        reader = SafetensorsReader(local)
-        if not set(names) <= reader.names():
-            reader = None
-    if reader is None:  # GGUF, .bin, Hub id: transformers loads it whole, the shared copies are then freed
-        reader = StateDictReader(load_model(source, config=config)[0])
+    reader = open_reader(source, config)  # a GGUF, .bin or Hub id is loaded whole: its shared copies are then freed
     state, shared = {}, 0
     for name in names:
         t = reader.get([name])[name].to(device, torch.float32)
@@ -462,7 +454,6 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     result = None
     optimizer.zero_grad(set_to_none=True)
     del optimizer, teacher_model  # the export needs neither: free their memory first
-    model = None
     if main:
         result = _export(inner, converted, out, record, cfg, teacher, history, evals, n_train, overwrite, val, micro,
                          acc, started, ckpt_dir)

@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import MLAError
 
@@ -243,16 +242,13 @@ def atomic_dir(out: Path, overwrite: bool, make_parent: bool = False):
 
 def save_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str = "2GB") -> list[str]:
     """Write ``model.safetensors`` or shards + ``model.safetensors.index.json``; return the file names."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    from .layerwise import ShardWriter
 
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n].contiguous() for n in names}, str(folder / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return sorted(split.filename_to_tensors)
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+    writer = ShardWriter(folder, int(max_shard_size[:-2]) * units[max_shard_size[-2:].upper()])
+    for name, tensor in state.items():
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def copy_remote_code(folder: Path) -> None:

@@ -19,8 +19,9 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
 
-def _header(path: Path, spec: str) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of one safetensors file; MLAError if its header is corrupt or its data is cut short."""
+def safetensors_header(path: Path, spec: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """{name: (dtype, shape, absolute byte offset)} of one safetensors file; MLAError if its header is corrupt or its
+    data is cut short."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -28,22 +29,23 @@ def _header(path: Path, spec: str) -> dict[str, tuple[int, ...]]:
             if size < 8 or n < 2 or n > min(MAX_HEADER, size - 8):
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        shapes, end = {}, 0
+        entries, end = {}, 0
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            shapes[name] = tuple(int(x) for x in info["shape"])
+            entries[name] = (str(info["dtype"]), tuple(int(x) for x in info["shape"]), 8 + n + int(info["data_offsets"][0]))
             end = max(end, int(info["data_offsets"][1]))
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         raise MLAError(f"could not load the weights of {spec}: {path.name} is not a readable safetensors file") from None
     if 8 + n + end > size:
         raise MLAError(f"could not load the weights of {spec}: {path.name} is truncated ({size} bytes, its header "
                        f"needs {8 + n + end})")
-    return shapes
+    return entries
 
 
-def safetensors_shapes(folder: Path, spec: str) -> dict[str, tuple[int, ...]] | None:
-    """{name: shape} over all safetensors shards of ``folder`` (None when it holds only other weight formats)."""
+def safetensors_files(folder: Path, spec: str) -> list[str] | None:
+    """The safetensors files of ``folder`` (shards listed by the index, all present), or None when it holds only
+    other weight formats; MLAError when a listed shard is missing or there are no weights."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -54,16 +56,20 @@ def safetensors_shapes(folder: Path, spec: str) -> dict[str, tuple[int, ...]] | 
         if missing:
             raise MLAError(f"could not load the weights of {spec}: shard {missing[0]} is missing "
                            f"({len(missing)} of {len(files)} listed in {index.name})")
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif any(folder.glob("pytorch_model*.bin")):
+        return files
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if any(folder.glob("pytorch_model*.bin")):
         return None  # pickled weights: transformers loads them with weights_only; no cheap header to check
-    else:
-        raise MLAError(f"could not load the weights of {spec}: no weights in {folder} (model.safetensors is missing)")
-    shapes = {}
-    for name in files:
-        shapes.update(_header(folder / name, spec))
-    return shapes
+    raise MLAError(f"could not load the weights of {spec}: no weights in {folder} (model.safetensors is missing)")
+
+
+def safetensors_shapes(folder: Path, spec: str) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} over all safetensors shards of ``folder`` (None when it holds only other weight formats)."""
+    files = safetensors_files(folder, spec)
+    if files is None:
+        return None
+    return {name: shape for file in files for name, (_, shape, _) in safetensors_header(folder / file, spec).items()}
 
 
 def gguf_shapes(path: Path, spec: str) -> dict[str, int]:
