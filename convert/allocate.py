@@ -38,12 +38,25 @@ def budget_totals(layout: Layout, cfg, budget: float) -> tuple[int, int]:
 
 
 def uniform_plans(layout: Layout, rank: int, d_rope: int) -> list[LayerPlan]:
+    """``rank`` + ``d_rope`` per layer; a layer that can keep fewer RoPE values (partial rotary, no RoPE) gives the
+    rest to its latent."""
     kv_dim = layout.num_kv_heads * layout.head_dim
     if d_rope > kv_dim:
         raise MLAError(f"--rope-dim {d_rope} is impossible: at most num_key_value_heads*head_dim = {kv_dim}")
     if rank > 2 * kv_dim - d_rope:
         raise MLAError(f"--kv-lora-rank {rank} is impossible: at most {2 * kv_dim - d_rope} with rope dim {d_rope} for this model")
-    return [LayerPlan(rank=rank, d_rope=d_rope) for _ in range(layout.num_layers)]
+    plans = []
+    for i in range(layout.num_layers):
+        keep = min(d_rope, layout.rope_capacity(i))
+        plans.append(LayerPlan(rank=rank + d_rope - keep, d_rope=keep))
+    return plans
+
+
+def lossless_plans(layout: Layout) -> list[LayerPlan]:
+    """Every RoPE pair kept, everything else (the values, the never-rotated key dims) in the latent: exact."""
+    kv_dim = layout.num_kv_heads * layout.head_dim
+    return [LayerPlan(rank=2 * kv_dim - layout.rope_capacity(i), d_rope=layout.rope_capacity(i))
+            for i in range(layout.num_layers)]
 
 
 def allocate_ropes(scores: list[torch.Tensor], d_rope: int) -> list[int]:
@@ -78,10 +91,10 @@ class LayerConverter:
     ``reader``: where the source attention weights are read (``layerwise.TensorReader``); ``store``: a Spill.
     """
 
-    def __init__(self, layout: Layout, cfg, plans, reader, sink, store, rope_scaling: float = 1.0,
-                 totals: tuple[int, int] | None = None, lossless: bool = False):
+    def __init__(self, layout: Layout, cfg, plans, reader, sink, store, totals: tuple[int, int] | None = None,
+                 lossless: bool = False):
         self.layout, self.cfg, self.plans, self.reader, self.sink, self.store = layout, cfg, plans, reader, sink, store
-        self.rope_scaling, self.totals = rope_scaling, totals
+        self.totals = totals
         self.rope_method, self.factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
         self.scored: dict[int, tuple] = {}
         self.freq_index: dict[int, list[int]] = {}
@@ -89,27 +102,29 @@ class LayerConverter:
 
     def _emit(self, i: int, w, dec, rank: int) -> None:
         t0 = time.perf_counter()
-        tensors = assemble(w, dec, self.layout, rank, self.rope_scaling)
+        tensors = assemble(w, dec, self.layout, rank, self.layout.layer_frequencies(i)[1],
+                           self.layout.layer_rotary_dim(i))
         self.seconds["assemble"] += time.perf_counter() - t0
         self.freq_index[i] = dec.split.freq_index
         self.sink(i, tensors, dec.split.freq_index)
 
-    def _decompose(self, w, stats, d_rope, method, scored=None, spectrum=False):
+    def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False):
         t0 = time.perf_counter()
-        dec = decompose(w, stats, self.layout, d_rope, self.rope_method, method, self.cfg.rope_span, scored, spectrum)
+        dec = decompose(w, stats, self.layout, i, d_rope, self.rope_method, method, self.cfg.rope_span, scored,
+                        spectrum)
         self.seconds["decompose"] += time.perf_counter() - t0
         return dec
 
     def add(self, i: int, stats) -> None:
         """Layer ``i``'s statistics are complete (None when the conversion needs none)."""
-        w = read_attention(self.reader, i)
+        w = read_attention(self.reader, i, self.layout)
         if self.plans is not None:
             plan = self.plans[i]
-            self._emit(i, w, self._decompose(w, stats, plan.d_rope, self.factor_method), plan.rank)
+            self._emit(i, w, self._decompose(i, w, stats, plan.d_rope, self.factor_method), plan.rank)
             return
         if self.rope_method == "rotate":
             t0 = time.perf_counter()
-            self.scored[i] = rope_scores(stats, self.layout, self.rope_method, self.cfg.rope_span)
+            self.scored[i] = rope_scores(stats, self.layout, i, self.rope_method, self.cfg.rope_span)
             self.seconds["rope"] += time.perf_counter() - t0
         self.store.put(f"stats{i}", stats)
 
@@ -120,13 +135,13 @@ class LayerConverter:
             total, d_rope = self.totals
             # scores of unrotated selections are per head and not comparable across layers
             ropes = allocate_ropes([self.scored[i][1] for i in range(n)], d_rope) if self.rope_method == "rotate" \
-                else [d_rope] * n
+                else [min(d_rope, self.layout.rope_capacity(i)) for i in range(n)]
             floor = min(MIN_RANK, total - d_rope)
             spectra, reuse = [], self.factor_method == "fisher"
             for i in tqdm(range(n), desc="allocate ranks", unit="layer"):
-                w = read_attention(self.reader, i)
+                w = read_attention(self.reader, i, self.layout)
                 stats = self.store.get(f"stats{i}")
-                dec = self._decompose(w, stats, ropes[i], "fisher", self.scored.get(i), spectrum=True)
+                dec = self._decompose(i, w, stats, ropes[i], "fisher", self.scored.get(i), spectrum=True)
                 spectra.append(dec.spectrum[0])
                 if reuse:
                     self.store.pop(f"stats{i}")
@@ -135,11 +150,11 @@ class LayerConverter:
             ranks = allocate_ranks(spectra, ropes, total, floor)
             self.plans = [LayerPlan(rank=r, d_rope=d) for r, d in zip(ranks, ropes)]
             for i in tqdm(range(n), desc="convert layers", unit="layer"):
-                w = read_attention(self.reader, i)
+                w = read_attention(self.reader, i, self.layout)
                 if reuse:
                     dec = self.store.pop(f"dec{i}")
                 else:
-                    dec = self._decompose(w, self.store.pop(f"stats{i}"), ropes[i], self.factor_method,
+                    dec = self._decompose(i, w, self.store.pop(f"stats{i}"), ropes[i], self.factor_method,
                                           self.scored.get(i))
                 self._emit(i, w, dec, ranks[i])
         missing = [i for i in range(n) if i not in self.freq_index]

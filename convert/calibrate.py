@@ -51,7 +51,7 @@ class _Accumulator:
     """Sums for one layer; ``finish`` divides by the token count."""
 
     def __init__(self, w_kv: torch.Tensor, gradients: bool):
-        self.w_kv = w_kv  # (2g*d_h, d+1) float64 [W b] of k and v, on the compute device
+        self.w_kv = w_kv  # (2g*d_h or g*d_h, d+1) float64 [W b] of k and v (of v alone with QK-norm), on the device
         self.gradients = gradients
         self.sums: dict[str, torch.Tensor | float] = {}
         self.tokens = 0
@@ -61,11 +61,14 @@ class _Accumulator:
     def _add(self, name: str, value) -> None:
         self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None = None) -> None:
+        """``x`` the attention input, ``q`` the queries RoPE sees; ``k`` the normalized keys (QK-norm) or None."""
         d = x.shape[-1]
         xa = x.detach().reshape(-1, d).to(torch.float64)
         xa = torch.cat((xa, torch.ones_like(xa[:, :1])), dim=1)  # (N, d+1)
-        y = xa @ self.w_kv.T  # (N, 2g*d_h)
+        y = xa @ self.w_kv.T  # (N, 2g*d_h), or (N, g*d_h) values only
+        if k is not None:
+            y = torch.cat((k.detach().reshape(xa.shape[0], -1).to(torch.float64), y), dim=1)
         self._add("cov", y.T @ y)
         self._add("q_energy", (q.detach().reshape(xa.shape[0], -1).to(torch.float64) ** 2).sum(0))
         self.tokens += xa.shape[0]
@@ -85,39 +88,80 @@ class _Accumulator:
         return LayerStats(**{k: (v / n).cpu() if torch.is_tensor(v) else v / n for k, v in self.sums.items()})
 
 
-def _hooks(attn, acc: _Accumulator) -> list:
-    """Capture the attention input (and the q projection of it) and, with gradients, the k/v output gradients."""
+def _taps(attn, layout) -> dict:
+    """Where the source computes what the statistics need: ``name: (module, column slice)`` of q (as RoPE sees
+    it), k (the keys that are cached: normalized with QK-norm) and v."""
+    nq, nk = layout.num_heads * layout.head_dim, layout.kv_dim
+    if layout.fused_qkv:
+        fused = getattr(attn, layout.fused_qkv)
+        return {"q": (fused, slice(0, nq)), "k": (fused, slice(nq, nq + nk)), "v": (fused, slice(nq + nk, nq + 2 * nk))}
+    if layout.qk_norm:
+        return {"q": (attn.q_norm, None), "k": (attn.k_norm, None), "v": (attn.v_proj, None)}
+    return {"q": (attn.q_proj, None), "k": (attn.k_proj, None), "v": (attn.v_proj, None)}
+
+
+def _tokens_last(t: torch.Tensor, layout, sl) -> torch.Tensor:
+    """A tap's output (or its gradient) as (B*T, width)."""
+    if layout.qk_norm_transposed and t.dim() == 4:  # (B, H, T, d_h) -> (B, T, H, d_h)
+        t = t.transpose(1, 2)
+    t = t.reshape(t.shape[0] * t.shape[1], -1)
+    return t[:, sl] if sl is not None else t
+
+
+def _hooks(attn, acc: _Accumulator, layout) -> list:
+    """Capture the attention input and q (and k with QK-norm) and, with gradients, the k/v output gradients."""
     seen = {}
+    taps = _taps(attn, layout)
+    want = ["q", "k"] if layout.qk_norm else ["q"]
 
     def pre_hook(module, args, kwargs):
         seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
 
-    def q_hook(module, args, output):
-        acc.forward(seen.pop("x"), output)
+    def done_hook(module, args, output):
+        acc.forward(seen.pop("x"), seen.pop("q"), seen.pop("k", None))
 
-    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.q_proj.register_forward_hook(q_hook)]
-    if acc.gradients:
-        for name in ("k", "v"):
-            def out_hook(module, args, output, name=name):
-                if output.requires_grad:
-                    output.register_hook(lambda grad: acc.backward(name, grad))
+    handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True), attn.register_forward_hook(done_hook)]
+    modules = {}
+    for name, (module, sl) in taps.items():
+        modules.setdefault(id(module), (module, []))[1].append((name, sl))
+    for module, named in modules.values():
+        def out_hook(mod, args, output, named=named):
+            for name, sl in named:
+                if name in want:
+                    seen[name] = _tokens_last(output.detach(), layout, sl)
+            if acc.gradients and output.requires_grad:
+                def grad_hook(grad, named=named):
+                    for name, sl in named:
+                        if name in ("k", "v"):
+                            acc.backward(name, _tokens_last(grad, layout, sl))
+                output.register_hook(grad_hook)
 
-            handles.append(getattr(attn, f"{name}_proj").register_forward_hook(out_hook))
+        handles.append(module.register_forward_hook(out_hook))
     return handles
 
 
-def _w_kv(attn, device) -> torch.Tensor:
+def _w_kv(attn, layout, device) -> torch.Tensor:
+    """``[W b]`` (float64) of the projections whose outputs are linear in the input: k and v, or v alone when the
+    keys are normalized (QK-norm); a fused q|k|v projection is sliced."""
+    nq, nk = layout.num_heads * layout.head_dim, layout.kv_dim
+    if layout.fused_qkv:
+        fused = getattr(attn, layout.fused_qkv)
+        projs = [(fused, slice(nq, nq + nk)), (fused, slice(nq + nk, nq + 2 * nk))]
+    else:
+        projs = [(attn.k_proj, slice(None)), (attn.v_proj, slice(None))]
+    if layout.qk_norm:
+        projs = projs[1:]
     rows = []
-    for proj in (attn.k_proj, attn.v_proj):
-        w = proj.weight.detach().to(device, torch.float64)
-        b = proj.bias.detach().to(device, torch.float64) if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
+    for proj, sl in projs:
+        w = proj.weight.detach()[sl].to(device, torch.float64)
+        b = proj.bias.detach()[sl].to(device, torch.float64) if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
         rows.append(torch.cat((w, b[:, None]), dim=1))
-    return torch.cat(rows)  # (2g*d_h, d+1)
+    return torch.cat(rows)  # (2g*d_h or g*d_h, d+1)
 
 
-def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer, store, extra=None,
+def sweep(lw, layout, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer, store, extra=None,
           desc: str = "calibrate"):
-    """Run ``lw`` (a ``LayerwiseModel``) over ``windows`` (N, T) layer by layer; call ``on_layer(i, stats)`` for each
+    """Run ``lw`` (a ``LayerwiseModel`` of a source with ``layout``) over ``windows`` (N, T) layer by layer; call ``on_layer(i, stats)`` for each
     layer as its statistics complete (layer order without gradients, reverse order with them).
 
     ``store`` (a ``layerwise.Spill``) keeps the boundary hidden states. ``extra`` (M, T') are more windows pushed
@@ -132,8 +176,8 @@ def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer,
         if gradients:  # statistics come in the reverse sweep, which recomputes this layer from its input
             store.put(f"h{i}", torch.cat(states))
         attn = lw.load(i).self_attn
-        acc = None if gradients else _Accumulator(_w_kv(attn, lw.device), gradients=False)
-        handles = _hooks(attn, acc) if acc is not None else []
+        acc = None if gradients else _Accumulator(_w_kv(attn, layout, lw.device), gradients=False)
+        handles = _hooks(attn, acc, layout) if acc is not None else []
         try:
             with torch.no_grad():
                 states = [lw.run(i, h) for h in states]
@@ -153,8 +197,8 @@ def sweep(lw, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer,
     for i in tqdm(reversed(range(n)), total=n, desc=f"{desc}: backward", unit="layer"):
         inputs = store.pop(f"h{i}").split(batch_size)
         attn = lw.load(i).self_attn
-        acc = _Accumulator(_w_kv(attn, lw.device), gradients=True)
-        handles = _hooks(attn, acc)
+        acc = _Accumulator(_w_kv(attn, layout, lw.device), gradients=True)
+        handles = _hooks(attn, acc, layout)
         try:
             for b, h in enumerate(inputs):
                 h = h.to(lw.device).requires_grad_(True)

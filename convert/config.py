@@ -92,7 +92,9 @@ class ConvertConfig:
 
 
 LORA_DEFAULT_TARGETS = "gate_proj,up_proj,down_proj"
-FULL_DEFAULT_TARGETS = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,input_layernorm,post_attention_layernorm,norm"
+# Every module the conversion writes or re-derives (k_a_proj: the normalized keys' latent with QK-norm) and the
+# norms (a family without one of them, e.g. OLMo 2's input_layernorm, simply has none to train).
+FULL_DEFAULT_TARGETS = "q_proj,kv_a_proj_with_mqa,k_a_proj,kv_b_proj,o_proj,input_layernorm,post_attention_layernorm,norm"
 
 
 @dataclass
@@ -121,8 +123,8 @@ class RecoverConfig:
     full_targets: str = opt(
         FULL_DEFAULT_TARGETS,
         "Comma-separated module names trained as full parameters (peft modules_to_save; matched as suffixes of module "
-        "paths, so 'norm' also matches every *_layernorm). Default: the MLA attention projections and the norms "
-        "('' for none).",
+        "paths, so 'norm' also matches every *_layernorm and QK-norm). Default: the MLA attention projections and the "
+        "norms the model has ('' for none).",
     )
     kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
     ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")

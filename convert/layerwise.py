@@ -107,6 +107,46 @@ class StateDictReader(TensorReader):
         return self.state[name].detach()[start:stop]
 
 
+class RenamedReader(TensorReader):
+    """Tensors of ``inner`` under our names: ``prefixes`` maps our name prefixes to the stored ones (the text model
+    of a multimodal checkpoint: ``model.`` -> ``model.language_model.``)."""
+
+    def __init__(self, inner: TensorReader, prefixes: dict[str, str]):
+        self.inner, self.prefixes = inner, prefixes
+        self.stored = {}
+        inner_names = inner.names()
+        for ours, theirs in prefixes.items():
+            for n in inner_names:
+                if n.startswith(theirs):
+                    self.stored.setdefault(ours + n[len(theirs):], n)
+
+    def names(self) -> set[str]:
+        return set(self.stored)
+
+    def get(self, names: list[str]) -> dict[str, torch.Tensor]:
+        got = self.inner.get([self.stored[n] for n in names])
+        return {n: got[self.stored[n]] for n in names}
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.inner.rows(self.stored[name], start, stop)
+
+
+# Where the text model of a multimodal checkpoint keeps its tensors (transformers 5 names, then the older ones).
+TEXT_PREFIXES = ({"model.": "model.language_model.", "lm_head.": "lm_head."},
+                 {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."})
+
+
+def text_reader(reader: TensorReader) -> TensorReader:
+    """``reader`` itself when it holds ``model.embed_tokens.weight``, else its text model's tensors renamed."""
+    names = reader.names()
+    if "model.embed_tokens.weight" in names:
+        return reader
+    for prefixes in TEXT_PREFIXES:
+        if prefixes["model."] + "embed_tokens.weight" in names:
+            return RenamedReader(reader, prefixes)
+    return reader
+
+
 def open_reader(source, config, log=None) -> TensorReader:
     """The weights of ``source``: read tensor by tensor from a local safetensors folder that holds every tensor the
     architecture needs under its standard name; otherwise (GGUF, ``.bin``, Hub ids, renamed tensors) the model is
@@ -118,13 +158,13 @@ def open_reader(source, config, log=None) -> TensorReader:
         from .weights import safetensors_files
 
         if safetensors_files(local, source.spec) is not None:
-            reader = SafetensorsReader(local)
+            reader = text_reader(SafetensorsReader(local))
             need = [n for n in skeleton(config).state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
             if set(need) <= reader.names():
                 return reader
     if log is not None:
         log(f"{source.description}: not a safetensors folder with standard tensor names; loading it whole")
-    return StateDictReader(load_model(source, config=config)[0])
+    return text_reader(StateDictReader(load_model(source, config=config)[0]))
 
 
 def skeleton(config):
@@ -138,15 +178,23 @@ def skeleton(config):
 class LayerwiseModel:
     """A decoder-only causal LM read from ``reader`` and run one decoder layer at a time on ``device`` in ``dtype``."""
 
-    def __init__(self, config, reader: TensorReader, device: torch.device, dtype: torch.dtype, layer_types: list[str]):
+    def __init__(self, config, reader: TensorReader, device: torch.device, dtype: torch.dtype, layer_types: list[str],
+                 io: dict | None = None):
+        """``io``: ``embedding_multiplier``, ``logits_scaling`` and ``final_logit_softcapping`` of the model (the
+        export's config fields, the source's ``Layout.decoder``); absent ones are neutral."""
         self.config, self.reader, self.device, self.dtype = config, reader, torch.device(device), dtype
         self.model = skeleton(config)
         self.base = self.model.model
         self.layer_types = list(layer_types)
         self.num_layers = len(self.base.layers)
+        io = io or {}
+        self.embedding_multiplier = float(io.get("embedding_multiplier", 1.0))
+        self.logits_scaling = float(io.get("logits_scaling", 1.0))
+        self.softcap = io.get("final_logit_softcapping")
         with torch.device(self.device):  # the real RoPE tables (the skeleton's are on meta)
             self.rotary = type(self.base.rotary_emb)(config=config)
         self.rotary.to(self.device)
+        self.per_type_rope = isinstance(getattr(self.rotary, "rope_type", None), dict)  # Gemma 3: one per layer type
         names = reader.names()
         self.head_name = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
         self._norm = None
@@ -171,7 +219,10 @@ class LayerwiseModel:
     # --- running -------------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.reader.get(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return table[ids].to(self.device, self.dtype)  # (B, T, d)
+        h = table[ids].to(self.device, self.dtype)  # (B, T, d)
+        if self.embedding_multiplier != 1.0:  # Gemma, Granite: the scale in the embedding dtype
+            h = h * torch.tensor(self.embedding_multiplier, dtype=self.dtype)
+        return h
 
     def _mask(self, kind: str, h: torch.Tensor, pos: torch.Tensor):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -183,8 +234,9 @@ class LayerwiseModel:
         """Decoder layer ``i`` (loaded) on hidden states ``h`` (B, T, d) at positions 0..T-1."""
         h = h.to(self.device)
         pos = torch.arange(h.shape[1], device=self.device)[None]
+        rope = self.rotary(h, pos, layer_type=self.layer_types[i]) if self.per_type_rope else self.rotary(h, pos)
         out = self.base.layers[i](h, attention_mask=self._mask(self.layer_types[i], h, pos),
-                                  position_embeddings=self.rotary(h, pos), position_ids=pos, past_key_values=None,
+                                  position_embeddings=rope, position_ids=pos, past_key_values=None,
                                   use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
@@ -206,7 +258,15 @@ class LayerwiseModel:
         """float32 logits (B, T, V) of final hidden states ``h``."""
         with torch.no_grad():
             hn = self.norm()(h.to(self.device)).float()
-            return torch.cat([hn @ w.T for _, w in self._head_chunks()], dim=-1)
+            return self._finish(torch.cat([hn @ w.T for _, w in self._head_chunks()], dim=-1))
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """Granite's logit scaling and Gemma 2's soft cap on raw head outputs."""
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def head_gradient(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """d(sum of next-token cross-entropy over ``ids`` (B, T))/dh for final hidden states ``h`` (B, T, d).
@@ -220,12 +280,17 @@ class LayerwiseModel:
         target = ids[:, 1:].reshape(-1).to(self.device)
         lse = torch.full((x.shape[0],), -float("inf"), device=self.device)
         for _, w in self._head_chunks():
-            lse = torch.logaddexp(lse, torch.logsumexp(x @ w.T, dim=-1))
+            lse = torch.logaddexp(lse, torch.logsumexp(self._finish(x @ w.T), dim=-1))
         gx = torch.zeros_like(x)
         for start, w in self._head_chunks():
-            p = torch.exp(x @ w.T - lse[:, None])  # (N, chunk) softmax
+            z = self._finish(x @ w.T)
+            p = torch.exp(z - lse[:, None])  # (N, chunk) softmax
             inside = (target >= start) & (target < start + w.shape[0])
             p[inside.nonzero().flatten(), (target[inside] - start)] -= 1.0
+            if self.softcap is not None:  # d(c tanh(u / c))/du = 1 - (z / c)^2
+                p = p * (1 - (z / self.softcap) ** 2)
+            if self.logits_scaling != 1.0:
+                p = p / self.logits_scaling
             gx += p @ w
         grad_hn = torch.zeros_like(hn)
         grad_hn[:, :-1] = gx.reshape(hn.shape[0], hn.shape[1] - 1, -1)

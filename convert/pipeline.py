@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapters import Layout, read_layout
-from .allocate import LayerConverter, budget_totals, uniform_plans
+from .adapters import Layout, read_layout, text_config
+from .allocate import LayerConverter, budget_totals, lossless_plans, uniform_plans
 from .assemble import LayerPlan
 from .calibrate import sweep
 from .config import ConvertConfig
@@ -51,14 +51,13 @@ def check_plan(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan] | None:
         return uniform_plans(layout, cfg.kv_lora_rank, cfg.rope_dim)
     budget = _requested_budget(cfg)
     if round(budget * 2 * kv_dim) >= 2 * kv_dim:
-        return uniform_plans(layout, kv_dim, kv_dim)  # all of RoPE kept, the latent is V: lossless
+        return lossless_plans(layout)  # all of RoPE kept, the latent is V (and any never-rotated key dims)
     total, d_rope = budget_totals(layout, cfg, budget)
     return uniform_plans(layout, total - d_rope, d_rope) if cfg.rank_alloc == "uniform" else None
 
 
 def is_lossless(layout: Layout, plans: list[LayerPlan] | None) -> bool:
-    kv_dim = layout.num_kv_heads * layout.head_dim
-    return plans is not None and all(p.d_rope == kv_dim and p.rank == kv_dim for p in plans)
+    return plans is not None and plans == lossless_plans(layout)
 
 
 def needs_gradients(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] | None) -> bool:
@@ -71,10 +70,10 @@ def needs_statistics(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] 
     return not is_lossless(layout, plans)
 
 
-def layer_converter(layout: Layout, cfg: ConvertConfig, plans, reader, sink, store, rope_scaling: float):
+def layer_converter(layout: Layout, cfg: ConvertConfig, plans, reader, sink, store):
     """The LayerConverter for ``cfg`` (plans None: fisher allocation under the budget's totals)."""
     totals = None if plans is not None else budget_totals(layout, cfg, _requested_budget(cfg))
-    return LayerConverter(layout, cfg, plans, reader, sink, store, rope_scaling, totals, is_lossless(layout, plans))
+    return LayerConverter(layout, cfg, plans, reader, sink, store, totals, is_lossless(layout, plans))
 
 
 def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype):
@@ -95,7 +94,6 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
         qk_nope_head_dim=layout.head_dim,
         v_head_dim=layout.head_dim,
         rope_freq_indices=freq_index,
-        hidden_act=src_config.hidden_act,
         max_position_embeddings=src_config.max_position_embeddings,
         initializer_range=getattr(src_config, "initializer_range", 0.02),
         rms_norm_eps=src_config.rms_norm_eps,
@@ -110,11 +108,18 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
         mlp_bias=layout.mlp_bias,
         sliding_window=layout.sliding_window,
         layer_types=layout.layer_types,
+        qk_norm=layout.qk_norm,
+        **layout.decoder,
     )
     config.architectures = ["MLAForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = dtype
     return config
+
+
+def export_io(config) -> dict:
+    """The embedding / logit transforms of an export's config, for ``LayerwiseModel``."""
+    return {k: getattr(config, k) for k in ("embedding_multiplier", "logits_scaling", "final_logit_softcapping")}
 
 
 def source_dtype(src_config) -> torch.dtype:
@@ -208,18 +213,30 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
 
 
 
-class _ExportSink:
-    """Writes each converted layer (its new attention plus its other tensors, in the export dtype) into shards."""
+def export_tensors(name: str, t: torch.Tensor, layout: Layout) -> list[tuple[str, torch.Tensor]]:
+    """A source tensor outside the attention under its export name(s): a fused gate|up projection (Phi-3, gate rows
+    first) becomes ``gate_proj`` and ``up_proj``; every other tensor is kept as it is."""
+    fused = f".mlp.{layout.fused_mlp}." if layout.fused_mlp else None
+    if fused and fused in name:
+        gate, up = t.chunk(2, dim=0)  # (I, d) each
+        return [(name.replace(fused, ".mlp.gate_proj."), gate), (name.replace(fused, ".mlp.up_proj."), up)]
+    return [(name, t)]
 
-    def __init__(self, writer: ShardWriter, lw: LayerwiseModel, dtype: torch.dtype):
-        self.writer, self.lw, self.dtype = writer, lw, dtype
+
+class _ExportSink:
+    """Writes each converted layer (its new attention plus its other tensors, in the export dtype) into shards; a
+    fused gate|up projection (Phi-3) is written as ``gate_proj`` and ``up_proj``."""
+
+    def __init__(self, writer: ShardWriter, lw: LayerwiseModel, dtype: torch.dtype, layout: Layout):
+        self.writer, self.lw, self.dtype, self.layout = writer, lw, dtype, layout
 
     def __call__(self, i: int, tensors: dict, freq_index) -> None:
         for name, t in tensors.items():
             self.writer.add(f"model.layers.{i}.self_attn.{name}", t.to(self.dtype))
         rest = [n for n in self.lw.layer_names(i) if ".self_attn." not in n]
         for name, t in self.lw.reader.get(rest).items():
-            self.writer.add(name, t.to(self.dtype))
+            for new_name, part in export_tensors(name, t, self.layout):
+                self.writer.add(new_name, part.to(self.dtype))
 
     def globals(self) -> None:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -242,32 +259,36 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
 
     device = resolve_device(cfg.device)
     source = resolve_source(src)
-    src_config = load_config(source)
-    layout = read_layout(src_config)
+    full_config = load_config(source)
+    layout = read_layout(full_config)
+    src_config = text_config(full_config)  # the model that is converted (a multimodal checkpoint's text model)
     plans = check_plan(layout, cfg)
-    check_weights(source, src_config)  # before the text download and any allocation
+    check_weights(source, full_config)  # before the text download and any allocation
     texts = load_texts(cfg.calib)
-    dtype, work_dtype = _export_dtype(cfg, src_config), compute_dtype(device, src_config)
+    dtype, work_dtype = _export_dtype(cfg, full_config), compute_dtype(device, full_config)
     torch.manual_seed(cfg.seed)
 
     log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
         f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers) on {device}")
+    if layout.text_of:
+        log(f"{layout.text_of} checkpoint: converting its text model ({layout.model_type}); the vision tower and "
+            "projector are not part of the export")
     tokenizer = load_tokenizer(source)
     calib, verify = calibration_windows(tokenizer, texts, cfg)
     if int(max(calib.max(), verify.max())) >= src_config.vocab_size:
         raise MLAError(f"the tokenizer of {src} gives token ids up to {int(max(calib.max(), verify.max()))}, beyond "
                        f"the model's vocabulary ({src_config.vocab_size})")
-    lw = LayerwiseModel(src_config, open_reader(source, src_config, log), device, work_dtype, layout.layer_types)
-    rope_scaling = float(getattr(lw.rotary, "attention_scaling", 1.0) or 1.0)
+    lw = LayerwiseModel(src_config, open_reader(source, src_config, log), device, work_dtype, layout.layer_types,
+                        layout.decoder)
     t0 = lap("load", started)
 
     with atomic_dir(out, cfg.overwrite) as tmp:
         store = Spill(tmp / ".work", SPILL_BYTES)
         writer = ShardWriter(tmp)
-        sink = _ExportSink(writer, lw, dtype)
-        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store, rope_scaling)
+        sink = _ExportSink(writer, lw, dtype, layout)
+        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store)
         if needs_statistics(layout, cfg, plans):
-            ref_h = sweep(lw, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add, store,
+            ref_h = sweep(lw, layout, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add, store,
                           extra=verify)
         else:
             ref_h = run_layers(lw, verify, "reference")
@@ -290,7 +311,8 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
             _save_generation_config(source, tmp)
         except OSError as err:
             raise write_error(err, tmp) from None
-        exported = LayerwiseModel(config, SafetensorsReader(tmp), device, work_dtype, config.layer_types)
+        exported = LayerwiseModel(config, SafetensorsReader(tmp), device, work_dtype, config.layer_types,
+                                  export_io(config))
         verify_result = _compare(lw, exported, ref_h, run_layers(exported, verify, "verify"))
         t0 = lap("verify", t0)
         record = _record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import RecoverConfig, split_list
+from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
 from .data import load_texts, token_windows
 from .errors import MLAError
 from .save import atomic_dir, check_out, local_inputs, out_lock, save_state_dict, write_json
@@ -145,10 +145,12 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
     """The teacher, sharing every frozen student tensor that holds exactly its own values (embeddings, MLP base
     weights, output head; norms too unless they are trained): only the original attention projections (and trained
     norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
+    from .adapters import text_config
     from .layerwise import open_reader, skeleton
     from .weights import check_weights
 
     check_weights(source, config)
+    config = text_config(config)  # a multimodal checkpoint teaches with its text model
     frozen = {}
     for name, p in student.named_parameters():
         if p.requires_grad or "lora_" in name or ".modules_to_save." in name:
@@ -172,6 +174,12 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
         raise MLAError(f"internal error: the teacher's weights do not fit its architecture ({result})")
     with torch.device(device):
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    for mod_name, module in model.named_modules():  # other non-persistent buffers: Gemma's embedding scale
+        for buf_name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta and hasattr(module, f"scalar_{buf_name}"):
+                setattr(module, buf_name, torch.tensor(getattr(module, f"scalar_{buf_name}"), device=device))
+            elif buf.is_meta:
+                raise MLAError(f"internal error: the teacher's buffer {mod_name}.{buf_name} was never set")
     if config.tie_word_embeddings:
         model.tie_weights()
     model.requires_grad_(False)
@@ -188,6 +196,8 @@ def wrap_peft(model, cfg: RecoverConfig):
 
     lora, full = split_list(cfg.lora_targets), split_list(cfg.full_targets)
     names = _module_names(model)
+    if cfg.full_targets == FULL_DEFAULT_TARGETS:  # the default names what any family may have: keep what exists
+        full = [n for n in full if n in names]
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for name in lora:
         if name not in linear:

@@ -1,7 +1,8 @@
 """Stage 3, RoPE split: choose which key directions keep RoPE (the shared ``kpe``) and which join the latent.
 
-Keys of all g KV heads are stacked (``g * d_h``). Frequency pair ``i`` of head ``j`` is dims ``(j*d_h + i,
-j*d_h + i + d_h/2)``. An orthogonal ``U_i`` (g x g) mixing the heads' pair ``i`` (the same ``U_i`` on real and
+Keys of all g KV heads are stacked (``g * d_h``). RoPE rotates the first ``rotary_dim`` (``d_rot``, ``d_h`` unless
+the source has partial rotary embeddings; 0 in a layer without RoPE) dims of each head: frequency pair ``i`` of head
+``j`` is dims ``(j*d_h + i, j*d_h + i + d_rot/2)``; the other dims never rotate and always join the latent. An orthogonal ``U_i`` (g x g) mixing the heads' pair ``i`` (the same ``U_i`` on real and
 imaginary parts) commutes with RoPE, so applying it to keys and queries leaves every score unchanged (DESIGN.md).
 The result is an orthogonal ``R`` over the stacked key space whose first ``d_rope`` rows become ``kpe`` (rotate-half
 layout: real parts of the kept pairs, then imaginary parts) and whose other rows lose RoPE.
@@ -37,20 +38,23 @@ class RopeSplit:
     d_rope: int
 
 
-def _pair_rows(num_kv: int, head_dim: int, i: int) -> tuple[list[int], list[int]]:
-    half = head_dim // 2
+def _pair_rows(num_kv: int, head_dim: int, i: int, rotary_dim: int) -> tuple[list[int], list[int]]:
+    half = rotary_dim // 2
     return [j * head_dim + i for j in range(num_kv)], [j * head_dim + i + half for j in range(num_kv)]
 
 
-def component_scores(stats, num_kv: int, head_dim: int, num_heads: int, method: str, theta, span: int):
-    """``(rotations, scores)``: per frequency ``i`` the ``U_i`` (rows = components) and each component's score.
+def component_scores(stats, num_kv: int, head_dim: int, num_heads: int, method: str, theta, span: int,
+                     rotary_dim: int | None = None):
+    """``(rotations, scores)``: per frequency ``i`` the ``U_i`` (rows = components) and each component's score
+    (``theta``: the angular rate of each of the ``rotary_dim / 2`` frequencies).
 
     ``stats`` (``calibrate.LayerStats``) may be None for the methods that need no data (``high``, ``uniform``)."""
     if method not in ROPE_METHODS:
         raise MLAError(f"unknown rope method {method!r}; choose from {', '.join(ROPE_METHODS)}")
     if method == "rotate" and not (stats is not None and stats.has_gradients):
         raise MLAError("rope method 'rotate' needs gradient statistics")
-    half, dim = head_dim // 2, num_kv * head_dim
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    half, dim = rotary_dim // 2, num_kv * head_dim
     group = num_heads // num_kv
     weighted = method == "rotate"
     if stats is None:
@@ -61,11 +65,11 @@ def component_scores(stats, num_kv: int, head_dim: int, num_heads: int, method: 
         q_diag = stats.q_energy  # (n_h*d_h,) E[q^2] per query dim
     q_energy = torch.zeros(half, num_kv, dtype=torch.float64)  # per frequency, per KV group, summed over its heads
     for h in range(num_heads):
-        q_energy[:, h // group] += q_diag[h * head_dim : h * head_dim + half] + q_diag[h * head_dim + half : (h + 1) * head_dim]
+        q_energy[:, h // group] += q_diag[h * head_dim : h * head_dim + half] + q_diag[h * head_dim + half : h * head_dim + 2 * half]
 
     rotations, scores = [], []
     for i in range(half):
-        re, im = _pair_rows(num_kv, head_dim, i)
+        re, im = _pair_rows(num_kv, head_dim, i, rotary_dim)
         c_i = cov_k[re][:, re] + cov_k[im][:, im]  # (g, g)
         if method in ("rotate", "rotate-norm") and num_kv > 1:
             evals, evecs = torch.linalg.eigh(c_i)
@@ -88,7 +92,7 @@ def component_scores(stats, num_kv: int, head_dim: int, num_heads: int, method: 
             score = torch.full((num_kv,), 0.0)  # uniform: set by position in _select
         rotations.append(u)
         scores.append(score)
-    return rotations, torch.stack(scores)  # (half, g)
+    return rotations, torch.stack(scores) if scores else torch.zeros(0, num_kv, dtype=torch.float64)  # (half, g)
 
 
 def _select(scores: torch.Tensor, method: str, n_pairs: int) -> list[tuple[int, int]]:
@@ -108,16 +112,17 @@ def _select(scores: torch.Tensor, method: str, n_pairs: int) -> list[tuple[int, 
 
 
 def rope_split(stats, num_kv: int, head_dim: int, num_heads: int, d_rope: int, method: str, theta, span: int,
-               scored=None) -> RopeSplit:
+               scored=None, rotary_dim: int | None = None) -> RopeSplit:
     """The RoPE split of one layer from its calibration statistics (``scored``: ``component_scores`` already
     computed for this layer, reused instead of recomputed)."""
-    if d_rope % 2 or not 0 <= d_rope <= num_kv * head_dim:
-        raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * head_dim}")
-    half, n_pairs = head_dim // 2, d_rope // 2
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    if d_rope % 2 or not 0 <= d_rope <= num_kv * rotary_dim:
+        raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * rotary_dim}")
+    half, n_pairs = rotary_dim // 2, d_rope // 2
     if n_pairs == half * num_kv:  # everything keeps RoPE: identity, exactly lossless
         method, scored = "high", None
     if scored is None:
-        scored = component_scores(stats, num_kv, head_dim, num_heads, method, theta, span)
+        scored = component_scores(stats, num_kv, head_dim, num_heads, method, theta, span, rotary_dim)
     rotations, scores = scored
     kept = _select(scores, method, n_pairs)
     kept_set = set(kept)
@@ -126,7 +131,7 @@ def rope_split(stats, num_kv: int, head_dim: int, num_heads: int, d_rope: int, m
     dim = num_kv * head_dim
     rows_re, rows_im, rows_rest = [], [], []
     for i, c in kept + rest:
-        re, im = _pair_rows(num_kv, head_dim, i)
+        re, im = _pair_rows(num_kv, head_dim, i, rotary_dim)
         row_re = torch.zeros(dim, dtype=torch.float64)
         row_im = torch.zeros(dim, dtype=torch.float64)
         row_re[re] = rotations[i][c]
@@ -136,6 +141,8 @@ def rope_split(stats, num_kv: int, head_dim: int, num_heads: int, d_rope: int, m
             rows_im.append(row_im)
         else:
             rows_rest += [row_re, row_im]
+    eye = torch.eye(dim, dtype=torch.float64)
+    rows_rest += [eye[j * head_dim + k] for j in range(num_kv) for k in range(rotary_dim, head_dim)]  # never rotated
     rotation = torch.stack(rows_re + rows_im + rows_rest) if dim else torch.zeros(0, 0, dtype=torch.float64)
     return RopeSplit(rotation=rotation, freq_index=[i for i, _ in kept], d_rope=d_rope)
 

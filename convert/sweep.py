@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .adapters import read_layout
+from .adapters import read_layout, text_config
 from .calibrate import sweep as calibrate
 from .config import ConvertConfig
 from .data import EVALUATION_DEFAULT, load_texts
 from .errors import MLAError
-from .layerwise import LayerwiseModel, Spill, StateDictReader
-from .pipeline import build_config, calibration_windows, check_plan, compute_dtype, layer_converter, resolve_device
+from .layerwise import LayerwiseModel, Spill, StateDictReader, text_reader
+from .pipeline import (build_config, calibration_windows, check_plan, compute_dtype, export_tensors, layer_converter,
+                       resolve_device)
 from .save import atomic_dir, check_out, local_inputs, out_lock
 from .sources import input_paths, load_config, load_model, resolve_source
 
@@ -140,34 +141,36 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
 
     started = time.time()
     source = resolve_source(src)
-    src_config = load_config(source)
-    layout = read_layout(src_config)
+    full_config = load_config(source)
+    layout = read_layout(full_config)
+    src_config = text_config(full_config)
     calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
     torch.manual_seed(base.seed)
     device = resolve_device(base.device)
-    model, tokenizer = load_model(source, config=src_config)
+    model, tokenizer = load_model(source, config=full_config)
     calib, _ = calibration_windows(tokenizer, calib_texts, base)
     windows = eval_windows(tokenizer, eval_texts, seq_len, tokens)
     original = perplexity(model.to(device), windows, base.batch_size, desc="ppl original")
     log(f"original perplexity {original:.2f} on {windows.numel()} tokens of {text}")
-    reader = StateDictReader(model)
-    lw = LayerwiseModel(src_config, reader, device, compute_dtype(device, src_config), layout.layer_types)
-    rope_scaling = float(getattr(lw.rotary, "attention_scaling", 1.0) or 1.0)
+    reader = text_reader(StateDictReader(model))
+    lw = LayerwiseModel(src_config, reader, device, compute_dtype(device, full_config), layout.layer_types,
+                        layout.decoder)
     stats = [None] * layout.num_layers
-    calibrate(lw, calib, base.batch_size, True, stats.__setitem__, Spill(out.parent, float("inf")))
+    calibrate(lw, layout, calib, base.batch_size, True, stats.__setitem__, Spill(out.parent, float("inf")))
     full = layout.kv_values_per_token_layer
     rows = []
     for method in methods:
         for budget in budgets:
             t0 = time.time()
             cfg = replace(configs[method], kv_budget=budget)
-            state = {n: t for n, t in reader.state.items() if ".self_attn." not in n}
+            state = dict(part for n in reader.names() if ".self_attn." not in n
+                         for part in export_tensors(n, reader.get([n])[n], layout))
 
             def sink(i, tensors, freq_index, state=state):
                 state.update({f"model.layers.{i}.self_attn.{n}": t.float() for n, t in tensors.items()})
 
             converter = layer_converter(layout, cfg, check_plan(layout, cfg), reader, sink,
-                                        Spill(out.parent, float("inf")), rope_scaling)
+                                        Spill(out.parent, float("inf")))
             for i, st in enumerate(stats):
                 converter.add(i, st)
             plans, freqs = converter.finish()

@@ -138,13 +138,19 @@ def check_weights(source, config) -> None:
 
     Hub ids are not checked here (transformers downloads and verifies them).
     """
-    from .adapters import ADAPTERS
+    from .adapters import read_layout
 
     local = source.local
     if local is None:
         return
     c = _dims(config)
-    full = c["model_type"] in ADAPTERS and all(c[k] for k in ("V", "d", "L", "H", "g", "dh"))
+    try:
+        layout = read_layout(config)
+    except MLAError:  # not convertible: only what every causal LM has is checked
+        layout = None
+    # the full list of tensor names holds for the families with separate q/k/v and gate/up projections
+    full = layout is not None and not (layout.fused_qkv or layout.fused_mlp or layout.text_of) and \
+        all(c[k] for k in ("V", "d", "L", "H", "g", "dh"))
     if source.gguf_file:
         counts = gguf_shapes(local, source.spec)
         _check_layers({int(m.group(1)) for n in counts if (m := _BLK.match(n))}, c["L"], source.spec)
@@ -161,7 +167,8 @@ def check_weights(source, config) -> None:
     shapes = safetensors_shapes(local, source.spec)
     if shapes is None:
         return
-    _check_layers({int(m.group(1)) for n in shapes if (m := _LAYER.search(n))}, c["L"], source.spec)
+    text = [n for n in shapes if "language_model" in n] if layout is not None and layout.text_of else list(shapes)
+    _check_layers({int(m.group(1)) for n in text if (m := _LAYER.search(n))}, c["L"], source.spec)
     want = _expected(c) if full else ({"model.embed_tokens.weight": (c["V"], c["d"])} if c["V"] and c["d"] else {})
     for name, shape in want.items():
         if name in shapes and shapes[name] != shape:

@@ -9,8 +9,10 @@ from transformers import PretrainedConfig
 
 class MLAConfig(PretrainedConfig):
     r"""
-    Configuration of an [`MLAForCausalLM`]: a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE) whose attention is
-    DeepSeek-V3 multi-head latent attention without query compression.
+    Configuration of an [`MLAForCausalLM`]: a decoder (RMSNorm, gated MLP, RoPE) whose attention is DeepSeek-V3
+    multi-head latent attention without query compression. The decoder reproduces the source family exactly: where
+    the norms sit (`norm_layout`), Gemma's `(1 + w)` norms, embedding / residual / logit multipliers, softcapping,
+    per-layer-type RoPE, partial rotary embeddings, layers without RoPE and query/key norms (QK-norm).
 
     Per token and layer the model caches only the latent `ckv` (`kv_lora_rank` values) and one decoupled RoPE key
     `kpe` shared by all heads (`qk_rope_head_dim` values), instead of `2 * num_key_value_heads * head_dim` values.
@@ -43,7 +45,9 @@ class MLAConfig(PretrainedConfig):
         rms_norm_eps (`float`, *optional*, defaults to 1e-6): RMSNorm epsilon.
         use_cache (`bool`, *optional*, defaults to `True`): Whether to return the latent cache.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`): Tie input and output embeddings.
-        rope_parameters (`dict`, *optional*): The source model's RoPE parameters (`rope_theta`, `rope_type`, ...).
+        rope_parameters (`dict`, *optional*): The source model's RoPE parameters (`rope_theta`, `rope_type`,
+            `partial_rotary_factor`, ...), or one such dict per layer type (`{"full_attention": {...},
+            "sliding_attention": {...}}`, e.g. Gemma 3).
         attention_bias (`bool`, *optional*, defaults to `False`): Bias on `q_proj` and `kv_a_proj_with_mqa` (e.g. a
             Qwen2 source's q/k/v biases).
         o_proj_bias (`bool`, *optional*, defaults to `False`): Bias on `o_proj`.
@@ -52,6 +56,24 @@ class MLAConfig(PretrainedConfig):
         sliding_window (`int`, *optional*): Sliding-window size carried over from the source, applied to the layers
             whose `layer_types` entry is `"sliding_attention"`.
         layer_types (`list[str]`, *optional*): `"full_attention"` or `"sliding_attention"` per layer.
+        qk_norm (`str`, *optional*): QK-norm of the source: `"head"` (an RMSNorm over each head, Qwen3 / Gemma 3)
+            or `"projection"` (over the whole projection, OLMo 2). Then the layer computes the source's normalized
+            keys (`k_proj`, `k_norm`) and projects them into the cache (`k_a_proj`); `q_norm` normalizes each query
+            head by the RMS of its no-RoPE part (the source's query head) with a gain per output column.
+        norm_layout (`str`, *optional*, defaults to `"pre"`): `"pre"` (Llama: `input_layernorm` before attention,
+            `post_attention_layernorm` before the MLP), `"sandwich"` (Gemma 2/3: also `post_attention_layernorm`
+            after attention, `pre_feedforward_layernorm` / `post_feedforward_layernorm` around the MLP) or
+            `"post"` (OLMo 2: `post_attention_layernorm` / `post_feedforward_layernorm` on the block outputs only).
+        rms_norm_unit_offset (`bool`, *optional*, defaults to `False`): RMSNorm gain is `1 + weight` (Gemma).
+        rms_norm_float_weight (`bool`, *optional*, defaults to `False`): the gain multiplies in float32 before the
+            cast back (Gemma, OLMo 2); otherwise after it (Llama).
+        embedding_multiplier (`float`, *optional*, defaults to 1.0): Scale of the token embeddings (Gemma:
+            `sqrt(hidden_size)`, Granite: `embedding_multiplier`), applied in the embedding dtype.
+        residual_multiplier (`float`, *optional*, defaults to 1.0): Scale of each block output before the residual
+            add (Granite).
+        logits_scaling (`float`, *optional*, defaults to 1.0): Logits are divided by it (Granite).
+        attn_logit_softcapping (`float`, *optional*): `tanh` cap of the attention scores (Gemma 2).
+        final_logit_softcapping (`float`, *optional*): `tanh` cap of the logits (Gemma 2).
         absorb (`str`, *optional*, defaults to `"auto"`): Attention path. `"auto"`: absorbed attention directly on
             the cached latent for short query blocks (decoding) when no gradient is needed, decompressed per-head
             keys/values otherwise (prefill, training); `"always"` / `"never"` force one path.
@@ -93,6 +115,15 @@ class MLAConfig(PretrainedConfig):
         mlp_bias=False,
         sliding_window=None,
         layer_types=None,
+        qk_norm=None,
+        norm_layout="pre",
+        rms_norm_unit_offset=False,
+        rms_norm_float_weight=False,
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
         absorb="auto",
         absorb_max_query=16,
         **kwargs,
@@ -119,8 +150,8 @@ class MLAConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-        self.rope_parameters.setdefault("rope_type", "default")
+        self.rope_parameters = {k: (dict(v) if isinstance(v, dict) else v) for k, v in
+                                (rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}).items()}
         self.attention_bias = attention_bias
         self.o_proj_bias = o_proj_bias
         self.attention_dropout = attention_dropout
@@ -130,6 +161,21 @@ class MLAConfig(PretrainedConfig):
             kind = "sliding_attention" if sliding_window else "full_attention"
             layer_types = [kind] * num_hidden_layers
         self.layer_types = list(layer_types)
+        for params in self.rope_parameter_sets().values():
+            params.setdefault("rope_type", "default")
+        if qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"MLAConfig: qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
+        if norm_layout not in ("pre", "sandwich", "post"):
+            raise ValueError(f"MLAConfig: norm_layout must be 'pre', 'sandwich' or 'post', got {norm_layout!r}")
+        self.qk_norm = qk_norm
+        self.norm_layout = norm_layout
+        self.rms_norm_unit_offset = bool(rms_norm_unit_offset)
+        self.rms_norm_float_weight = bool(rms_norm_float_weight)
+        self.embedding_multiplier = float(embedding_multiplier)
+        self.residual_multiplier = float(residual_multiplier)
+        self.logits_scaling = float(logits_scaling)
+        self.attn_logit_softcapping = attn_logit_softcapping
+        self.final_logit_softcapping = final_logit_softcapping
         if absorb not in ("auto", "always", "never"):
             raise ValueError(f"MLAConfig: absorb must be 'auto', 'always' or 'never', got {absorb!r}")
         self.absorb = absorb
@@ -159,6 +205,13 @@ class MLAConfig(PretrainedConfig):
                 raise ValueError(f"MLAConfig: per-layer list of length {len(value)} for {self.num_hidden_layers} layers")
             return [int(v) for v in value]
         return [int(value)] * self.num_hidden_layers
+
+    def rope_parameter_sets(self) -> dict:
+        """`{layer_type: rope parameters}` when `rope_parameters` is given per layer type, else `{None: it}`."""
+        nested = [k for k in self.rope_parameters if k in set(self.layer_types)]
+        if nested:
+            return {k: self.rope_parameters[k] for k in nested}
+        return {None: self.rope_parameters}
 
     def layer_kv_lora_rank(self, layer_idx: int) -> int:
         """Latent width `kv_lora_rank` of layer `layer_idx`."""

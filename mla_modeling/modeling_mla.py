@@ -29,49 +29,113 @@ except ImportError:  # pragma: no cover - when imported as a plain module
 
 
 class MLARMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    """RMSNorm in the source family's numerics: gain `weight` (or `1 + weight`, Gemma), applied after the cast back
+    to the input dtype (Llama) or in float32 before it (Gemma, OLMo 2)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False, float_weight: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.unit_offset = unit_offset
+        self.float_weight = float_weight or unit_offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.unit_offset:
+            return (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
+        if self.float_weight:
+            return (self.weight * hidden_states).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
 
-class MLARotaryEmbedding(nn.Module):
-    """The source model's rotary embedding (all `head_dim // 2` frequencies); layers pick their subset."""
+def make_norm(config: MLAConfig, size: int) -> MLARMSNorm:
+    return MLARMSNorm(size, config.rms_norm_eps, config.rms_norm_unit_offset, config.rms_norm_float_weight)
 
-    def __init__(self, config: MLAConfig):
+
+class MLAQueryNorm(nn.Module):
+    """QK-norm of the queries: each head `[q_nope | q_pe]` is divided by the RMS of its no-RoPE part `q_nope` (the
+    source's query head), over the head (`"head"`) or over all heads (`"projection"`), then multiplied by a gain
+    per column (the source's gain, the softmax rescaling folded in)."""
+
+    def __init__(self, config: MLAConfig, num_heads: int, nope_dim: int, rope_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads, nope_dim + rope_dim))
+        self.nope_dim, self.per_head = nope_dim, config.qk_norm == "head"
+        self.variance_epsilon = config.rms_norm_eps
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:  # (B, T, H, dn + dr)
+        input_dtype = q.dtype
+        q = q.to(torch.float32)
+        nope = q[..., : self.nope_dim]
+        variance = nope.pow(2).mean(-1, keepdim=True) if self.per_head else nope.pow(2).mean((-2, -1), keepdim=True)
+        return (self.weight * (q * torch.rsqrt(variance + self.variance_epsilon))).to(input_dtype)
+
+
+class MLARotaryEmbedding(nn.Module):
+    """The source model's rotary embedding (all `rotary_dim // 2` frequencies, one table per layer type when the
+    RoPE parameters are per layer type); layers pick their subset. Returns half-width `cos`/`sin`."""
+
+    def __init__(self, config: MLAConfig, device=None):
         super().__init__()
         self.config = config
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
-        self.rope_type = config.rope_parameters.get("rope_type", "default")
-        init_fn = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        sets = config.rope_parameter_sets()
+        self.nested = None not in sets
+        self.rope_type = {} if self.nested else sets[None]["rope_type"]
+        for layer_type, (inv_freq, scaling) in self._frequencies(device).items():
+            prefix = f"{layer_type}_" if self.nested else ""
+            if self.nested:
+                self.rope_type[layer_type] = sets[layer_type].get("rope_type", "default")
+            self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+            self.register_buffer(f"{prefix}original_inv_freq", inv_freq.clone(), persistent=False)
+            setattr(self, f"{prefix}attention_scaling", scaling)
+
+    def _frequencies(self, device=None) -> dict:
+        """`{layer_type or None: (inv_freq, attention_scaling)}` at the trained length."""
+        out = {}
+        for layer_type, params in self.config.rope_parameter_sets().items():
+            if params is None:
+                continue
+            rope_type = params.get("rope_type", "default")
+            init_fn = self.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+            out[layer_type] = init_fn(self.config, device, **({"layer_type": layer_type} if self.nested else {}))
+        return out
+
+    @torch.no_grad()
+    def reset_frequencies(self) -> None:
+        """Recompute the (non-persistent) frequency buffers, e.g. after `from_pretrained` built them on meta."""
+        for layer_type, (inv_freq, _) in self._frequencies().items():
+            prefix = f"{layer_type}_" if self.nested else ""
+            for name in (f"{prefix}inv_freq", f"{prefix}original_inv_freq"):
+                getattr(self, name).copy_(inv_freq)
 
     @staticmethod
-    def compute_default_rope_parameters(config: MLAConfig, device=None, **kwargs):
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+    def compute_default_rope_parameters(config: MLAConfig, device=None, layer_type=None, **kwargs):
+        params = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
+        base = params["rope_theta"]
+        dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
     @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, d_h/2)
-        cos = freqs.cos() * self.attention_scaling
-        sin = freqs.sin() * self.attention_scaling
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):
+        prefix = f"{layer_type}_" if layer_type is not None else ""
+        inv_freq, scaling = getattr(self, f"{prefix}inv_freq"), getattr(self, f"{prefix}attention_scaling")
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, d_rot/2)
+        cos = freqs.cos() * scaling
+        sin = freqs.sin() * scaling
         return cos.to(x.dtype), sin.to(x.dtype)  # half-width: one entry per frequency
+
+    def all(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """`{layer_type: (cos, sin)}` (key None when the parameters are shared by all layers)."""
+        if not self.nested:
+            return {None: self(x, position_ids)}
+        return {t: self(x, position_ids, layer_type=t) for t in self.rope_type}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +155,12 @@ class MLAMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=True):
-    """softmax(q k^T * scale + mask) v. `mask`: bool (True = attend) or additive float, broadcastable; None with
-    `causal` = causal when the query block is longer than 1 (aligned to the end of the keys)."""
+def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=True, softcap=None):
+    """softmax(cap(q k^T * scale) + mask) v. `mask`: bool (True = attend) or additive float, broadcastable; None with
+    `causal` = causal when the query block is longer than 1 (aligned to the end of the keys). `softcap`: scores
+    become `softcap * tanh(scores / softcap)` (eager maths: SDPA has no soft cap)."""
     T, S = query.shape[-2], key.shape[-2]
+    eager = eager or softcap is not None
     if not eager and mask is None and causal and T == S > 1:  # lets SDPA skip the masked blocks
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale, is_causal=True)
     if mask is None and causal and T > 1:
@@ -102,6 +168,8 @@ def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=Tru
     if not eager:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -169,10 +237,20 @@ class MLAAttention(nn.Module):
         self.is_causal = True
         self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
 
+        self.attn_logit_softcapping = config.attn_logit_softcapping
+        self.layer_type = config.layer_types[layer_idx] if config.rope_parameter_sets().keys() != {None} else None
+
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
         )
+        if config.qk_norm is not None:
+            # The source's normalized keys, projected into the cache: ckv | kpe += k_a_proj(k_norm(k_proj(x))).
+            g, d_h = config.num_key_value_heads, config.head_dim
+            self.k_proj = nn.Linear(config.hidden_size, g * d_h, bias=config.attention_bias)
+            self.k_norm = make_norm(config, d_h if config.qk_norm == "head" else g * d_h)
+            self.k_a_proj = nn.Linear(g * d_h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+            self.q_norm = MLAQueryNorm(config, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.o_proj_bias)
         # Frequencies of the kept RoPE pairs (indices into the source rotary embedding). A plain attribute, not a
@@ -222,13 +300,23 @@ class MLAAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, dn, dr, dv, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
 
-        q = self.q_proj(hidden_states).view(B, T, H, dn + dr).transpose(1, 2)  # (B, H, T, dn + dr)
-        q_nope, q_pe = q.split([dn, dr], dim=-1)
-        kv = self.kv_a_proj_with_mqa(hidden_states).unsqueeze(1)  # (B, 1, T, r + dr)
-        ckv, k_pe = kv.split([r, dr], dim=-1)  # (B, 1, T, r), (B, 1, T, dr)
+        q = self.q_proj(hidden_states).view(B, T, H, dn + dr)
+        kv = self.kv_a_proj_with_mqa(hidden_states)  # (B, T, r + dr)
+        if self.config.qk_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_proj(hidden_states)  # (B, T, g*d_h)
+            if self.config.qk_norm == "head":
+                k = self.k_norm(k.view(B, T, -1, self.config.head_dim)).view(B, T, -1)
+            else:
+                k = self.k_norm(k)
+            kv = kv + self.k_a_proj(k)
+        q_nope, q_pe = q.transpose(1, 2).split([dn, dr], dim=-1)  # (B, H, T, dn), (B, H, T, dr)
+        ckv, k_pe = kv.unsqueeze(1).split([r, dr], dim=-1)  # (B, 1, T, r), (B, 1, T, dr)
 
         if dr > 0:
-            cos, sin = position_embeddings  # (B, T, d_h/2)
+            if isinstance(position_embeddings, dict):
+                position_embeddings = position_embeddings[self.layer_type]
+            cos, sin = position_embeddings  # (B, T, d_rot/2)
             idx = self._rope_index(cos.device)
             cos = torch.cat((cos[..., idx], cos[..., idx]), dim=-1).unsqueeze(1)  # (B, 1, T, dr)
             sin = torch.cat((sin[..., idx], sin[..., idx]), dim=-1).unsqueeze(1)
@@ -255,7 +343,8 @@ class MLAAttention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
             if mask is not None:
                 mask = mask.expand(B, 1, T, S).unsqueeze(1).expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
-            out = _attend(query, key, key, mask, self.scaling, dropout, eager, causal=False)[..., :r]  # (B, 1, H*T, r)
+            out = _attend(query, key, key, mask, self.scaling, dropout, eager, causal=False,
+                          softcap=self.attn_logit_softcapping)[..., :r]  # (B, 1, H*T, r)
             out = torch.matmul(out.reshape(B, H, T, r), w_uv_t)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
         else:
             # Decompressed: per-head keys and values from the latent.
@@ -264,37 +353,59 @@ class MLAAttention(nn.Module):
             k_nope, value = kv_full.split([dn, dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
             key = torch.cat((k_nope, k_pe.expand(B, H, S, dr)), dim=-1)  # (B, H, S, dn + dr)
             query = torch.cat((q_nope, q_pe), dim=-1)
-            if not eager and dv != dn + dr:
+            if not eager and self.attn_logit_softcapping is None and dv != dn + dr:
                 # SDPA falls back to its slow math kernel (full T x S scores) when q/k and v widths differ:
                 # zero-pad the narrower side to one width, which changes no score and no output column.
                 w = max(dv, dn + dr)
                 query, key = F.pad(query, (0, w - dn - dr)), F.pad(key, (0, w - dn - dr))
                 value = F.pad(value, (0, w - dv))
-            out = _attend(query, key, value, mask, self.scaling, dropout, eager)[..., :dv]  # (B, H, T, dv)
+            out = _attend(query, key, value, mask, self.scaling, dropout, eager,
+                          softcap=self.attn_logit_softcapping)[..., :dv]  # (B, H, T, dv)
 
         out = out.transpose(1, 2).reshape(B, T, H * dv)
         return self.o_proj(out), None
 
 
 class MLADecoderLayer(GradientCheckpointingLayer):
+    """One block, its norms where the source family has them (`config.norm_layout`):
+    - `pre`: `h = x + m * attn(input_layernorm(x))`, `h + m * mlp(post_attention_layernorm(h))` (Llama, Granite's
+      residual multiplier `m`);
+    - `sandwich`: `h = x + post_attention_layernorm(attn(input_layernorm(x)))`,
+      `h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))` (Gemma 2/3);
+    - `post`: `h = x + post_attention_layernorm(attn(x))`, `h + post_feedforward_layernorm(mlp(h))` (OLMo 2)."""
+
     def __init__(self, config: MLAConfig, layer_idx: int):
         super().__init__()
         self.self_attn = MLAAttention(config, layer_idx)
         self.mlp = MLAMLP(config)
-        self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layout = config.norm_layout
+        self.residual_multiplier = config.residual_multiplier
+        d = config.hidden_size
+        if self.layout in ("pre", "sandwich"):
+            self.input_layernorm = make_norm(config, d)
+        self.post_attention_layernorm = make_norm(config, d)
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(config, d)
+        if self.layout in ("sandwich", "post"):
+            self.post_feedforward_layernorm = make_norm(config, d)
         self.attention_type = config.layer_types[layer_idx]
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
         residual = hidden_states
+        if self.layout != "post":
+            hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.layout == "pre":
+            hidden_states = residual + hidden_states * self.residual_multiplier
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)) * self.residual_multiplier
+        hidden_states = residual + self.post_attention_layernorm(hidden_states)
+        mlp_in = self.pre_feedforward_layernorm(hidden_states) if self.layout == "sandwich" else hidden_states
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(mlp_in))
 
 
 class MLAPreTrainedModel(PreTrainedModel):
@@ -308,6 +419,12 @@ class MLAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
 
+    def _init_weights(self, module):
+        if isinstance(module, MLARotaryEmbedding):  # buffers per layer type are unknown to the generic init
+            module.reset_frequencies()
+            return
+        super()._init_weights(module)
+
 
 class MLAModel(MLAPreTrainedModel):
     def __init__(self, config: MLAConfig):
@@ -315,7 +432,7 @@ class MLAModel(MLAPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([MLADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
         self.rotary_emb = MLARotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -342,6 +459,8 @@ class MLAModel(MLAPreTrainedModel):
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embedding_multiplier != 1.0:  # Gemma / Granite: in the embedding dtype
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_multiplier, dtype=inputs_embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if use_cache:
@@ -364,7 +483,9 @@ class MLAModel(MLAPreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = self.rotary_emb.all(hidden_states, position_ids)
+        if None in position_embeddings:
+            position_embeddings = position_embeddings[None]
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
@@ -421,6 +542,11 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T', V)
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / self.config.logits_scaling
+        if self.config.final_logit_softcapping is not None:  # Gemma 2
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -17,7 +17,22 @@ TINY = {
     "llama-bias": ("llama", 4, 2, {"attention_bias": True}),
     "qwen2": ("qwen2", 4, 2, {}),
     "mistral": ("mistral", 4, 2, {"sliding_window": 8}),
+    "qwen3": ("qwen3", 4, 2, {}),
+    "gemma3": ("gemma3_text", 4, 2, {
+        "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 24,
+        "final_logit_softcapping": 30.0, "rope_theta": None,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}}),
+    "gemma2": ("gemma2", 4, 2, {"sliding_window": 8, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                                "final_logit_softcapping": 3.0}),
+    "phi3": ("phi3", 4, 2, {"partial_rotary_factor": 0.5}),
+    "olmo2": ("olmo2", 4, 2, {}),
+    "granite": ("granite", 4, 2, {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+                                  "attention_multiplier": 0.3}),
+    "smollm3": ("smollm3", 4, 2, {"no_rope_layers": [1, 0]}),
 }
+# Families whose tiny models also get random norm gains (their QK-norm / sandwich norms must be read right).
+RANDOM_NORMS = {"qwen3", "gemma3", "gemma2", "phi3", "olmo2", "granite", "smollm3"}
 
 
 def _tokenizer(folder: Path):
@@ -44,18 +59,29 @@ def make_tiny(folder: Path, name: str, seed: int = 0):
     model_type, heads, kv_heads, extra = TINY[name]
     kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=256,
-                  rope_theta=10000.0, tie_word_embeddings=(name != "qwen2"), bos_token_id=1, eos_token_id=2,
-                  pad_token_id=0, **extra)
+                  rope_theta=10000.0, tie_word_embeddings=(name not in ("qwen2", "phi3")), bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    kwargs.update(extra)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # larger random weights make the attention pattern non-trivial
         for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.mul_(8.0)
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                if proj.bias is not None:
-                    proj.bias.normal_(0, 0.5)
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # Phi-3: q | k | v rows
+                attn.qkv_proj.weight[: 2 * attn.qkv_proj.weight.shape[0] // 3].mul_(8.0)
+            else:
+                for proj in (attn.q_proj, attn.k_proj):
+                    proj.weight.mul_(8.0)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    if proj.bias is not None:
+                        proj.bias.normal_(0, 0.5)
+        if name in RANDOM_NORMS:
+            for mod_name, mod in model.named_modules():
+                if mod_name.endswith("norm") and getattr(mod, "weight", None) is not None:
+                    offset = 0.0 if "gemma" in model_type else 1.0  # Gemma's gain is 1 + weight
+                    mod.weight.copy_(offset + 0.3 * torch.randn_like(mod.weight))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     _tokenizer(folder)
@@ -72,6 +98,17 @@ def tiny_models(tmp_path_factory):
 def _build(folder, name):
     make_tiny(folder, name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def lossless(tiny_models, tmp_path_factory):
+    """Every tiny source converted at --kv-budget 1."""
+    root = tmp_path_factory.mktemp("lossless")
+    outs = {}
+    for name, src in tiny_models.items():
+        convert_tiny(src, root / name, kv_budget=1.0)
+        outs[name] = root / name
+    return outs
 
 
 def convert_tiny(src, out, **overrides):

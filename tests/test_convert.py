@@ -21,17 +21,6 @@ def _ids(batch=2, length=40, seed=0):
     return torch.randint(3, 320, (batch, length), generator=g)
 
 
-@pytest.fixture(scope="module")
-def lossless(tiny_models, tmp_path_factory):
-    """Every tiny source converted at --kv-budget 1."""
-    root = tmp_path_factory.mktemp("lossless")
-    outs = {}
-    for name, src in tiny_models.items():
-        convert_tiny(src, root / name, kv_budget=1.0)
-        outs[name] = root / name
-    return outs
-
-
 @pytest.mark.parametrize("name", list(TINY))
 def test_budget_one_is_lossless(name, tiny_models, lossless):
     src = AutoModelForCausalLM.from_pretrained(tiny_models[name], dtype=torch.float32).eval()

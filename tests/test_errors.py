@@ -1,6 +1,7 @@
 """Bad inputs: one clear ``error: ...`` line on stderr, exit 2, no traceback, and never a partial OUT."""
 
 import importlib.util
+import json
 import random
 import shutil
 import subprocess
@@ -88,20 +89,28 @@ def _drop_tensor(path, name="model.layers.0.self_attn.k_proj.weight"):
     save_file(state, path, metadata={"format": "pt"})
 
 
-def _set_model_type(tmp, src, model_type):
+def _set_model_type(tmp, src, model_type, **extra):
     folder = _model_copy(tmp, src)
     cfg = folder / "config.json"
     cfg.write_text(cfg.read_text().replace('"model_type": "llama"', f'"model_type": "{model_type}"'))
+    if extra:
+        data = json.loads(cfg.read_text())
+        data.update(extra)
+        cfg.write_text(json.dumps(data))
     return folder
 
 
-def _qwen3(tmp):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config_only(tmp, model_type, **kwargs):
+    """A folder with only the config.json of a tiny ``model_type`` (refused before any weight is read)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model("qwen3", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "qwen3")
-    return tmp / "qwen3"
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.save_pretrained(tmp / model_type)
+    return tmp / model_type
+
+
+_TINY_TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
 
 
 def _file(path, data):
@@ -127,7 +136,13 @@ BAD_SOURCES = {
                                ["incomplete", "model.layers.0.self_attn.k_proj.weight"]),
     "model-type-unsupported": (lambda tmp, src: _set_model_type(tmp, src, "gpt2"), ["unsupported", "gpt2"]),
     "model-type-unknown": (lambda tmp, src: _set_model_type(tmp, src, "not_a_model"), ["not_a_model"]),
-    "model-type-qk-norm": (lambda tmp, src: _qwen3(tmp), ["unsupported", "qwen3", "qk-norm"]),
+    "model-type-moe": (lambda tmp, src: _config_only(tmp, "qwen3_moe", **_TINY_TEXT),
+                       ["unsupported", "qwen3_moe", "mixture-of-experts"]),
+    "moe-layers-in-a-dense-family": (lambda tmp, src: _set_model_type(tmp, src, "llama", num_local_experts=8),
+                                     ["unsupported", "mixture-of-experts", "num_local_experts"]),
+    "model-type-multimodal": (lambda tmp, src: _config_only(tmp, "llava"), ["unsupported", "llava", "multimodal"]),
+    "bidirectional-attention": (lambda tmp, src: _config_only(tmp, "gemma3_text", use_bidirectional_attention=True,
+                                                              **_TINY_TEXT), ["unsupported", "bidirectional"]),
 }
 
 

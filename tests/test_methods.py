@@ -31,14 +31,14 @@ def calibrated(tiny_models, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(src)
     windows = token_windows(tok, load_texts("pydoc"), 64, 4, seed=0)
     stats = [None] * layout.num_layers
-    sweep(lw, windows, 2, True, stats.__setitem__, Spill(tmp_path_factory.mktemp("spill"), 0))
+    sweep(lw, layout, windows, 2, True, stats.__setitem__, Spill(tmp_path_factory.mktemp("spill"), 0))
     return reader, layout, stats
 
 
 def make_plans(reader, stats, layout, cfg):
     """The plans the converter settles on for ``cfg`` (nothing written)."""
     plans = check_plan(layout, cfg)
-    conv = layer_converter(layout, cfg, plans, reader, lambda *a: None, Spill("/nonexistent", float("inf")), 1.0)
+    conv = layer_converter(layout, cfg, plans, reader, lambda *a: None, Spill("/nonexistent", float("inf")))
     for i, st in enumerate(stats):
         conv.add(i, st)
     return conv.finish()[0]
@@ -62,7 +62,7 @@ def test_rope_split_rotation_is_orthogonal_and_commutes_with_rope(calibrated, me
     """R is orthogonal and maps RoPE on the stacked heads onto RoPE on its own pairs: every q.k is unchanged."""
     reader, layout, stats = calibrated
     g, d_h = layout.num_kv_heads, layout.head_dim
-    theta = rope_theta(layout)
+    theta = rope_theta(layout, 0)
     split = rope_split(stats[0], g, d_h, layout.num_heads, d_rope, method, theta, 64)
     rot, dim = split.rotation, g * d_h
     assert torch.allclose(rot @ rot.T, torch.eye(dim, dtype=torch.float64), atol=1e-10)
@@ -88,7 +88,7 @@ def test_rope_split_rotation_is_orthogonal_and_commutes_with_rope(calibrated, me
 @pytest.mark.parametrize("method", FACTOR_METHODS)
 def test_factorization_exact_at_full_rank_and_monotone(calibrated, method):
     reader, layout, stats = calibrated
-    w, st = read_attention(reader, 1), stats[1]
+    w, st = read_attention(reader, 1, layout), stats[1]
     z = torch.cat((w.k_aug, w.v_aug))  # (D, d+1), D = 64
     n_key = w.k_aug.shape[0]
     zs = LatentStats.of(st, torch.eye(z.shape[0], dtype=torch.float64))

@@ -27,28 +27,54 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def _as_tokens(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(B, T, ...) or, for a norm applied after the head transpose (Gemma 3), (B, H, T, d_h) -> (B*T, width)."""
+    if transposed:
+        t = t.transpose(1, 2)
+    return t.reshape(t.shape[0] * t.shape[1], -1)
+
+
 def _reference_stats(src, windows):
     """Per layer, from one whole-model forward + backward (plain autograd, no layer-by-layer code): E[y y^T] of
-    y = [k; v], E[u u^T] and E[|g|^2 y y^T] of the key/value output gradients of the summed next-token loss."""
+    y = [k; v] (k the keys as cached: after the key norm of QK-norm families), E[u u^T] and E[|g|^2 y y^T] of the
+    key/value output gradients of the summed next-token loss."""
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model.requires_grad_(False)
+    transposed = model.config.model_type == "gemma3_text"
     outs = {}
     for i, layer in enumerate(model.model.layers):
-        for name in ("k", "v"):
+        attn = layer.self_attn
+        if hasattr(attn, "qkv_proj"):  # Phi-3: k and v are column blocks of one output
+            nq, nk = attn.config.num_attention_heads * attn.head_dim, attn.config.num_key_value_heads * attn.head_dim
+
+            def fused(module, args, output, i=i, nq=nq, nk=nk):
+                output.retain_grad()
+                outs[i] = (output, {"k": slice(nq, nq + nk), "v": slice(nq + nk, nq + 2 * nk)})
+            attn.qkv_proj.register_forward_hook(fused)
+            continue
+        for name, module in (("k", getattr(attn, "k_norm", attn.k_proj)), ("v", attn.v_proj)):
             def hook(module, args, output, key=(i, name)):
                 output.retain_grad()
                 outs[key] = output
-            getattr(layer.self_attn, f"{name}_proj").register_forward_hook(hook)
+            module.register_forward_hook(hook)
+
+    def tap(i, name, grad=False):
+        if i in outs:
+            out, cols = outs[i]
+            return _as_tokens(out.grad if grad else out.detach(), False)[:, cols[name]]
+        out = outs[(i, name)]
+        return _as_tokens(out.grad if grad else out.detach(), transposed and name == "k" and out.dim() == 4)
+
     emb = model.get_input_embeddings()(windows).detach().requires_grad_(True)
     logits = model(inputs_embeds=emb, use_cache=False).logits[:, :-1]
     torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1),
                                       reduction="sum").backward()
     ref = []
     for i in range(len(model.model.layers)):
-        y = torch.cat([outs[(i, n)].detach().reshape(-1, outs[(i, n)].shape[-1]) for n in "kv"], 1).double()
+        y = torch.cat([tap(i, n) for n in "kv"], 1).double()
         row = {"cov": y.T @ y / len(y)}
         for n in "kv":
-            g = outs[(i, n)].grad.reshape(len(y), -1).double()
+            g = tap(i, n, grad=True).double()
             n2 = (g**2).sum(1)
             u = g / n2.clamp_min(1e-30).sqrt()[:, None]  # a token with no gradient (the last) has no direction
             row[f"grad_{n}"], row[f"cov_{n}"] = u.T @ u / len(y), (y * n2[:, None]).T @ y / len(y)
@@ -56,17 +82,18 @@ def _reference_stats(src, windows):
     return ref
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3", "olmo2",
+                                  "granite"])
 def test_reverse_sweep_gives_the_whole_model_gradients(tiny_models, tmp_path, name):
     """Layer by layer forward, then a reverse sweep recomputing each layer: the same statistics as one autograd pass."""
     src = tiny_models[name]
     config = AutoConfig.from_pretrained(src)
     layout = read_layout(config)
     windows = token_windows(AutoTokenizer.from_pretrained(src), load_texts("pydoc"), 48, 4, seed=1)
-    lw = LayerwiseModel(config, SafetensorsReader(src), "cpu", torch.float32, layout.layer_types)
+    lw = LayerwiseModel(config, SafetensorsReader(src), "cpu", torch.float32, layout.layer_types, layout.decoder)
     stats = [None] * layout.num_layers
     order = []
-    sweep(lw, windows, 2, True, lambda i, s: (order.append(i), stats.__setitem__(i, s)), Spill(tmp_path, 0))
+    sweep(lw, layout, windows, 2, True, lambda i, s: (order.append(i), stats.__setitem__(i, s)), Spill(tmp_path, 0))
     assert order == list(reversed(range(layout.num_layers)))  # each layer handed on as soon as it is complete
     assert not list(tmp_path.iterdir())  # spilled boundary states are removed once used
     for got, want in zip(stats, _reference_stats(src, windows)):
