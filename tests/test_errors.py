@@ -109,6 +109,18 @@ def _config_only(tmp, model_type, **kwargs):
     return tmp / model_type
 
 
+def _small_vocab(tmp):
+    """A model of vocabulary 200 with a tokenizer of 320 tokens (ids past the embedding table)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import _tokenizer
+
+    config = AutoConfig.for_model("llama", **{**_TINY_TEXT, "vocab_size": 200})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "small-vocab")
+    _tokenizer(tmp / "small-vocab")
+    return tmp / "small-vocab"
+
+
 _TINY_TEXT = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16)
 
@@ -140,6 +152,7 @@ BAD_SOURCES = {
                        ["unsupported", "qwen3_moe", "mixture-of-experts"]),
     "moe-layers-in-a-dense-family": (lambda tmp, src: _set_model_type(tmp, src, "llama", num_local_experts=8),
                                      ["unsupported", "mixture-of-experts", "num_local_experts"]),
+    "tokenizer-beyond-vocabulary": (lambda tmp, src: _small_vocab(tmp), ["tokenizer", "vocabulary (200)"]),
     "model-type-multimodal": (lambda tmp, src: _config_only(tmp, "llava"), ["unsupported", "llava", "multimodal"]),
     "bidirectional-attention": (lambda tmp, src: _config_only(tmp, "gemma3_text", use_bidirectional_attention=True,
                                                               **_TINY_TEXT), ["unsupported", "bidirectional"]),

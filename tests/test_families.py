@@ -206,3 +206,31 @@ def test_dynamic_rope_types_are_lossless_past_the_trained_length(variant, tmp_pa
         ids = _ids(length=length)
         with torch.no_grad():
             assert (ref(ids).logits - mla(ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "gemma3", "phi3"])
+def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
+    """Recovery on a family's export: the default full_targets train what the family has (QK-norm: k_a_proj and
+    the norms; OLMo 2 has no input_layernorm), the teacher is the source, and the merged export is what was trained."""
+    import pydoc_data.topics
+    from safetensors.torch import load_file
+
+    from convert.config import RecoverConfig
+    from convert.recover import finetune
+
+    (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
+    cfg = RecoverConfig(data=str(tmp_path / "train.txt"), val_data="", seq_len=32, batch_size=2, tokens=32 * 2 * 4,
+                        checkpoint_every=2, lr=1e-2, warmup_steps=1)
+    record = finetune(lowrank[name], tmp_path / "ft", cfg, log=lambda *_: None)
+    assert record["recovery"]["steps"] == 4
+    before, after = load_file(lowrank[name] / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    assert set(before) == set(after)
+    changed = {k.split(".", 3)[-1] for k in before
+               if k.startswith("model.layers.0.") and not torch.equal(before[k], after[k])}
+    want = {"self_attn.q_proj.weight", "self_attn.kv_b_proj.weight", "mlp.down_proj.weight"}
+    if name in ("qwen3", "olmo2", "gemma3"):
+        want |= {"self_attn.k_a_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    assert want <= changed, changed
+    mla = _load(tmp_path / "ft")
+    with torch.no_grad():
+        assert torch.isfinite(mla(_ids()).logits).all()

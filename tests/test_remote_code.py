@@ -15,26 +15,30 @@ SCRIPT = textwrap.dedent(
     import importlib.util, json, sys, torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     assert importlib.util.find_spec("convert") is None and importlib.util.find_spec("mla_modeling") is None
-    path = sys.argv[1]
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    base = AutoModel.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = torch.tensor([[5, 17, 33, 101, 7, 250]])
-    with torch.no_grad():
-        logits = model(ids).logits
-        out = model.generate(ids, max_new_tokens=5, do_sample=False)
-        cache = model(ids, use_cache=True).past_key_values
-    print(json.dumps({"type": config.model_type, "base": type(base).__name__, "logits": logits[0, -1, :8].tolist(),
-                      "generated": out[0].tolist(), "cache_last_dims": [cache.layers[0].keys.shape[-1],
-                      cache.layers[0].values.shape[-1]]}))
+    for path in sys.argv[1:]:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        base = AutoModel.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.tensor([[5, 17, 33, 101, 7, 250, 9, 12, 44, 3, 18, 200]])
+        with torch.no_grad():
+            logits = model(ids).logits
+            out = model.generate(ids, max_new_tokens=5, do_sample=False)
+            cache = model(ids, use_cache=True).past_key_values
+        print(json.dumps({"type": config.model_type, "base": type(base).__name__, "logits": logits[0, -1, :8].tolist(),
+                          "generated": out[0].tolist(), "cache_last_dims": [cache.layers[0].keys.shape[-1],
+                          cache.layers[0].values.shape[-1]]}))
     """
 )
+# One export per family (budget 0.5): each must load and run with nothing of this project around.
+VENV_FAMILIES = ["qwen2", "qwen3", "gemma3", "gemma2", "phi3", "olmo2", "granite", "smollm3"]
 
 
-def _export_and_venv(tiny_models, tmp_path, *extra_packages) -> tuple:
-    """(a tiny qwen2 export at budget 0.5, the python of a fresh venv with this torch + transformers + extras)."""
-    out = tmp_path / "export"
-    convert_tiny(tiny_models["qwen2"], out, kv_budget=0.5)
+def _export_and_venv(tiny_models, tmp_path, *extra_packages, names=("qwen2",)) -> tuple:
+    """(tiny exports at budget 0.5 of ``names``, the python of a fresh venv with this torch + transformers + extras)."""
+    outs = []
+    for name in names:
+        outs.append(tmp_path / f"export-{name}")
+        convert_tiny(tiny_models[name], outs[-1], kv_budget=0.5)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -42,28 +46,30 @@ def _export_and_venv(tiny_models, tmp_path, *extra_packages) -> tuple:
     pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
                           f"transformers=={transformers.__version__}", *extra_packages], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr[-2000:]
-    return out, py
+    return outs, py
 
 
 @pytest.mark.slow
 def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models, tmp_path):
-    out, py = _export_and_venv(tiny_models, tmp_path)
-    run = subprocess.run([py, "-c", SCRIPT, str(out)], capture_output=True, text=True, cwd=tmp_path)
+    outs, py = _export_and_venv(tiny_models, tmp_path, names=VENV_FAMILIES)
+    run = subprocess.run([py, "-c", SCRIPT, *map(str, outs)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     import json
 
-    got = json.loads(run.stdout.strip().splitlines()[-1])
     from transformers import AutoModelForCausalLM
 
-    here = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = torch.tensor([[5, 17, 33, 101, 7, 250]])
-    with torch.no_grad():
-        ref = here(ids).logits[0, -1, :8]
-        gen = here.generate(ids, max_new_tokens=5, do_sample=False)
-    assert got["type"] == "mla_retrofit" and got["base"] == "MLAModel"
-    assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4)
-    assert got["generated"] == gen[0].tolist()
-    assert got["cache_last_dims"] == [here.config.layer_kv_lora_rank(0), here.config.layer_rope_dim(0)]
+    lines = run.stdout.strip().splitlines()[-len(outs):]
+    for out, line in zip(outs, lines):
+        got = json.loads(line)
+        here = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.tensor([[5, 17, 33, 101, 7, 250, 9, 12, 44, 3, 18, 200]])
+        with torch.no_grad():
+            ref = here(ids).logits[0, -1, :8]
+            gen = here.generate(ids, max_new_tokens=5, do_sample=False)
+        assert got["type"] == "mla_retrofit" and got["base"] == "MLAModel", out
+        assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4), out
+        assert got["generated"] == gen[0].tolist(), out
+        assert got["cache_last_dims"] == [here.config.layer_kv_lora_rank(0), here.config.layer_rope_dim(0)], out
 
 
 @pytest.mark.slow
@@ -76,7 +82,7 @@ def test_stock_lm_eval_without_this_project(tiny_models, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    out, py = _export_and_venv(tiny_models, tmp_path, f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}")
+    (out,), py = _export_and_venv(tiny_models, tmp_path, f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}")
     probe = "import importlib.util as u; print(u.find_spec('convert'), u.find_spec('eval'))"
     check = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert check.stdout.split() == ["None", "None"]
