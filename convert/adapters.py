@@ -132,7 +132,8 @@ def _rope(config, layer_types, partial_ok: bool) -> dict:
         if rope_type not in ROPE_TYPES:
             raise MLAError(f"unsupported rope_type {rope_type!r} (supported: {', '.join(sorted(ROPE_TYPES))})")
         if not partial_ok and float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
-            raise MLAError(f"unsupported: partial rotary embeddings (partial_rotary_factor != 1) in {config.model_type}")
+            raise MLAError(f"unsupported: partial rotary embeddings (partial_rotary_factor != 1) in "
+                           f"{config.model_type}")
     return rope
 
 

@@ -154,15 +154,17 @@ def _w_kv(attn, layout, device) -> torch.Tensor:
     rows = []
     for proj, sl in projs:
         w = proj.weight.detach()[sl].to(device, torch.float64)
-        b = proj.bias.detach()[sl].to(device, torch.float64) if proj.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=device)
+        b = (proj.bias.detach()[sl].to(device, torch.float64) if proj.bias is not None
+             else torch.zeros(w.shape[0], dtype=torch.float64, device=device))
         rows.append(torch.cat((w, b[:, None]), dim=1))
     return torch.cat(rows)  # (2g*d_h or g*d_h, d+1)
 
 
 def sweep(lw, layout, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer, store, extra=None,
           desc: str = "calibrate"):
-    """Run ``lw`` (a ``LayerwiseModel`` of a source with ``layout``) over ``windows`` (N, T) layer by layer; call ``on_layer(i, stats)`` for each
-    layer as its statistics complete (layer order without gradients, reverse order with them).
+    """Run ``lw`` (a ``LayerwiseModel`` of a source with ``layout``) over ``windows`` (N, T) layer by layer; call
+    ``on_layer(i, stats)`` for each layer as its statistics complete (layer order without gradients, reverse order
+    with them).
 
     ``store`` (a ``layerwise.Spill``) keeps the boundary hidden states. ``extra`` (M, T') are more windows pushed
     through the source alongside (no statistics): their final hidden states are returned (the verification reference).

@@ -28,11 +28,11 @@ def _ids(batch=2, length=24, seed=0):
 
 @pytest.fixture(scope="module")
 def lowrank(tiny_models, tmp_path_factory):
-    """The new families converted at the default budget (0.3125, Fisher ranks and RoPE per layer)."""
+    """The new families (and llama-gqa) converted at the default budget (0.3125, Fisher ranks and RoPE per layer)."""
     root = tmp_path_factory.mktemp("lowrank")
-    for name in NEW:
+    for name in NEW + ["llama-gqa"]:
         convert_tiny(tiny_models[name], root / name)
-    return {name: root / name for name in NEW}
+    return {name: root / name for name in NEW + ["llama-gqa"]}
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -53,7 +53,7 @@ def test_cached_decode_equals_full_forward(name, lossless, lowrank):
         assert (torch.cat(steps, 1) - full).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NEW + ["llama-gqa"])
 def test_absorbed_equals_decompressed(name, lowrank):
     mla = _load(lowrank[name])
     ids = _ids(length=12)
