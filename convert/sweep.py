@@ -144,6 +144,14 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
     full_config = load_config(source)
     layout = read_layout(full_config)
     src_config = text_config(full_config)
+    if layout.qk_norm:  # the weight-only SVD cannot see the key norm
+        dropped = [m for m in methods if configs[m].factor_method == "svd"]
+        methods = [m for m in methods if m not in dropped]
+        if not methods:
+            raise MLAError(f"{', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}; "
+                           "choose other --methods")
+        if dropped:
+            log(f"skipping {', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}")
     calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
     torch.manual_seed(base.seed)
     device = resolve_device(base.device)

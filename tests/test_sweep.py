@@ -52,3 +52,15 @@ def test_sweep_bad_options(tiny_models, tmp_path, eval_text, capsys, flags, word
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert all(w in err[0] for w in words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_sweep_on_qk_norm_families_skips_the_weight_only_svd(name, tiny_models, tmp_path, eval_text, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny_models[name]), "--budgets", "1,0.5", "--methods", "default,norm-svd",
+                 "--text", str(eval_text), "--out", str(out), "--no-plot", *FAST])
+    assert code == 0
+    assert "skipping norm-svd" in capsys.readouterr().out
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("default", 1), ("default", 0.5)]
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-4)  # QK-norm: lossless at budget 1
