@@ -8,7 +8,6 @@ becomes the export's ``MLAConfig``. Adding a family is one entry here plus its t
 MHA / GQA / MQA is read from the head counts. Anything else is refused with a one-line message naming what.
 """
 
-import math
 from dataclasses import dataclass, field
 
 from .errors import MLAError
@@ -317,7 +316,3 @@ def read_layout(config) -> Layout:
             raise MLAError(f"unsupported model_type {model_type!r}: a multimodal model; supported: {supported}")
         raise MLAError(f"unsupported model_type {model_type!r}; supported: {supported}")
     return FAMILIES[model_type](config)
-
-
-def softmax_scale(layout: Layout) -> float:
-    return layout.attention_scale if layout.attention_scale is not None else 1 / math.sqrt(layout.head_dim)
