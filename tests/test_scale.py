@@ -83,7 +83,7 @@ def _reference_stats(src, windows):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "mistral", "qwen3", "gemma3", "gemma2", "phi3", "olmo2",
-                                  "granite"])
+                                  "granite", "smollm3"])
 def test_reverse_sweep_gives_the_whole_model_gradients(tiny_models, tmp_path, name):
     """Layer by layer forward, then a reverse sweep recomputing each layer: the same statistics as one autograd pass."""
     src = tiny_models[name]
