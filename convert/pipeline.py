@@ -356,6 +356,8 @@ def _save_generation_config(source, folder: Path) -> None:
         gen = GenerationConfig.from_pretrained(source.path, **source.load_kwargs())
     except Exception:  # noqa: BLE001 - no generation config (or none readable): the export simply has none
         return
+    # the latent cache is a DynamicCache: a source's own cache choice (Gemma 3's "hybrid") would not fit it
+    gen.cache_implementation = None
     gen.save_pretrained(folder)
 
 

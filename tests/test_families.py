@@ -234,3 +234,18 @@ def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
     mla = _load(tmp_path / "ft")
     with torch.no_grad():
         assert torch.isfinite(mla(_ids()).logits).all()
+
+
+def test_source_cache_implementation_is_not_carried_over(tiny_models, tmp_path):
+    """Gemma 3 ships ``cache_implementation: hybrid``; the export's latent cache is a DynamicCache."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["gemma3"], src)
+    gen = json.loads((src / "generation_config.json").read_text())
+    (src / "generation_config.json").write_text(json.dumps({**gen, "cache_implementation": "hybrid"}))
+    convert_tiny(src, tmp_path / "m", kv_budget=0.5)
+    assert "cache_implementation" not in json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    mla = _load(tmp_path / "m")
+    out = mla.generate(_ids(length=6), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert type(out.past_key_values).__name__ == "DynamicCache"
