@@ -37,8 +37,10 @@ class MLAConfig(PretrainedConfig):
         rope_freq_indices (`list[list[int]]`, *optional*): Per layer, for each of the `qk_rope_head_dim // 2` RoPE
             pairs of `kpe`, the index of its frequency in the source rotary embedding (0 = fastest). Defaults to
             `0 .. qk_rope_head_dim // 2 - 1`.
-        kv_a_layernorm (`bool`, *optional*, defaults to `False`): DeepSeek normalises `ckv`; a converted model does
-            not (the factorization is exact without it), so this is always `False`.
+        kv_a_layernorm (`bool`, *optional*, defaults to `False`): Normalise the latent `ckv` with an RMSNorm (gain
+            `kv_a_layernorm.weight`, eps 1e-6 as in transformers' DeepSeek-V3) before it is cached, as DeepSeek does.
+            A converted model does not need it (the factorization is exact without it); the DeepSeek-V3 serving
+            format always has it.
         hidden_act (`str`, *optional*, defaults to `"silu"`): MLP activation.
         max_position_embeddings (`int`, *optional*, defaults to 2048): Longest sequence the model was trained for.
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal weight initializer.
@@ -137,14 +139,12 @@ class MLAConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         if q_lora_rank is not None:
             raise ValueError("MLAConfig: query compression (q_lora_rank) is not supported; use None")
-        if kv_a_layernorm:
-            raise ValueError("MLAConfig: a converted model has no kv_a_layernorm; use False")
         self.kv_lora_rank = kv_lora_rank
         self.q_lora_rank = None
         self.qk_rope_head_dim = qk_rope_head_dim
         self.qk_nope_head_dim = qk_nope_head_dim
         self.v_head_dim = v_head_dim
-        self.kv_a_layernorm = False
+        self.kv_a_layernorm = bool(kv_a_layernorm)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range

@@ -244,6 +244,8 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
         )
+        if config.kv_a_layernorm:  # DeepSeek's latent norm (the DeepSeek-V3 serving format)
+            self.kv_a_layernorm = MLARMSNorm(self.kv_lora_rank, eps=1e-6)
         if config.qk_norm is not None:
             # The source's normalized keys, projected into the cache: ckv | kpe += k_a_proj(k_norm(k_proj(x))).
             g, d_h = config.num_key_value_heads, config.head_dim
@@ -312,6 +314,8 @@ class MLAAttention(nn.Module):
             kv = kv + self.k_a_proj(k)
         q_nope, q_pe = q.transpose(1, 2).split([dn, dr], dim=-1)  # (B, H, T, dn), (B, H, T, dr)
         ckv, k_pe = kv.unsqueeze(1).split([r, dr], dim=-1)  # (B, 1, T, r), (B, 1, T, dr)
+        if self.config.kv_a_layernorm:
+            ckv = self.kv_a_layernorm(ckv)  # the cache holds the normalized latent
 
         if dr > 0:
             if isinstance(position_embeddings, dict):
