@@ -79,6 +79,11 @@ class Layout:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def qkv_slices(self) -> dict[str, slice]:
+        """Rows of q, k and v in a fused q|k|v projection (Phi-3)."""
+        nq, nk = self.num_heads * self.head_dim, self.kv_dim
+        return {"q": slice(0, nq), "k": slice(nq, nq + nk), "v": slice(nq + nk, nq + 2 * nk)}
+
     def layer_rotary_dim(self, i: int) -> int:
         """Dims of each head that RoPE rotates in layer ``i`` (0 for a layer without RoPE)."""
         if self.rope_layers and not self.rope_layers[i]:
@@ -167,7 +172,9 @@ def _common(config, *, qkv_bias: bool, o_bias: bool, window=None, layer_types=No
     if partial_rotary:
         factors = {float(p.get("partial_rotary_factor", 1.0) or 1.0) for p in _rope_sets(rope, layer_types).values()
                    if p is not None}
-        rotary_dim = int(head_dim * factors.pop()) if len(factors) == 1 else head_dim
+        if len(factors) != 1:
+            raise MLAError(f"unsupported: different partial_rotary_factor per layer type in {config.model_type}")
+        rotary_dim = int(head_dim * factors.pop())
         if rotary_dim % 2 or rotary_dim <= 0:
             raise MLAError(f"unsupported: a rotary dimension of {rotary_dim} (partial_rotary_factor) in "
                            f"{config.model_type}")

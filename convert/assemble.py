@@ -63,9 +63,8 @@ def read_attention(reader, i: int, layout) -> AttentionWeights:
     want = [p + f"{m}.{t}" for m in mods for t in ("weight", "bias") if p + f"{m}.{t}" in names]
     w = {n[len(p):]: t for n, t in reader.get(want).items()}
     if layout.fused_qkv:
-        nq, nk = layout.num_heads * layout.head_dim, layout.kv_dim
         fused_w, fused_b = w.pop(f"{layout.fused_qkv}.weight"), w.pop(f"{layout.fused_qkv}.bias", None)
-        for name, rows in (("q", slice(0, nq)), ("k", slice(nq, nq + nk)), ("v", slice(nq + nk, nq + 2 * nk))):
+        for name, rows in layout.qkv_slices().items():
             w[f"{name}_proj.weight"] = fused_w[rows]
             if fused_b is not None:
                 w[f"{name}_proj.bias"] = fused_b[rows]

@@ -89,12 +89,11 @@ class _Accumulator:
 
 
 def _taps(attn, layout) -> dict:
-    """Where the source computes what the statistics need: ``name: (module, column slice)`` of q (as RoPE sees
+    """Where the source computes what the statistics need: ``name: (module, row slice or None)`` of q (as RoPE sees
     it), k (the keys that are cached: normalized with QK-norm) and v."""
-    nq, nk = layout.num_heads * layout.head_dim, layout.kv_dim
     if layout.fused_qkv:
         fused = getattr(attn, layout.fused_qkv)
-        return {"q": (fused, slice(0, nq)), "k": (fused, slice(nq, nq + nk)), "v": (fused, slice(nq + nk, nq + 2 * nk))}
+        return {name: (fused, sl) for name, sl in layout.qkv_slices().items()}
     if layout.qk_norm:
         return {"q": (attn.q_norm, None), "k": (attn.k_norm, None), "v": (attn.v_proj, None)}
     return {"q": (attn.q_proj, None), "k": (attn.k_proj, None), "v": (attn.v_proj, None)}
@@ -142,17 +141,11 @@ def _hooks(attn, acc: _Accumulator, layout) -> list:
 
 def _w_kv(attn, layout, device) -> torch.Tensor:
     """``[W b]`` (float64) of the projections whose outputs are linear in the input: k and v, or v alone when the
-    keys are normalized (QK-norm); a fused q|k|v projection is sliced."""
-    nq, nk = layout.num_heads * layout.head_dim, layout.kv_dim
-    if layout.fused_qkv:
-        fused = getattr(attn, layout.fused_qkv)
-        projs = [(fused, slice(nq, nq + nk)), (fused, slice(nq + nk, nq + 2 * nk))]
-    else:
-        projs = [(attn.k_proj, slice(None)), (attn.v_proj, slice(None))]
-    if layout.qk_norm:
-        projs = projs[1:]
+    keys are normalized (QK-norm)."""
+    taps = _taps(attn, layout)
     rows = []
-    for proj, sl in projs:
+    for proj, sl in [taps["v"]] if layout.qk_norm else [taps["k"], taps["v"]]:
+        sl = sl if sl is not None else slice(None)
         w = proj.weight.detach()[sl].to(device, torch.float64)
         b = (proj.bias.detach()[sl].to(device, torch.float64) if proj.bias is not None
              else torch.zeros(w.shape[0], dtype=torch.float64, device=device))

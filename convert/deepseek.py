@@ -19,7 +19,7 @@ import torch
 from .errors import MLAError
 
 
-def _uniform(config, name: str, values: list[int]) -> int:
+def _uniform(name: str, values: list[int]) -> int:
     if len(set(values)) != 1:
         raise MLAError(f"the deepseek_v3 format needs one {name} for all layers, this model has {sorted(set(values))}")
     return values[0]
@@ -31,8 +31,8 @@ def check_deepseek_v3(config) -> tuple[int, int, float]:
         raise MLAError("the deepseek_v3 format always normalises the latent (kv_a_layernorm); this model has no "
                        "latent norm")
     n = config.num_hidden_layers
-    rank = _uniform(config, "kv_lora_rank", [config.layer_kv_lora_rank(i) for i in range(n)])
-    rope = _uniform(config, "qk_rope_head_dim", [config.layer_rope_dim(i) for i in range(n)])
+    rank = _uniform("kv_lora_rank", [config.layer_kv_lora_rank(i) for i in range(n)])
+    rope = _uniform("qk_rope_head_dim", [config.layer_rope_dim(i) for i in range(n)])
     if rope == 0 or config.head_dim % rope:
         raise MLAError(f"the deepseek_v3 format needs a RoPE width dividing head_dim {config.head_dim}, not {rope}")
     stride = config.head_dim // rope

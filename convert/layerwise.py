@@ -112,7 +112,7 @@ class RenamedReader(TensorReader):
     of a multimodal checkpoint: ``model.`` -> ``model.language_model.``)."""
 
     def __init__(self, inner: TensorReader, prefixes: dict[str, str]):
-        self.inner, self.prefixes = inner, prefixes
+        self.inner = inner
         self.stored = {}
         inner_names = inner.names()
         for ours, theirs in prefixes.items():

@@ -178,14 +178,14 @@ def test_gemma3_multimodal_checkpoint_exports_its_text_model(tmp_path):
     assert (ref - got).abs().max().item() < TOL
 
 
-ROPE_VARIANTS = {  # dynamic RoPE types: the export reproduces the switch past the pretraining length (64 here)
+ROPE_VARIANTS = {  # dynamic RoPE types on a TINY model: the export reproduces the switch past the trained length (64)
     "phi3-longrope": ("phi3", {"rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 2.5, 4.0, 6.0],
         "original_max_position_embeddings": 64}, "original_max_position_embeddings": 64, "rope_theta": None}),
     "qwen3-yarn": ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                  "original_max_position_embeddings": 64}, "rope_theta": None}),
-    "llama-dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama-dynamic": ("llama-gqa", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
                                 "max_position_embeddings": 64, "rope_theta": None}),
 }
 
@@ -194,9 +194,9 @@ ROPE_VARIANTS = {  # dynamic RoPE types: the export reproduces the switch past t
 def test_dynamic_rope_types_are_lossless_past_the_trained_length(variant, tmp_path, monkeypatch):
     import conftest
 
-    base, extra = ROPE_VARIANTS[variant]
-    _, heads, kv_heads, family = TINY["phi3" if base == "phi3" else ("qwen3" if base == "qwen3" else "llama-gqa")]
-    monkeypatch.setitem(conftest.TINY, variant, (base, heads, kv_heads, {**family, **extra}))
+    tiny, extra = ROPE_VARIANTS[variant]
+    model_type, heads, kv_heads, family = TINY[tiny]
+    monkeypatch.setitem(conftest.TINY, variant, (model_type, heads, kv_heads, {**family, **extra}))
     src = tmp_path / "src"
     conftest.make_tiny(src, variant)
     convert_tiny(src, tmp_path / "m", kv_budget=1.0, calib_len=48)
