@@ -16,12 +16,14 @@ eigendecomposition is computed once and passed forward to the layer's tensors.
 """
 
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import Layout
 from .assemble import LayerPlan, assemble, decompose, read_attention, rope_scores
+from .deepseek import strides as deepseek_strides
 from .errors import MLAError
 
 MIN_RANK = 4
@@ -84,6 +86,18 @@ def allocate_ranks(spectra: list[torch.Tensor], ropes: list[int], total: int, fl
     return ranks
 
 
+@dataclass
+class Strided:
+    """The DeepSeek-V3 format's constraints on a conversion (``deepseek.check_layout``): one latent rank and one RoPE
+    width ``r`` for all layers, the RoPE frequencies ``0, c, 2c, ...`` (one rotated component each, ``c`` the same in
+    every layer, every one in ``eligible``) and a normalised latent. ``total``: cached values per token per layer;
+    ``ropes``: the RoPE widths to choose from (the one with the lowest estimated loss wins)."""
+
+    total: int
+    ropes: list[int]
+    eligible: set[int]
+
+
 class LayerConverter:
     """Turns per-layer statistics into MLA attention tensors, handed to ``sink(i, tensors, freq_index)``.
 
@@ -92,18 +106,27 @@ class LayerConverter:
     """
 
     def __init__(self, layout: Layout, cfg, plans, reader, sink, store, totals: tuple[int, int] | None = None,
-                 lossless: bool = False):
+                 lossless: bool = False, strided: Strided | None = None):
         self.layout, self.cfg, self.plans, self.reader, self.sink, self.store = layout, cfg, plans, reader, sink, store
         self.totals = totals
+        self.strided = strided
+        self.stride: int | None = None
+        self.norm_fits: dict[int, dict] = {}
+        self.search: list[dict] = []
         self.rope_method, self.factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
         self.scored: dict[int, tuple] = {}
         self.freq_index: dict[int, list[int]] = {}
         self.seconds: dict[str, float] = {"rope": 0.0, "decompose": 0.0, "assemble": 0.0}
 
-    def _emit(self, i: int, w, dec, rank: int) -> None:
+    def _emit(self, i: int, w, dec, rank: int, stats=None) -> None:
         t0 = time.perf_counter()
+        samples, report = None, None
+        if self.strided is not None:  # the latent norm, fitted on the layer's calibration tokens
+            fisher = self.factor_method == "fisher"
+            samples = (stats.x_sample, stats.w_k_sample if fisher else None, stats.w_v_sample if fisher else None)
+            report = self.norm_fits.setdefault(i, {})
         tensors = assemble(w, dec, self.layout, rank, self.layout.layer_frequencies(i)[1],
-                           self.layout.layer_rotary_dim(i))
+                           self.layout.layer_rotary_dim(i), samples, report)
         self.seconds["assemble"] += time.perf_counter() - t0
         self.freq_index[i] = dec.split.freq_index
         self.sink(i, tensors, dec.split.freq_index)
@@ -111,7 +134,7 @@ class LayerConverter:
     def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False):
         t0 = time.perf_counter()
         dec = decompose(w, stats, self.layout, i, d_rope, self.rope_method, method, self.cfg.rope_span, scored,
-                        spectrum)
+                        spectrum, self.stride)
         self.seconds["decompose"] += time.perf_counter() - t0
         return dec
 
@@ -122,7 +145,7 @@ class LayerConverter:
             plan = self.plans[i]
             self._emit(i, w, self._decompose(i, w, stats, plan.d_rope, self.factor_method), plan.rank)
             return
-        if self.rope_method == "rotate":
+        if self.rope_method == "rotate" or self.strided is not None:
             t0 = time.perf_counter()
             self.scored[i] = rope_scores(stats, self.layout, i, self.rope_method, self.cfg.rope_span)
             self.seconds["rope"] += time.perf_counter() - t0
@@ -131,7 +154,9 @@ class LayerConverter:
     def finish(self) -> tuple[list[LayerPlan], list[list[int]]]:
         """Allocate (when needed), convert the layers not yet converted; return (plans, freq_index per layer)."""
         n = self.layout.num_layers
-        if self.plans is None:
+        if self.strided is not None:
+            self._finish_strided()
+        elif self.plans is None:
             total, d_rope = self.totals
             # scores of unrotated selections are per head and not comparable across layers
             ropes = allocate_ropes([self.scored[i][1] for i in range(n)], d_rope) if self.rope_method == "rotate" \
@@ -161,3 +186,46 @@ class LayerConverter:
         if missing:
             raise MLAError(f"internal error: layer {missing[0]} was never converted")
         return self.plans, [self.freq_index[i] for i in range(n)]
+
+    def _finish_strided(self) -> None:
+        """Choose ``(r, c)`` for all layers, then convert every layer with rank ``total - r`` and a normalised latent.
+
+        For each RoPE width the stride whose kept components score highest over all layers; with several widths, the
+        estimated loss of each (the RoPE scores of the components that lose RoPE plus the Fisher eigenvalues the latent
+        drops, both in nats: ``allocate``'s fisher allocation) picks one."""
+        n, half = self.layout.num_layers, self.layout.rotary_dim // 2
+        plan = self.strided
+        scores = [self.scored[i][1] for i in range(n)]  # (half, g) per layer
+        options = []
+        for r in plan.ropes:
+            cs = deepseek_strides(plan.eligible, half, r // 2)
+            if not cs or not 1 <= plan.total - r:
+                continue
+            kept = {c: sum(float(sc[[j * c for j in range(r // 2)]].max(1).values.sum()) for sc in scores) for c in cs}
+            c = max(cs, key=lambda c: (kept[c], -c))
+            options.append({"qk_rope_head_dim": r, "rope_stride": c, "kv_lora_rank": plan.total - r,
+                            "rope_loss": sum(float(sc.sum()) for sc in scores) - kept[c]})
+        if not options:
+            raise MLAError(f"no RoPE width in {plan.ropes} fits the deepseek_v3 format's frequencies for this model")
+        if len(options) > 1:
+            for opt in options:
+                opt["latent_loss"] = 0.0
+            for i in tqdm(range(n), desc="choose rank / RoPE split", unit="layer"):
+                w, stats = read_attention(self.reader, i, self.layout), self.store.get(f"stats{i}")
+                for opt in options:
+                    self.stride = opt["rope_stride"]
+                    dec = self._decompose(i, w, stats, opt["qk_rope_head_dim"], "fisher", self.scored[i],
+                                          spectrum=True)
+                    opt["latent_loss"] += float(dec.spectrum[0][opt["kv_lora_rank"]:].sum())
+                del stats
+            for opt in options:
+                opt["estimated_loss"] = opt["rope_loss"] + opt["latent_loss"]
+            self.search = options
+        best = min(options, key=lambda o: o.get("estimated_loss", 0.0))
+        self.stride, r, rank = best["rope_stride"], best["qk_rope_head_dim"], best["kv_lora_rank"]
+        self.plans = [LayerPlan(rank=rank, d_rope=r) for _ in range(n)]
+        for i in tqdm(range(n), desc="convert layers", unit="layer"):
+            w = read_attention(self.reader, i, self.layout)
+            stats = self.store.pop(f"stats{i}")
+            self._emit(i, w, self._decompose(i, w, stats, r, self.factor_method, self.scored[i]), rank, stats)
+

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MLAError
-from .factorize import LatentStats, joint_latent, latent_spectrum
+from .factorize import LatentStats, joint_latent, latent_spectrum, normalised_latent, output_metric
 from .ropesplit import RopeSplit, component_scores, rope_split
 
 
@@ -111,11 +111,12 @@ class Decomposition:
 
 
 def decompose(w: AttentionWeights, stats, layout, i: int, d_rope: int, rope_method: str, factor_method: str,
-              span: int, scored=None, spectrum: bool = False) -> Decomposition:
-    """The RoPE split of layer ``i`` and its latent problem; ``spectrum`` also eigen-decomposes it."""
+              span: int, scored=None, spectrum: bool = False, stride: int | None = None) -> Decomposition:
+    """The RoPE split of layer ``i`` and its latent problem; ``spectrum`` also eigen-decomposes it (``stride``: one
+    RoPE component at every ``stride``-th frequency, ``ropesplit.strided_pairs``)."""
     g, d_h = layout.num_kv_heads, layout.head_dim
     split = rope_split(stats, g, d_h, layout.num_heads, d_rope, rope_method, rope_theta(layout, i), span, scored,
-                       layout.layer_rotary_dim(i))
+                       layout.layer_rotary_dim(i), stride)
     r_nope = split.rotation[d_rope:]  # (D_n, g*d_h)
     transform = torch.block_diag(r_nope, torch.eye(g * d_h, dtype=torch.float64))  # y = [k; v] -> Z
     if layout.qk_norm:
@@ -141,17 +142,31 @@ def _q_scale(layout, d_rope: int) -> float:
 
 
 def assemble(w: AttentionWeights, dec: Decomposition, layout, rank: int, rope_scaling: float = 1.0,
-             rotary_dim: int | None = None):
+             rotary_dim: int | None = None, norm_samples: tuple | None = None, report: dict | None = None):
     """Return the new attention tensors of one layer (float64, names relative to ``self_attn``).
 
     ``rope_scaling``: the RoPE's attention scaling (YaRN, LongRoPE), which the source applies to the cos/sin of its
-    first ``rotary_dim`` dims: the no-RoPE query rows of those dims carry its square."""
+    first ``rotary_dim`` dims: the no-RoPE query rows of those dims carry its square.
+    ``norm_samples``: ``(x~ (M, d+1), w_k, w_v)`` calibration tokens: the latent is normalised (``kv_a_layernorm``,
+    DeepSeek's latent RMSNorm, gain 1) and the up-projection fitted on them (``factorize.normalised_latent``);
+    ``report`` receives the fit (relative errors with and without the norm)."""
     g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
     group = n_h // g
     d_rope = dec.split.d_rope
     r_pe, r_nope = dec.split.rotation[:d_rope], dec.split.rotation[d_rope:]  # (d_rope, g*d_h), (D_n, g*d_h)
     n_key = dec.n_key
     down, up = joint_latent(dec.z_aug, n_key, rank, dec.method, dec.stats, dec.spectrum)
+    latent_gain = None  # the latent norm's gain (kv_a_layernorm), when the latent is normalised
+    if norm_samples is not None:
+        if layout.qk_norm:
+            raise MLAError("a normalised latent (kv_a_layernorm) is not supported with QK-norm")
+        metric = dec.spectrum[2] if dec.spectrum is not None else output_metric(n_key, dec.z_aug.shape[0],
+                                                                                 dec.method, dec.stats)
+        transform, up, fit = normalised_latent(down, up, dec.z_aug, metric, n_key, *norm_samples)
+        down = transform @ down  # (r, d+1): the cached latent, normalised by the layer
+        latent_gain = torch.ones(rank, dtype=torch.float64)
+        if report is not None:
+            report.update(fit)
     up_k, up_v = up[:n_key], up[n_key:]  # (D_n, r), (g*d_h, r)
 
     scale = _q_scale(layout, d_rope)
@@ -185,6 +200,8 @@ def assemble(w: AttentionWeights, dec: Decomposition, layout, rank: int, rope_sc
         "kv_b_proj.weight": torch.cat(kv_b_rows),  # (n_h*2*d_h, r)
         "o_proj.weight": w.o_weight,
     }
+    if latent_gain is not None:
+        tensors["kv_a_layernorm.weight"] = latent_gain
     if normed:
         tensors["q_norm.weight"] = torch.cat(gains).view(n_h, d_h + d_rope)
         tensors["k_proj.weight"] = w.k_aug[:, :-1]

@@ -37,6 +37,9 @@ class LayerStats:
     cov_v: torch.Tensor | None = None  # (2g*d_h, 2g*d_h)  E[|g_v|^2 y y^T]
     trace_k: float = 0.0  # E[|g_k|^2 |x~|^2]
     trace_v: float = 0.0  # E[|g_v|^2 |x~|^2]
+    x_sample: torch.Tensor | None = None  # (M, d+1) float32: every n-th calibration input x~ (when asked for)
+    w_k_sample: torch.Tensor | None = None  # (M,) |g_k|^2 of those tokens (with gradients)
+    w_v_sample: torch.Tensor | None = None  # (M,) |g_v|^2
 
     @property
     def has_gradients(self) -> bool:
@@ -50,7 +53,10 @@ class LayerStats:
 class _Accumulator:
     """Sums for one layer; ``finish`` divides by the token count."""
 
-    def __init__(self, w_kv: torch.Tensor, gradients: bool):
+    def __init__(self, w_kv: torch.Tensor, gradients: bool, sample_every: int = 0):
+        self.sample_every = sample_every  # keep every n-th token's input x~ (0: none)
+        self.samples: dict[str, list] = {"x": [], "k": [], "v": []}
+        self.picked: torch.Tensor | None = None  # rows of the current batch that are kept
         self.w_kv = w_kv  # (2g*d_h or g*d_h, d+1) float64 [W b] of k and v (of v alone with QK-norm), on the device
         self.gradients = gradients
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -71,6 +77,10 @@ class _Accumulator:
             y = torch.cat((k.detach().reshape(xa.shape[0], -1).to(torch.float64), y), dim=1)
         self._add("cov", y.T @ y)
         self._add("q_energy", (q.detach().reshape(xa.shape[0], -1).to(torch.float64) ** 2).sum(0))
+        if self.sample_every:
+            rows = torch.arange(xa.shape[0], device=xa.device)
+            self.picked = rows[(self.tokens + rows) % self.sample_every == 0]
+            self.samples["x"].append(xa[self.picked].float().cpu())
         self.tokens += xa.shape[0]
         if self.gradients:
             self.y, self.x_norm2 = y, (xa**2).sum(1)
@@ -82,10 +92,17 @@ class _Accumulator:
         self._add(f"grad_{name}", unit.T @ unit)
         self._add(f"cov_{name}", (self.y * norm2[:, None]).T @ self.y)
         self._add(f"trace_{name}", float((norm2 * self.x_norm2).sum()))
+        if self.sample_every:
+            self.samples[name].append(norm2[self.picked].float().cpu())
 
     def finish(self) -> LayerStats:
         n = max(self.tokens, 1)
-        return LayerStats(**{k: (v / n).cpu() if torch.is_tensor(v) else v / n for k, v in self.sums.items()})
+        stats = LayerStats(**{k: (v / n).cpu() if torch.is_tensor(v) else v / n for k, v in self.sums.items()})
+        if self.sample_every:
+            stats.x_sample = torch.cat(self.samples["x"])
+            if self.samples["k"]:
+                stats.w_k_sample, stats.w_v_sample = torch.cat(self.samples["k"]), torch.cat(self.samples["v"])
+        return stats
 
 
 def _taps(attn, layout) -> dict:
@@ -154,14 +171,16 @@ def _w_kv(attn, layout, device) -> torch.Tensor:
 
 
 def sweep(lw, layout, windows: torch.Tensor, batch_size: int, gradients: bool, on_layer, store, extra=None,
-          desc: str = "calibrate"):
+          desc: str = "calibrate", samples: int = 0):
     """Run ``lw`` (a ``LayerwiseModel`` of a source with ``layout``) over ``windows`` (N, T) layer by layer; call
     ``on_layer(i, stats)`` for each layer as its statistics complete (layer order without gradients, reverse order
     with them).
 
     ``store`` (a ``layerwise.Spill``) keeps the boundary hidden states. ``extra`` (M, T') are more windows pushed
     through the source alongside (no statistics): their final hidden states are returned (the verification reference).
+    ``samples``: also keep about this many tokens' attention inputs per layer (``LayerStats.x_sample``).
     """
+    every = -(-windows.numel() // samples) if samples else 0
     batches = [windows[s : s + batch_size] for s in range(0, len(windows), batch_size)]
     n = lw.num_layers
     with torch.no_grad():
@@ -171,7 +190,7 @@ def sweep(lw, layout, windows: torch.Tensor, batch_size: int, gradients: bool, o
         if gradients:  # statistics come in the reverse sweep, which recomputes this layer from its input
             store.put(f"h{i}", torch.cat(states))
         attn = lw.load(i).self_attn
-        acc = None if gradients else _Accumulator(_w_kv(attn, layout, lw.device), gradients=False)
+        acc = None if gradients else _Accumulator(_w_kv(attn, layout, lw.device), gradients=False, sample_every=every)
         handles = _hooks(attn, acc, layout) if acc is not None else []
         try:
             with torch.no_grad():
@@ -192,7 +211,7 @@ def sweep(lw, layout, windows: torch.Tensor, batch_size: int, gradients: bool, o
     for i in tqdm(reversed(range(n)), total=n, desc=f"{desc}: backward", unit="layer"):
         inputs = store.pop(f"h{i}").split(batch_size)
         attn = lw.load(i).self_attn
-        acc = _Accumulator(_w_kv(attn, layout, lw.device), gradients=True)
+        acc = _Accumulator(_w_kv(attn, layout, lw.device), gradients=True, sample_every=every)
         handles = _hooks(attn, acc, layout)
         try:
             for b, h in enumerate(inputs):

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from .data import CALIBRATION_DEFAULT
+from .deepseek import FORMATS
 from .errors import MLAError
 from .factorize import FACTOR_METHODS
 from .ropesplit import ROPE_METHODS
@@ -65,9 +66,18 @@ class ConvertConfig:
     verify_seqs: int = opt(2, "Sequences of calibration text on which the export's logits are compared to the source's.")
     batch_size: int = opt(4, "Batch size for calibration and verification forwards.")
     overwrite: bool = opt(False, "Replace an existing non-empty OUT.")
+    format: str = opt(
+        "mla",
+        "Export format: mla (our remote code: per-layer ranks, exact at budget 1) or deepseek_v3 (a stock "
+        "DeepseekV3ForCausalLM checkpoint that transformers, vLLM and SGLang load without remote code: one latent rank "
+        "and RoPE width for all layers, chosen for the budget; every c-th RoPE frequency; a normalised latent; "
+        "Llama-style models without biases only; --rank-alloc does not apply).",
+    )
 
     def validate(self) -> None:
         check_finite(self)
+        if self.format not in FORMATS:
+            raise MLAError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise MLAError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if self.kv_budget is not None and (self.kv_lora_rank is not None or self.rope_dim is not None):
@@ -143,6 +153,10 @@ class RecoverConfig:
     gradient_checkpointing: bool = opt(
         False, "Recompute each decoder layer's activations in the backward pass instead of storing them (less memory "
         "for big models and long sequences, about a third more compute; the same losses).")
+    format: str | None = opt(
+        None, "Output format: mla or deepseek_v3 (a stock DeepseekV3ForCausalLM checkpoint; the converted model must "
+        "meet its constraints, i.e. come from mla convert --format deepseek_v3). Default: the converted model's own "
+        "format. Training always runs with the latent norm in place.")
 
     def validate(self) -> None:
         check_finite(self, flags=False)
@@ -178,6 +192,8 @@ class RecoverConfig:
             raise MLAError("a module cannot be in both lora_targets and full_targets")
         if not split_list(self.data):
             raise MLAError("data is empty: give at least one training text source")
+        if self.format is not None and self.format not in FORMATS:
+            raise MLAError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.val_data and self.val_data in split_list(self.data):
             raise MLAError(f"val_data {self.val_data!r} is also training data; evaluate on held-out text")
         if self.val_data and self.val_tokens and self.val_tokens < self.seq_len:

@@ -82,15 +82,22 @@ def _problem(n_key: int, total: int, method: str, zs: LatentStats):
     return cov, torch.diag(scale)
 
 
+def output_metric(n_key: int, total: int, method: str, zs: LatentStats) -> torch.Tensor:
+    """The metric ``L`` (D x D) in which ``method`` measures errors of ``Z`` (identity for svd without data)."""
+    if method == "svd":
+        if zs.cov is not None and 0 < n_key < total:
+            return _problem(n_key, total, "pca", zs)[1]
+        return torch.eye(total, dtype=torch.float64)
+    return _problem(n_key, total, method, zs)[1]
+
+
 def latent_spectrum(z_aug, n_key: int, method: str, zs: LatentStats):
     """``(evals, basis, L)``: the eigen-decomposition (descending) of one layer's latent problem."""
     if method not in FACTOR_METHODS:
         raise MLAError(f"unknown factorization {method!r}; choose from {', '.join(FACTOR_METHODS)}")
     total = z_aug.shape[0]
     if method == "svd":
-        metric = torch.eye(total, dtype=torch.float64)
-        if zs.cov is not None and 0 < n_key < total:
-            metric = _problem(n_key, total, "pca", zs)[1]
+        metric = output_metric(n_key, total, method, zs)
         u, sv, _ = torch.linalg.svd(metric @ z_aug, full_matrices=True)
         evals = torch.zeros(u.shape[0], dtype=torch.float64)
         evals[: sv.shape[0]] = sv**2
@@ -123,3 +130,62 @@ def joint_latent(z_aug, n_key: int, rank: int, method: str, zs: LatentStats, spe
             cc = cc + 1e-9 * torch.trace(cc) / rank * torch.eye(rank, dtype=cc.dtype)
             up[rows] = torch.linalg.solve(cc, proj @ c[:, rows]).T  # A S Z_rows^T
     return down, up
+
+
+NORM_EPS = 1e-6  # transformers' DeepseekV3 latent RMSNorm
+NORM_STEPS = 300  # Adam steps of the pre-norm transform
+NORM_MAX_COND = 10.0  # its largest / smallest singular value, at most (recovery trains the latent rows stably)
+
+
+def _steady_transform(c: torch.Tensor) -> torch.Tensor:
+    """``T`` (r, r) that makes ``|T c_t|^2`` as nearly the same for every token as it can: minimises
+    ``Var_t |T c_t|^2 / (E_t |T c_t|^2)^2`` (Adam from the identity; singular values clamped to a condition number of
+    ``NORM_MAX_COND``), scaled so that the mean square of ``T c`` is 1."""
+    cs = c / c.pow(2).mean().clamp_min(1e-30).sqrt()
+    t = torch.eye(c.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([t], lr=1e-2)
+    for _ in range(NORM_STEPS):
+        q = (cs @ t.T).pow(2).sum(1)  # (M,)
+        loss = q.var() / q.mean() ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    u, s, vh = torch.linalg.svd(t.detach())
+    t = (u * s.clamp_min(float(s[0]) / NORM_MAX_COND)) @ vh
+    return t / float((c @ t.T).pow(2).mean().clamp_min(1e-30).sqrt())
+
+
+def normalised_latent(down: torch.Tensor, up: torch.Tensor, z_aug: torch.Tensor, metric: torch.Tensor, n_key: int,
+                      x: torch.Tensor, w_k: torch.Tensor | None = None, w_v: torch.Tensor | None = None):
+    """Fit a normalised latent (DeepSeek's ``kv_a_layernorm``, always applied) to the plain one:
+    ``(transform, up_norm, fit)``.
+
+    The cached latent becomes ``c' = T c`` (``c = down x~``) and the keys / values ``Z ~= B' u`` with
+    ``u = c' / rms(c')`` (the norm's gain left at 1). A per-token RMS that varies rescales each token's keys and values,
+    so ``T`` makes ``|T c|`` as nearly constant over tokens as it can (``_steady_transform``), then ``B'`` is the
+    least-squares fit of the exact ``Z = z_aug x~`` on ``u`` over the calibration tokens ``x`` (M, d+1), keys and
+    values each weighted per token by ``w_k`` / ``w_v`` (the squared loss gradients with ``fisher``, else 1).
+    ``fit``: the relative error ``sum_t w_t |L (Z_t - Zhat_t)|^2 / sum_t w_t |L Z_t|^2`` (``L`` the factorization's
+    metric) of the normalised latent and of the plain one (``up c``), and the tokens used."""
+    x = x.to(torch.float64)
+    c, z = x @ down.T, x @ z_aug.T  # (M, r), (M, D)
+    t = _steady_transform(c)
+    tc = c @ t.T
+    u = tc / (tc.pow(2).mean(1, keepdim=True) + NORM_EPS).sqrt()  # (M, r)
+    ones = torch.ones(x.shape[0], dtype=torch.float64)
+    blocks = ((slice(0, n_key), ones if w_k is None else w_k.to(torch.float64)),
+              (slice(n_key, z.shape[1]), ones if w_v is None else w_v.to(torch.float64)))
+    up_norm = torch.zeros_like(up)
+    for rows, w in blocks:
+        gram = (u * w[:, None]).T @ u  # (r, r)
+        gram = gram + 1e-9 * torch.trace(gram) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+        up_norm[rows] = torch.linalg.solve(gram, (u * w[:, None]).T @ z[:, rows]).T
+
+    def error(pred):
+        lz, ld = z @ metric.T, (pred - z) @ metric.T
+        num = sum(float((w[:, None] * ld[:, rows] ** 2).sum()) for rows, w in blocks)
+        return num / max(sum(float((w[:, None] * lz[:, rows] ** 2).sum()) for rows, w in blocks), 1e-30)
+
+    fit = {"error": error(u @ up_norm.T), "error_plain": error(c @ up.T), "samples": int(x.shape[0]),
+           "condition": float(torch.linalg.cond(t))}
+    return t, up_norm, fit

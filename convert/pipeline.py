@@ -6,6 +6,8 @@ each layer is converted as soon as its statistics (or, with per-layer rank alloc
 are complete, and the export is written shard by shard. Memory: one layer, the embedding or one output-head chunk,
 the boundary states (on disk beyond ``SPILL_BYTES``) and one layer's statistics. Sources that are not a local
 safetensors folder (GGUF, ``.bin``, Hub ids) are loaded whole by transformers, then converted the same way.
+With ``--format deepseek_v3`` the layers are converted under that format's constraints (``deepseek``), verified
+as our MLA model, then the folder is rewritten as a stock DeepSeek-V3 checkpoint.
 """
 
 import os
@@ -19,11 +21,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import Layout, read_layout, text_config
-from .allocate import LayerConverter, budget_totals, lossless_plans, uniform_plans
+from .allocate import MIN_RANK, LayerConverter, Strided, budget_totals, lossless_plans, uniform_plans
 from .assemble import LayerPlan
 from .calibrate import sweep
 from .config import ConvertConfig
 from .data import load_texts, token_windows
+from .deepseek import check_layout, write_deepseek_v3
 from .errors import MLAError
 from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, open_reader, write_error
 from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, write_json
@@ -32,6 +35,8 @@ from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.33 MLA head sizes (docs/deepseek-v3-serving-research.md)
+NORM_SAMPLES = 4096  # calibration tokens per layer on which the deepseek_v3 format's latent norm is fitted
 SPILL_BYTES = int(os.environ.get("MLA_SPILL_BYTES", 2**30))  # in-memory boundary states / statistics before disk
 
 
@@ -56,6 +61,27 @@ def check_plan(layout: Layout, cfg: ConvertConfig) -> list[LayerPlan] | None:
     return uniform_plans(layout, total - d_rope, d_rope) if cfg.rank_alloc == "uniform" else None
 
 
+def strided_plan(layout: Layout, cfg: ConvertConfig, eligible: set[int]) -> Strided:
+    """The deepseek_v3 format's plan: cached values per layer and the RoPE widths to choose from (explicit ranks:
+    exactly those; with rotate + fisher, every multiple of 8 up to ``head_dim``, chosen by estimated loss; otherwise
+    ``rope_share`` of the budget)."""
+    if cfg.kv_lora_rank is not None:  # check_plan validated them
+        if not 2 <= cfg.rope_dim <= layout.rotary_dim:
+            raise MLAError(f"--format deepseek_v3 needs --rope-dim between 2 and head_dim {layout.rotary_dim}")
+        return Strided(cfg.kv_lora_rank + cfg.rope_dim, [cfg.rope_dim], eligible)
+    budget = _requested_budget(cfg)
+    total = round(budget * 2 * layout.kv_dim)
+    if total < 3:
+        raise MLAError(f"--kv-budget {budget} leaves no room for a latent and a RoPE key ({total} values per token "
+                       "per layer)")
+    top = min(layout.rotary_dim, total - MIN_RANK)
+    ropes = list(range(8, top + 1, 8)) if cfg.rope_method == "rotate" and cfg.factor_method == "fisher" else []
+    if not ropes:
+        share = 2 * round(cfg.rope_share * total / 2)
+        ropes = [max(2, min(share, layout.rotary_dim, 2 * ((total - 1) // 2)))]
+    return Strided(total, ropes, eligible)
+
+
 def is_lossless(layout: Layout, plans: list[LayerPlan] | None) -> bool:
     return plans is not None and plans == lossless_plans(layout)
 
@@ -70,13 +96,17 @@ def needs_statistics(layout: Layout, cfg: ConvertConfig, plans: list[LayerPlan] 
     return not is_lossless(layout, plans)
 
 
-def layer_converter(layout: Layout, cfg: ConvertConfig, plans, reader, sink, store):
-    """The LayerConverter for ``cfg`` (plans None: fisher allocation under the budget's totals)."""
+def layer_converter(layout: Layout, cfg: ConvertConfig, plans, reader, sink, store, strided: Strided | None = None):
+    """The LayerConverter for ``cfg`` (plans None: fisher allocation under the budget's totals, or the deepseek_v3
+    format's ``strided`` plan)."""
+    if strided is not None:
+        return LayerConverter(layout, cfg, None, reader, sink, store, strided=strided)
     totals = None if plans is not None else budget_totals(layout, cfg, _requested_budget(cfg))
     return LayerConverter(layout, cfg, plans, reader, sink, store, totals, is_lossless(layout, plans))
 
 
-def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype):
+def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype,
+                 latent_norm: bool = False):
     from mla_modeling.configuration_mla import MLAConfig
 
     ranks = [p.rank for p in plans]
@@ -109,6 +139,7 @@ def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index:
         sliding_window=layout.sliding_window,
         layer_types=layout.layer_types,
         qk_norm=layout.qk_norm,
+        kv_a_layernorm=latent_norm,
         **layout.decoder,
     )
     config.architectures = ["MLAForCausalLM"]
@@ -266,7 +297,10 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     full_config = load_config(source)
     layout = read_layout(full_config)
     src_config = text_config(full_config)  # the model that is converted (a multimodal checkpoint's text model)
-    plans = check_plan(layout, cfg)
+    deepseek = cfg.format == "deepseek_v3"
+    plans = check_plan(layout, cfg)  # validates the ranks / budget in every format
+    strided = strided_plan(layout, cfg, check_layout(layout, cfg)) if deepseek else None
+    plans = None if deepseek else plans
     check_weights(source, full_config)  # before the text download and any allocation
     texts = load_texts(cfg.calib)
     dtype, work_dtype = _export_dtype(cfg, full_config), compute_dtype(device, full_config)
@@ -290,10 +324,10 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
         store = Spill(tmp / ".work", SPILL_BYTES)
         writer = ShardWriter(tmp)
         sink = _ExportSink(writer, lw, dtype, layout)
-        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store)
+        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store, strided)
         if needs_statistics(layout, cfg, plans):
             ref_h = sweep(lw, layout, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add, store,
-                          extra=verify)
+                          extra=verify, samples=NORM_SAMPLES if deepseek else 0)
         else:
             ref_h = run_layers(lw, verify, "reference")
             for i in range(layout.num_layers):
@@ -307,7 +341,7 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
             raise write_error(err, tmp) from None
         t0 = lap("convert", t0)
 
-        config = build_config(src_config, layout, plans, freq_index, dtype)
+        config = build_config(src_config, layout, plans, freq_index, dtype, latent_norm=deepseek)
         try:
             config.save_pretrained(tmp)
             copy_remote_code(tmp)
@@ -321,6 +355,18 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
         t0 = lap("verify", t0)
         record = _record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
         record["verify"] = verify_result
+        if deepseek:  # the verified MLA model, rewritten as the stock format (the same model)
+            fits = [converter.norm_fits[i] for i in range(layout.num_layers)]
+            record["deepseek_v3"] = {**write_deepseek_v3(tmp, config), "rope_search": converter.search,
+                                     "latent_norm": {"samples_per_layer": fits[0]["samples"],
+                                                     **{k: [f[k] for f in fits] for k in
+                                                        ("error", "error_plain", "condition")}}}
+            t0 = lap("write deepseek_v3", t0)
+            width = record["deepseek_v3"]["kv_lora_rank"] + record["deepseek_v3"]["qk_rope_head_dim"]
+            if width not in VLLM_MLA_WIDTHS:
+                log(f"note: vLLM's MLA attention takes kv_lora_rank + qk_rope_head_dim of {VLLM_MLA_WIDTHS} only; "
+                    f"this export's {width} runs there with VLLM_MLA_DISABLE=1 (no latent cache) or in SGLang "
+                    "(--attention-backend triton); see README")
         record["elapsed_s"] = round(time.time() - started, 1)
         record["profile"] = {
             "device": str(device), "compute_dtype": str(work_dtype).replace("torch.", ""), **peak_memory(device),
@@ -333,7 +379,8 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
         write_json(tmp / "mla_conversion.json", record)
     kv = record["kv_cache"]
     prof = record["profile"]
-    log(f"converted {src} -> {out}: KV cache {kv['original_bytes_per_token']} -> {kv['mla_bytes_per_token']} "
+    fmt = " (stock deepseek_v3)" if cfg.format == "deepseek_v3" else ""
+    log(f"converted {src} -> {out}{fmt}: KV cache {kv['original_bytes_per_token']} -> {kv['mla_bytes_per_token']} "
         f"bytes/token ({kv['ratio']:.2%}, {1 - kv['ratio']:.1%} saved); verify top-1 agreement "
         f"{record['verify']['top1_agreement']:.1%}, max |dlogit| {record['verify']['max_abs_logit_diff']:.2e}; "
         f"{record['elapsed_s']:.0f}s, peak RSS {prof['peak_rss_bytes'] / 2**30:.2f} GiB")
@@ -367,6 +414,7 @@ def _record(src, source, cfg: ConvertConfig, layout: Layout, plans, freq_index, 
     esize = torch.empty((), dtype=dtype).element_size()
     return {
         "format_version": 1,
+        "format": cfg.format,
         "tool": f"mla-retrofit {__version__}",
         "source": {
             "spec": src,
@@ -383,7 +431,7 @@ def _record(src, source, cfg: ConvertConfig, layout: Layout, plans, freq_index, 
             "rope": cfg.rope_method,
             "rope_span": cfg.rope_span,
             "factorization": cfg.factor_method,
-            "rank_alloc": cfg.rank_alloc,
+            "rank_alloc": "uniform" if cfg.format == "deepseek_v3" else cfg.rank_alloc,
             "rope_share": cfg.rope_share,
             "lossless": is_lossless(layout, plans),
             "dtype": str(dtype).replace("torch.", ""),

@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 
 from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
 from .data import load_texts, token_windows
+from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
 from .errors import MLAError
-from .save import atomic_dir, check_out, local_inputs, out_lock, save_state_dict, write_json
+from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_state_dict,
+                   write_json)
 from .sources import input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
@@ -124,17 +126,28 @@ def _read_record(converted: Path) -> dict:
 
 
 def _load_student(converted: Path):
-    from mla_modeling.modeling_mla import MLAForCausalLM
-
     try:
-        model, info = MLAForCausalLM.from_pretrained(converted, dtype=torch.float32, output_loading_info=True)
+        return load_mla(converted)
+    except MLAError:
+        raise
     except Exception as err:  # corrupt weights surface as many types
         first = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
         raise MLAError(f"could not load the converted model {converted}: {first}") from None
-    missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"]
-    if missing:
-        raise MLAError(f"weights of {converted} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
-    return model
+
+
+def output_format(converted: Path, cfg: RecoverConfig) -> str:
+    """The format ``mla finetune`` writes (``cfg.format``, else the converted model's own); MLAError, before any
+    training, when the converted model cannot be written as deepseek_v3."""
+    own = "deepseek_v3" if is_deepseek_v3(converted) else "mla"
+    fmt = cfg.format or own
+    if fmt == "deepseek_v3" and own == "mla":
+        from mla_modeling.configuration_mla import MLAConfig
+
+        try:
+            check_deepseek_v3(MLAConfig.from_pretrained(converted))
+        except MLAError as err:
+            raise MLAError(f"format deepseek_v3: {converted} cannot be written as deepseek_v3: {err}") from None
+    return fmt
 
 
 def _param_bytes(model) -> int:
@@ -287,6 +300,7 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
     if not teacher:
         raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
+    output_format(converted, cfg)
     readers = [converted, *input_paths(teacher), *data_inputs(cfg), *inputs]
     out = check_out(out, overwrite, readers)
     if ckpt_dir is None:
@@ -489,8 +503,7 @@ def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
 
 def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path) -> dict:
-    from mla_modeling.modeling_mla import MLAForCausalLM
-
+    fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
     with atomic_dir(out, overwrite) as tmp:
@@ -504,15 +517,23 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
         if merged.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_state_dict(state, tmp)
+        config = merged.config
+        config.dtype = dtype
         del state, merged
         for item in converted.iterdir():
             if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
                 shutil.copyfile(item, tmp / item.name)
+        if fmt == "deepseek_v3":
+            write_deepseek_v3(tmp, config)
+        elif is_deepseek_v3(converted):  # read from deepseek_v3, written as our own format
+            config.architectures, config.auto_map = ["MLAForCausalLM"], dict(AUTO_MAP)
+            config.save_pretrained(tmp)
+            copy_remote_code(tmp)
         final = evals[-1] if evals else None
         verify = None
         if val is not None:
             model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
-            reloaded = MLAForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(acc.device)
+            reloaded = load_mla(tmp).to(acc.device)
             nll = _nll(reloaded, val, micro)
             del reloaded
             verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
@@ -521,6 +542,7 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
                                f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
         steps = history[-1]["step"] if history else 0
         record = dict(record)
+        record["format"] = fmt
         record["recovery"] = {
             "teacher": teacher,
             "data": cfg.data,

@@ -111,20 +111,30 @@ def _select(scores: torch.Tensor, method: str, n_pairs: int) -> list[tuple[int, 
     return sorted(order[:n_pairs])
 
 
+def strided_pairs(scores: torch.Tensor, stride: int, n_pairs: int) -> list[tuple[int, int]]:
+    """One RoPE component per kept frequency, the kept frequencies every ``stride``-th (0, stride, 2*stride, ...): at
+    each, the best-scoring rotated component (what a stock DeepSeek RoPE of ``2 * n_pairs`` dims can carry)."""
+    half = scores.shape[0]
+    if n_pairs and (n_pairs - 1) * stride >= half:
+        raise MLAError(f"{n_pairs} RoPE frequencies every {stride}-th do not fit in {half}")
+    return [(j * stride, int(torch.argmax(scores[j * stride]))) for j in range(n_pairs)]
+
+
 def rope_split(stats, num_kv: int, head_dim: int, num_heads: int, d_rope: int, method: str, theta, span: int,
-               scored=None, rotary_dim: int | None = None) -> RopeSplit:
+               scored=None, rotary_dim: int | None = None, stride: int | None = None) -> RopeSplit:
     """The RoPE split of one layer from its calibration statistics (``scored``: ``component_scores`` already
-    computed for this layer, reused instead of recomputed)."""
+    computed for this layer, reused instead of recomputed; ``stride``: keep one component at every ``stride``-th
+    frequency, see ``strided_pairs``)."""
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
     if d_rope % 2 or not 0 <= d_rope <= num_kv * rotary_dim:
         raise MLAError(f"rope dim {d_rope} must be even and between 0 and {num_kv * rotary_dim}")
     half, n_pairs = rotary_dim // 2, d_rope // 2
-    if n_pairs == half * num_kv:  # everything keeps RoPE: identity, exactly lossless
+    if n_pairs == half * num_kv and stride is None:  # everything keeps RoPE: identity, exactly lossless
         method, scored = "high", None
     if scored is None:
         scored = component_scores(stats, num_kv, head_dim, num_heads, method, theta, span, rotary_dim)
     rotations, scores = scored
-    kept = _select(scores, method, n_pairs)
+    kept = _select(scores, method, n_pairs) if stride is None else strided_pairs(scores, stride, n_pairs)
     kept_set = set(kept)
     rest = [(i, c) for i in range(half) for c in range(num_kv) if (i, c) not in kept_set]
 

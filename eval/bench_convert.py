@@ -142,7 +142,8 @@ with torch.no_grad():
 cache = model(input_ids=ids, use_cache=True).past_key_values
 per_token = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                 if t is not None) // ids.shape[1]
-print(json.dumps({"dtype": str(next(model.parameters()).dtype), "finite": bool(torch.isfinite(logits).all()),
+print(json.dumps({"model_type": model.config.model_type,
+                  "dtype": str(next(model.parameters()).dtype), "finite": bool(torch.isfinite(logits).all()),
                   "cache_bytes_per_token": per_token,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -203,7 +204,8 @@ def summary(r: dict) -> str:
     ]
     if "load_check" in r:
         c = r["load_check"]
-        lines.append(f"load check: {c['dtype']}, finite logits {c['finite']}, cache {c['cache_bytes_per_token']} "
-                     f"bytes/token ({c['cache_ratio']:.1%} of the original), peak RSS "
+        what = ("transformers' decompressed cache" if c.get("model_type") == "deepseek_v3" else "cache")
+        lines.append(f"load check: {c.get('model_type', '')} {c['dtype']}, finite logits {c['finite']}, {what} "
+                     f"{c['cache_bytes_per_token']} bytes/token ({c['cache_ratio']:.1%} of the original), peak RSS "
                      f"{c['peak_rss_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)

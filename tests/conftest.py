@@ -52,8 +52,9 @@ def _tokenizer(folder: Path):
     return fast
 
 
-def make_tiny(folder: Path, name: str, seed: int = 0):
-    """Save a random tiny model of kind ``name`` (see TINY) with a tokenizer into ``folder``; return the model."""
+def make_tiny(folder: Path, name: str, seed: int = 0, **config):
+    """Save a random tiny model of kind ``name`` (see TINY, ``config``: more config settings) with a tokenizer into
+    ``folder``; return the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, heads, kv_heads, extra = TINY[name]
@@ -62,6 +63,7 @@ def make_tiny(folder: Path, name: str, seed: int = 0):
                   rope_theta=10000.0, tie_word_embeddings=(name not in ("qwen2", "phi3")), bos_token_id=1,
                   eos_token_id=2, pad_token_id=0)
     kwargs.update(extra)
+    kwargs.update(config)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)

@@ -199,6 +199,11 @@ BAD_OPTIONS = [
     _opt("rope-share", ["--rope-share", "1.5"], "--rope-share", "[0, 1)"),
     _opt("rope-span-zero", ["--rope-span", "0"], "--rope-span", ">= 1"),
     _opt("out-parent-missing", [], "parent folder"),
+    _opt("format", ["--format", "gguf"], "--format", "gguf", "deepseek_v3"),
+    _opt("format-deepseek-rope-method", ["--format", "deepseek_v3", "--rope-method", "high"], "deepseek_v3",
+         "--rope-method"),
+    _opt("format-deepseek-rope-too-wide", ["--format", "deepseek_v3", "--kv-lora-rank", "8", "--rope-dim", "20"],
+         "--rope-dim", "head_dim 16"),
 ]
 
 

@@ -31,3 +31,35 @@ def test_smollm2_converted_at_default_budget(tmp_path):
     assert len(ranks) == len(ropes) == 30 and sum(ranks) + sum(ropes) == 120 * 30
     assert record["ranks"]["kv_lora_rank"] == ranks and record["ranks"]["qk_rope_head_dim"] == ropes
     assert record["verify"]["top1_agreement"] > 0.4  # a working model, not noise (random would be ~0)
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_smollm2_as_stock_deepseek_v3(tmp_path):
+    """--format deepseek_v3 on the real model: 120 cached values per token and layer in every layer, stock
+    DeepseekV3ForCausalLM loads it, and it is the model the conversion verified (same KL to the source on the
+    verification windows, same logits as our MLA model read back from it)."""
+    from convert.config import ConvertConfig
+    from convert.data import load_texts
+    from convert.deepseek import load_mla
+    from convert.pipeline import calibration_windows
+    from convert.sources import load_model, load_tokenizer, resolve_source
+
+    out = tmp_path / "smollm2-ds"
+    settings = dict(calib="pydoc", calib_seqs=8, calib_len=256, verify_seqs=1)
+    record = convert_tiny("smollm2-135m", out, kv_budget=0.3125, format="deepseek_v3", **settings)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and "auto_map" not in config
+    assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 120  # round(0.3125 * 384)
+    assert record["kv_cache"]["mla_values_per_token"] == 120 * 30
+    ds = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(ds).__name__ == "DeepseekV3ForCausalLM"
+    source = resolve_source("smollm2-135m")
+    _, verify = calibration_windows(load_tokenizer(source), load_texts("pydoc"), ConvertConfig(**settings))
+    ref, _ = load_model(source, torch.float32)
+    with torch.no_grad():
+        p, q = ref(verify).logits.log_softmax(-1), ds(verify).logits
+        kl = float((p.exp() * (p - q.log_softmax(-1))).sum(-1).mean())
+        ours = load_mla(out)(verify).logits
+    assert kl == pytest.approx(record["verify"]["mean_kl"], rel=1e-3)
+    assert (ours - q).abs().max().item() < 1e-3
