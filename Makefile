@@ -12,7 +12,10 @@ EVAL_ARGS ?= --baseline smollm2-135m --text bbc:tech --tokens 16384
 
 REPORT_OUT ?= out/report
 
-.PHONY: setup demo demo-quick eval test clean
+DS_RECIPE ?= recipes/smollm2-135m-deepseek-v3.yaml
+DS_OUT ?= out/smollm2-135m-ds-recovered
+
+.PHONY: setup demo demo-quick demo-deepseek eval test clean
 
 setup: $(BIN)/.installed
 
@@ -34,6 +37,12 @@ demo-quick: setup
 	mkdir -p $(dir $(QUICK_OUT))
 	$(BIN)/mla convert smollm2-135m $(QUICK_OUT) --kv-budget $(QUICK_BUDGET) --overwrite
 	$(BIN)/python -m eval.perplexity $(QUICK_OUT) $(EVAL_ARGS)
+
+# The same job written as a stock DeepSeek-V3 checkpoint (--format deepseek_v3; no remote code), then perplexity.
+demo-deepseek: setup
+	mkdir -p $(dir $(DS_OUT))
+	$(BIN)/mla convert smollm2-135m $(DS_OUT) --recipe $(DS_RECIPE) --overwrite
+	$(BIN)/python -m eval.perplexity $(DS_OUT) $(EVAL_ARGS)
 
 # Side-by-side report (lm-eval tasks, perplexity, KV cache, decode probe) of the exports of make demo / demo-quick.
 eval: setup
