@@ -33,6 +33,17 @@ def _mla(**overrides) -> MLAForCausalLM:
     return model
 
 
+def _cached_decode(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of ``ids`` from a ``prompt``-token prefill, then one token at a time on the model's own cache."""
+    out = model(ids[:, :prompt], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(prompt, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
 def test_mla_with_format_constraints_equals_stock_deepseek_v3():
     mla = _mla()
     config, tensors = deepseek_v3_tensors(mla.config, mla.state_dict())
@@ -43,15 +54,9 @@ def test_mla_with_format_constraints_equals_stock_deepseek_v3():
     ids = torch.randint(3, 320, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got = mla(ids).logits, ds(ids).logits
-        # decoding on the stock model's own latent cache gives the same logits too
-        out = ds(ids[:, :30], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(30, 40):
-            out = ds(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
+        decoded = _cached_decode(ds, ids, 30)  # decoding on the stock model's own cache gives the same logits too
     assert (ref - got).abs().max().item() < TOL
-    assert (torch.cat(steps, 1) - ref).abs().max().item() < TOL
+    assert (decoded - ref).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -144,14 +149,8 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
     # decoding on the stock model's cache equals its full forward
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = ds(ids).logits
-        o = ds(ids[:, :30], use_cache=True)
-        steps, cache = [o.logits], o.past_key_values
-        for t in range(30, 40):
-            o = ds(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
-            steps.append(o.logits)
-    assert (torch.cat(steps, 1) - full).abs().max().item() < TOL
+        full, decoded = ds(ids).logits, _cached_decode(ds, ids, 30)
+    assert (decoded - full).abs().max().item() < TOL
 
 
 def test_strides_and_strided_pairs():
