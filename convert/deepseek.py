@@ -229,11 +229,11 @@ def write_deepseek_v3(folder: Path, config) -> dict:
         writer.add(name, _map_rope_rows(name, reader.get([name])[name], *args))
     if "lm_head.weight" not in names:  # vLLM never ties: the head is written out
         writer.add("lm_head.weight", reader.get(["model.embed_tokens.weight"])["model.embed_tokens.weight"])
-    files = writer.close()
+    writer.close()  # shards (and their index, when more than one)
     for old in _weight_files(folder):
         old.unlink()
-    for name in files:
-        os.replace(staging / name, folder / name)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, folder / path.name)
     staging.rmdir()
     for name in REMOTE_CODE_FILES:
         (folder / name).unlink(missing_ok=True)

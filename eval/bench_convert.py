@@ -204,8 +204,7 @@ def summary(r: dict) -> str:
     ]
     if "load_check" in r:
         c = r["load_check"]
-        what = ("transformers' decompressed cache" if c.get("model_type") == "deepseek_v3" else "cache")
-        lines.append(f"load check: {c.get('model_type', '')} {c['dtype']}, finite logits {c['finite']}, {what} "
+        lines.append(f"load check: {c.get('model_type', '')} {c['dtype']}, finite logits {c['finite']}, cache "
                      f"{c['cache_bytes_per_token']} bytes/token ({c['cache_ratio']:.1%} of the original), peak RSS "
                      f"{c['peak_rss_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)

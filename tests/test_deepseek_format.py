@@ -153,6 +153,21 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
     assert (decoded - full).abs().max().item() < TOL
 
 
+def test_a_sharded_export_is_rewritten_whole(tmp_path, monkeypatch):
+    """Shards of ~4 KB: the deepseek_v3 rewrite replaces every shard and the index, and the stock model loads it."""
+    import convert.layerwise
+
+    monkeypatch.setattr(convert.layerwise.ShardWriter.__init__, "__defaults__", (4096,))
+    make_tiny(tmp_path / "src", "llama-gqa")
+    convert_tiny(tmp_path / "src", tmp_path / "out", kv_budget=0.3125, format="deepseek_v3")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+
+
 def test_strides_and_strided_pairs():
     assert strides(set(range(8)), 8, 4) == [1, 2]  # 0,1,2,3 and 0,2,4,6
     assert strides(set(range(8)) - {6}, 8, 4) == [1]
