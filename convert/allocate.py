@@ -25,6 +25,7 @@ from .adapters import Layout
 from .assemble import LayerPlan, assemble, decompose, read_attention, rope_scores
 from .deepseek import strides as deepseek_strides
 from .errors import MLAError
+from .ropesplit import strided_pairs
 
 MIN_RANK = 4
 
@@ -110,7 +111,6 @@ class LayerConverter:
         self.layout, self.cfg, self.plans, self.reader, self.sink, self.store = layout, cfg, plans, reader, sink, store
         self.totals = totals
         self.strided = strided
-        self.stride: int | None = None
         self.norm_fits: dict[int, dict] = {}
         self.search: list[dict] = []
         self.rope_method, self.factor_method = ("high", "pca") if lossless else (cfg.rope_method, cfg.factor_method)
@@ -131,10 +131,10 @@ class LayerConverter:
         self.freq_index[i] = dec.split.freq_index
         self.sink(i, tensors, dec.split.freq_index)
 
-    def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False):
+    def _decompose(self, i, w, stats, d_rope, method, scored=None, spectrum=False, stride=None):
         t0 = time.perf_counter()
         dec = decompose(w, stats, self.layout, i, d_rope, self.rope_method, method, self.cfg.rope_span, scored,
-                        spectrum, self.stride)
+                        spectrum, stride)
         self.seconds["decompose"] += time.perf_counter() - t0
         return dec
 
@@ -201,7 +201,7 @@ class LayerConverter:
             cs = deepseek_strides(plan.eligible, half, r // 2)
             if not cs or not 1 <= plan.total - r:
                 continue
-            kept = {c: sum(float(sc[[j * c for j in range(r // 2)]].max(1).values.sum()) for sc in scores) for c in cs}
+            kept = {c: sum(float(sc[i, k]) for sc in scores for i, k in strided_pairs(sc, c, r // 2)) for c in cs}
             c = max(cs, key=lambda c: (kept[c], -c))
             options.append({"qk_rope_head_dim": r, "rope_stride": c, "kv_lora_rank": plan.total - r,
                             "rope_loss": sum(float(sc.sum()) for sc in scores) - kept[c]})
@@ -213,19 +213,19 @@ class LayerConverter:
             for i in tqdm(range(n), desc="choose rank / RoPE split", unit="layer"):
                 w, stats = read_attention(self.reader, i, self.layout), self.store.get(f"stats{i}")
                 for opt in options:
-                    self.stride = opt["rope_stride"]
                     dec = self._decompose(i, w, stats, opt["qk_rope_head_dim"], "fisher", self.scored[i],
-                                          spectrum=True)
+                                          spectrum=True, stride=opt["rope_stride"])
                     opt["latent_loss"] += float(dec.spectrum[0][opt["kv_lora_rank"]:].sum())
                 del stats
             for opt in options:
                 opt["estimated_loss"] = opt["rope_loss"] + opt["latent_loss"]
             self.search = options
         best = min(options, key=lambda o: o.get("estimated_loss", 0.0))
-        self.stride, r, rank = best["rope_stride"], best["qk_rope_head_dim"], best["kv_lora_rank"]
+        stride, r, rank = best["rope_stride"], best["qk_rope_head_dim"], best["kv_lora_rank"]
         self.plans = [LayerPlan(rank=rank, d_rope=r) for _ in range(n)]
         for i in tqdm(range(n), desc="convert layers", unit="layer"):
             w = read_attention(self.reader, i, self.layout)
             stats = self.store.pop(f"stats{i}")
-            self._emit(i, w, self._decompose(i, w, stats, r, self.factor_method, self.scored[i]), rank, stats)
+            dec = self._decompose(i, w, stats, r, self.factor_method, self.scored[i], stride=stride)
+            self._emit(i, w, dec, rank, stats)
 

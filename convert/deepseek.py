@@ -69,9 +69,9 @@ def strides(eligible: set[int], half: int, n_pairs: int) -> list[int]:
 def check_layout(layout, cfg) -> set[int]:
     """Before any work: the RoPE frequencies the format can carry for this source, else MLAError naming what the
     deepseek_v3 format cannot express (``cfg``: the ConvertConfig)."""
-    problems = _decoder_problems(lambda k, d: {"attention_bias": layout.qkv_bias, "o_proj_bias": layout.o_bias,
-                                               "mlp_bias": layout.mlp_bias, "qk_norm": layout.qk_norm}.get(
-                                                   k, layout.decoder.get(k, d)))
+    fields = {**layout.decoder, "attention_bias": layout.qkv_bias, "o_proj_bias": layout.o_bias,
+              "mlp_bias": layout.mlp_bias, "qk_norm": layout.qk_norm}  # the export's MLAConfig fields
+    problems = _decoder_problems(lambda k, d: fields.get(k, d))
     if layout.sliding_window or "sliding_attention" in layout.layer_types:
         problems.append("sliding-window attention")
     if layout.rotary_dim != layout.head_dim:
@@ -109,6 +109,12 @@ def _uniform(name: str, values: list[int]) -> int:
     return values[0]
 
 
+def rope_stride(config) -> int:
+    """The stride ``c`` of an ``MLAConfig``'s first layer's RoPE frequencies ``0, c, 2c, ...`` (1 for one pair)."""
+    indices = config.rope_freq_indices[0]
+    return indices[1] - indices[0] if len(indices) > 1 else 1
+
+
 def check_deepseek_v3(config) -> tuple[int, int, float]:
     """``(kv_lora_rank, qk_rope_head_dim, rope_theta)`` of an ``MLAConfig`` the format can express, else MLAError."""
     if not config.kv_a_layernorm:
@@ -119,8 +125,7 @@ def check_deepseek_v3(config) -> tuple[int, int, float]:
     rope = _uniform("qk_rope_head_dim", [config.layer_rope_dim(i) for i in range(n)])
     if rope == 0 or rope > config.head_dim:
         raise MLAError(f"the deepseek_v3 format needs a RoPE width between 2 and head_dim {config.head_dim}, not {rope}")
-    indices = config.rope_freq_indices[0]
-    stride = indices[1] - indices[0] if len(indices) > 1 else 1
+    stride = rope_stride(config)
     want = [j * stride for j in range(rope // 2)]
     if stride < 1 or any(list(idx) != want for idx in config.rope_freq_indices):
         raise MLAError("the deepseek_v3 format needs the same RoPE frequencies 0, c, 2c, ... (every c-th) in every "
@@ -239,8 +244,7 @@ def write_deepseek_v3(folder: Path, config) -> dict:
         (folder / name).unlink(missing_ok=True)
     ds.save_pretrained(folder)
     check_stock(folder)
-    stride = config.rope_freq_indices[0][1] if ds.qk_rope_head_dim > 2 else 1
-    return {"rope_theta": ds.rope_parameters["rope_theta"], "rope_stride": stride,
+    return {"rope_theta": ds.rope_parameters["rope_theta"], "rope_stride": rope_stride(config),
             "kv_lora_rank": ds.kv_lora_rank, "qk_rope_head_dim": ds.qk_rope_head_dim}
 
 

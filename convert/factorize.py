@@ -54,6 +54,13 @@ class LatentStats:
                    trace_v=stats.trace_v)
 
 
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``gram^-1 rhs`` for a PSD ``gram`` (r, r), with a 1e-9 relative ridge: the least-squares refit of an
+    up-projection."""
+    n = gram.shape[0]
+    return torch.linalg.solve(gram + 1e-9 * torch.trace(gram) / n * torch.eye(n, dtype=gram.dtype), rhs)
+
+
 def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(mat)
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
@@ -126,9 +133,7 @@ def joint_latent(z_aug, n_key: int, rank: int, method: str, zs: LatentStats, spe
     if method == "fisher":  # least-squares up-projections, keys and values each under their own weighting
         proj = basis.T @ metric  # (r, D): down = proj @ z_aug
         for rows, c in ((slice(0, n_key), zs.cov_k), (slice(n_key, total), zs.cov_v)):
-            cc = proj @ c @ proj.T  # (r, r) = A S A^T
-            cc = cc + 1e-9 * torch.trace(cc) / rank * torch.eye(rank, dtype=cc.dtype)
-            up[rows] = torch.linalg.solve(cc, proj @ c[:, rows]).T  # A S Z_rows^T
+            up[rows] = _ridge_solve(proj @ c @ proj.T, proj @ c[:, rows]).T  # (A S A^T)^-1 A S Z_rows^T
     return down, up
 
 
@@ -177,9 +182,7 @@ def normalised_latent(down: torch.Tensor, up: torch.Tensor, z_aug: torch.Tensor,
               (slice(n_key, z.shape[1]), ones if w_v is None else w_v.to(torch.float64)))
     up_norm = torch.zeros_like(up)
     for rows, w in blocks:
-        gram = (u * w[:, None]).T @ u  # (r, r)
-        gram = gram + 1e-9 * torch.trace(gram) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
-        up_norm[rows] = torch.linalg.solve(gram, (u * w[:, None]).T @ z[:, rows]).T
+        up_norm[rows] = _ridge_solve((u * w[:, None]).T @ u, (u * w[:, None]).T @ z[:, rows]).T
 
     def error(pred):
         lz, ld = z @ metric.T, (pred - z) @ metric.T
