@@ -54,7 +54,8 @@ class ConvertConfig:
     calib: str = opt(
         CALIBRATION_DEFAULT,
         "Calibration text: brown[:genres] (Brown corpus via npm), pydoc (no download), bbc[:cat], a .txt/.jsonl "
-        "file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN]. Never calibrate on your evaluation text.",
+        "file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN]; or a mix of them joined by commas (the windows are split "
+        "evenly over the sources). Never calibrate on your evaluation text.",
     )
     calib_seqs: int = opt(16, "Number of calibration sequences.")
     calib_len: int = opt(512, "Tokens per calibration sequence.")
@@ -114,7 +115,8 @@ class RecoverConfig:
     data: str = opt(
         "brown",
         "Training text: comma-separated sources, each in the forms --calib takes (brown[:genres], pydoc, bbc[:cat], a "
-        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN]). Must not include val_data.",
+        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN]). A mix takes as many windows from each source as "
+        "the smallest has. Must not include val_data.",
     )
     tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
     seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
@@ -142,6 +144,15 @@ class RecoverConfig:
     hidden_weight: float = opt(
         0.0, "Weight of an extra loss on every layer's output hidden states: mean over layers and tokens of "
         "|h_student - h_teacher|^2 / |h_teacher|^2.")
+    local_tokens: int = opt(
+        0, "Layer-local stage before the distillation (0: none): tokens of the training text on which every layer's "
+        "attention (its full_targets) learns, one layer at a time, to reproduce the original attention's output on "
+        "the original model's hidden states. A step runs one attention block, not the whole model.")
+    local_epochs: float = opt(2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / batch_size).")
+    local_lr: float = opt(1e-3, "Peak learning rate of the layer-local stage (Adam, cosine to 0 within each layer).")
+    local_inputs: str = opt(
+        "teacher", "Hidden states the layer-local stage feeds each attention: teacher (the original model's) or "
+        "student (the student's own, through the layers trained before it; the target then also cancels their drift).")
     teacher: str | None = opt(None, "Teacher model; default: the source recorded in the converted model's mla_conversion.json.")
     val_data: str = opt("bbc:tech", "Held-out text for the perplexity-ratio curve logged during training ('' for none).")
     val_tokens: int = opt(4096, "Tokens of val_data evaluated (in seq_len windows).")
@@ -171,6 +182,13 @@ class RecoverConfig:
                      "lora_dropout", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise MLAError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.local_tokens < 0 or self.local_epochs < 0:
+            raise MLAError(f"local_tokens and local_epochs must be >= 0, got {self.local_tokens} and {self.local_epochs}")
+        if self.local_tokens and not (self.local_epochs > 0 and self.local_lr > 0):
+            raise MLAError(f"local_epochs and local_lr must be > 0 with local_tokens, got {self.local_epochs} and "
+                           f"{self.local_lr}")
+        if self.local_tokens and not split_list(self.full_targets):
+            raise MLAError("local_tokens needs full_targets: the layer-local stage trains the attention modules named there")
         if not self.lr > 0:
             raise MLAError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -181,7 +199,8 @@ class RecoverConfig:
             raise MLAError(f"temperature must be > 0, got {self.temperature}")
         if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
-        choices = {"schedule": ("cosine", "linear", "constant"), "device": ("auto", "cpu", "cuda"),
+        choices = {"schedule": ("cosine", "linear", "constant"), "local_inputs": ("teacher", "student"),
+                   "device": ("auto", "cpu", "cuda"),
                    "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

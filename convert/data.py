@@ -15,6 +15,9 @@ Downloads go to the user cache (``convert.cache.cache_dir``), once. Evaluation t
 calibration and training text: the defaults are calibration ``brown`` and evaluation ``bbc:tech``.
 
 ``token_windows`` turns documents into a deterministic ``(n, seq_len)`` tensor of non-overlapping token windows.
+
+A mix is sources joined by commas (``brown,pydoc,bbc:business+politics``): ``load_sources`` gives one document list per
+source and ``mixed_windows`` draws the same number of windows from each, so a small source weighs as much as a big one.
 """
 
 from __future__ import annotations
@@ -40,6 +43,37 @@ EVALUATION_DEFAULT = "bbc:tech"
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 BROWN_GENRES = "abcdefghjklmnpr"
 _DONE = ".complete"
+
+
+def load_sources(spec: str) -> list[list[str]]:
+    """One document list per comma-separated source of ``spec`` (see ``load_texts``)."""
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if not parts:
+        raise MLAError(f"text source {spec!r} names no source")
+    return [load_texts(part) for part in parts]
+
+
+def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int | None,
+                  seed: int = 0) -> torch.LongTensor:
+    """``token_windows`` over a mix: ``n_seqs`` windows split evenly over the sources (the first ones take the
+    remainder), or with ``n_seqs=None`` as many windows from each source as the smallest one has; in round-robin
+    order over the sources. One source gives exactly ``token_windows``."""
+    if len(sources) == 1:
+        return token_windows(tokenizer, sources[0], seq_len, n_seqs, seed=seed)
+    k = len(sources)
+    if n_seqs is not None and n_seqs < k:
+        raise MLAError(f"{n_seqs} windows cannot cover a mix of {k} text sources")
+    every = [token_windows(tokenizer, docs, seq_len, None, seed=seed) for docs in sources]
+    counts = [n_seqs // k + (i < n_seqs % k) for i in range(k)] if n_seqs is not None else [min(map(len, every))] * k
+    parts = []
+    for i, (windows, count) in enumerate(zip(every, counts, strict=True)):
+        if count > len(windows):
+            raise MLAError(f"text source {i + 1} of the mix has {len(windows)} windows of {seq_len} tokens, "
+                           f"{count} are needed")
+        keep = sorted(random.Random(seed * 1_000_003 + i).sample(range(len(windows)), count))
+        parts.append(windows[keep])
+    order = [(j, i) for i, count in enumerate(counts) for j in range(count)]
+    return torch.stack([parts[i][j] for j, i in sorted(order)])  # round robin: any slice mixes the sources
 
 
 def load_texts(spec: str) -> list[str]:

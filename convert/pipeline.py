@@ -25,7 +25,7 @@ from .allocate import MIN_RANK, LayerConverter, Strided, budget_totals, lossless
 from .assemble import LayerPlan
 from .calibrate import sweep
 from .config import ConvertConfig
-from .data import load_texts, token_windows
+from .data import load_sources, mixed_windows
 from .deepseek import check_layout, write_deepseek_v3
 from .errors import MLAError
 from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, open_reader, write_error
@@ -218,9 +218,10 @@ def run_layers(lw: LayerwiseModel, windows: torch.Tensor, desc: str) -> torch.Te
     return h
 
 
-def calibration_windows(tokenizer, texts, cfg: ConvertConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(calibration, verification)`` token windows; verification windows are at most 256 tokens."""
-    windows = token_windows(tokenizer, texts, cfg.calib_len, cfg.calib_seqs + cfg.verify_seqs, seed=cfg.seed)
+def calibration_windows(tokenizer, sources, cfg: ConvertConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(calibration, verification)`` token windows of ``sources`` (``load_sources``: one document list per source of
+    the mix); verification windows are at most 256 tokens."""
+    windows = mixed_windows(tokenizer, sources, cfg.calib_len, cfg.calib_seqs + cfg.verify_seqs, seed=cfg.seed)
     n_verify = min(cfg.verify_seqs, max(len(windows) - 1, 0))
     calib, verify = windows[: len(windows) - n_verify], windows[len(windows) - n_verify :]
     if n_verify == 0:
@@ -302,7 +303,7 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     strided = strided_plan(layout, cfg, check_layout(layout, cfg)) if deepseek else None
     plans = None if deepseek else plans
     check_weights(source, full_config)  # before the text download and any allocation
-    texts = load_texts(cfg.calib)
+    texts = load_sources(cfg.calib)
     dtype, work_dtype = _export_dtype(cfg, full_config), compute_dtype(device, full_config)
     torch.manual_seed(cfg.seed)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
-from .data import load_texts, token_windows
+from .data import load_sources, load_texts, mixed_windows, token_windows
 from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
 from .errors import MLAError
 from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_state_dict,
@@ -228,8 +228,7 @@ def wrap_peft(model, cfg: RecoverConfig):
 
 
 def _windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
-    parts = [token_windows(tokenizer, load_texts(spec), cfg.seq_len, None, seed=cfg.seed) for spec in split_list(cfg.data)]
-    return torch.cat(parts)
+    return mixed_windows(tokenizer, load_sources(cfg.data), cfg.seq_len, None, seed=cfg.seed)
 
 
 def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
@@ -359,6 +358,8 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     say(f"training text: {cfg.data} ({len(windows)} windows of {cfg.seq_len}); {total_steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
 
+    local_record = _local_stage(student, teacher_source, teacher_config, windows, val, cfg, acc.device, ckpt_dir,
+                         fingerprint, restart, main, say) if cfg.local_tokens else None
     if cfg.gradient_checkpointing:
         if hasattr(student, "activation_checkpointing_enable"):  # the name from transformers 5.x on
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -480,14 +481,53 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     del optimizer, teacher_model  # the export needs neither: free their memory first
     if main:
         result = _export(inner, converted, out, record, cfg, teacher, history, evals, n_train, overwrite, val, micro,
-                         acc, started, ckpt_dir)
+                         acc, started, ckpt_dir, local_record)
     acc.wait_for_everyone()
-    if main and ckpt_path.exists():
-        ckpt_path.unlink()
-        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill
+    if main:
+        from .local import LOCAL_CKPT
+
+        for path in (ckpt_path, ckpt_dir / LOCAL_CKPT):
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill
         with contextlib.suppress(OSError):
             ckpt_dir.rmdir()
     return result
+
+
+def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, fingerprint: str,
+                 restart: bool, main: bool, say) -> dict:
+    """The layer-local stage (``convert.local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt``."""
+    from .adapters import read_layout, text_config
+    from .layerwise import LayerwiseModel, open_reader
+    from .local import LOCAL_CKPT, local_windows, run_local
+
+    path = ckpt_dir / LOCAL_CKPT
+    resume = None
+    if path.exists() and not restart:
+        try:
+            resume = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise MLAError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); re-run with --restart "
+                           "to start over") from None
+        if resume.get("fingerprint") != fingerprint:
+            raise MLAError(f"checkpoint {path} is from a different run; re-run with --restart to discard it")
+    student.requires_grad_(False)
+    student.to(device)
+    if resume is None and val is not None:  # the starting point, for the record
+        resume_val = {"val_nll_before": _nll(student, val, cfg.micro_batch or cfg.batch_size)}
+    else:
+        resume_val = {}
+    ids = local_windows(windows, cfg)
+    if resume is not None:
+        say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
+    layout = read_layout(config)
+    text = text_config(config)
+    lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=resume_val)
+    del lw
+    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint")} | {"windows": len(ids)}
 
 
 def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:
@@ -502,7 +542,8 @@ def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
 
 
 def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
-            n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path) -> dict:
+            n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
+            local: dict | None = None) -> dict:
     fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
@@ -555,6 +596,7 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
             "final_kl": _final_loss(history, "kl"),
             "final_ce": _final_loss(history, "ce"),
             "val": evals,
+            "local": _local_record(local, evals),
             "verify": verify,
             "adapter": ADAPTER_DIR,
             "elapsed_s": round(time.time() - started, 1),
@@ -567,6 +609,17 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
     print(f"recovered {converted.name} -> {out}: {rec['tokens_seen']} tokens in {rec['steps']} steps, final KL "
           f"{rec['final_kl']:.4f}{ratio}; {rec['elapsed_s']:.0f}s")
     return record
+
+
+def _local_record(local: dict | None, evals: list[dict]) -> dict | None:
+    """The layer-local stage's record, with the validation ratio before it (after it: ``val[0]``)."""
+    if local is None:
+        return None
+    local = dict(local)
+    nll = local.pop("val_nll_before", None)
+    if nll is not None and evals:
+        local["val_ratio_before"] = math.exp(nll) / evals[0]["teacher_val_ppl"]
+    return local
 
 
 def _plot(evals: list[dict], path: Path) -> None:

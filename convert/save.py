@@ -31,13 +31,15 @@ AUTO_MAP = {
 
 
 def local_inputs(*specs) -> list[Path]:
-    """The resolved local paths among ``specs`` (text sources, files); names such as ``bbc:tech`` are skipped."""
+    """The resolved local paths among ``specs`` (text sources or comma-separated mixes of them, files); names such as
+    ``bbc:tech`` are skipped."""
     paths = []
     for spec in specs:
-        if spec:
-            path = Path(str(spec).strip()).expanduser()
-            if path.exists():
-                paths.append(path.resolve())
+        for part in str(spec or "").split(","):  # a mix names several sources
+            if part.strip():
+                path = Path(part.strip()).expanduser()
+                if path.exists():
+                    paths.append(path.resolve())
     return paths
 
 

@@ -23,7 +23,7 @@ import torch
 from .adapters import read_layout, text_config
 from .calibrate import sweep as calibrate
 from .config import ConvertConfig
-from .data import EVALUATION_DEFAULT, load_texts
+from .data import EVALUATION_DEFAULT, load_sources, load_texts
 from .errors import MLAError
 from .layerwise import LayerwiseModel, Spill, StateDictReader, text_reader
 from .pipeline import (build_config, calibration_windows, check_plan, compute_dtype, export_tensors, layer_converter,
@@ -152,7 +152,7 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
                            "choose other --methods")
         if dropped:
             log(f"skipping {', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}")
-    calib_texts, eval_texts = load_texts(base.calib), load_texts(text)
+    calib_texts, eval_texts = load_sources(base.calib), load_texts(text)
     torch.manual_seed(base.seed)
     device = resolve_device(base.device)
     model, tokenizer = load_model(source, config=full_config)

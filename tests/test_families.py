@@ -236,6 +236,30 @@ def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
         assert torch.isfinite(mla(_ids()).logits).all()
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "olmo2", "granite", "phi3", "smollm3", "mistral"])
+def test_layer_local_stage_matches_each_familys_attention(name, lossless, lowrank, tiny_models, tmp_path):
+    """The layer-local stage pairs the original's attention output (a hook on the family's own ``self_attn``, its
+    masks, soft caps, norms and multipliers) with ours: on a lossless export the error before training is 0; on a
+    low-rank one training lowers it in every layer."""
+    from dataclasses import replace
+
+    import pydoc_data.topics
+
+    from convert.config import RecoverConfig
+    from convert.recover import finetune
+
+    (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
+    cfg = RecoverConfig(data=str(tmp_path / "train.txt"), val_data="", seq_len=32, batch_size=2, tokens=32 * 2,
+                        lr=1e-30, warmup_steps=0, local_tokens=32 * 16, local_epochs=8.0, local_lr=1e-4)
+    exact = finetune(lossless[name], tmp_path / "exact", cfg, log=lambda *_: None)["recovery"]["local"]["layers"]
+    assert all(e["error_before"] < 1e-9 and not e["trained"] for e in exact), exact  # exact: left as it was
+    if name in lowrank:
+        cfg = replace(cfg, local_inputs="student")  # the student's own stream, through its trained layers
+        low = finetune(lowrank[name], tmp_path / "low", cfg, log=lambda *_: None)["recovery"]["local"]["layers"]
+        assert all(e["error_after"] < e["error_before"] or not e["trained"] for e in low), low
+        assert sum(e["error_after"] for e in low) < sum(e["error_before"] for e in low), low
+
+
 def test_source_cache_implementation_is_not_carried_over(tiny_models, tmp_path):
     """Gemma 3 ships ``cache_implementation: hybrid``; the export's latent cache is a DynamicCache."""
     import shutil

@@ -1,0 +1,213 @@
+"""Layer-local recovery: each converted attention block learns to reproduce the original block's output.
+
+Run by ``mla finetune`` before the end-to-end distillation when ``local_tokens > 0``. For every decoder layer ``i`` in
+turn, on ``local_tokens`` of the training text:
+
+- the original layer ``i`` is materialised from the source (one layer in memory, as in the conversion) and run on the
+  original model's hidden states ``x_i``; a hook keeps its attention output ``a_i`` (the target);
+- the student's attention of layer ``i`` (the ``full_targets`` among its modules) is trained with Adam to minimise
+  ``|attn_student(x_i) - a_i|^2 / mean |a_i|^2`` over ``local_epochs`` passes (cosine learning rate from
+  ``local_lr``); a layer whose error on these tokens does not fall keeps its weights;
+- no full forward pass, no output head: a step costs one attention block, so far more tokens per CPU-minute than
+  end-to-end distillation.
+
+With ``local_inputs=student`` the student's attention sees the student's own hidden states (the trained layers
+before it) and learns to cancel their drift as well. After each layer the trained tensors go to ``OUT.ckpt/local.pt``
+(atomically); a killed run resumes after the last finished layer and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RecoverConfig, split_list
+from .errors import MLAError
+
+LOCAL_CKPT = "local.pt"
+CHUNK = 8  # sequences per no-grad forward
+
+
+def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTensor:
+    """The ``ceil(local_tokens / seq_len)`` training windows of the stage (a seeded draw, at most all of them)."""
+    n = min(len(windows), math.ceil(cfg.local_tokens / cfg.seq_len))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919))
+    return windows[order[:n].sort().values]
+
+
+def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Parameter]:
+    """The parameters of layer ``i``'s attention that the stage trains: those of its modules in ``full_targets``
+    (matched as suffixes of module paths, as peft's ``modules_to_save``)."""
+    targets = split_list(cfg.full_targets)
+    prefix = f"model.layers.{i}.self_attn"
+    att = student.model.layers[i].self_attn
+    out = {}
+    for name, module in att.named_modules():
+        path = f"{prefix}.{name}" if name else prefix
+        if any(path.endswith(t) for t in targets):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{path}.{pname}"] = p
+    return out
+
+
+def _attention(layer, x: torch.Tensor, rope, mask) -> torch.Tensor:
+    """The student layer's attention output on its input hidden states ``x`` (B, T, d), before the residual."""
+    h = x if layer.layout == "post" else layer.input_layernorm(x)
+    return layer.self_attn(h, position_embeddings=rope, attention_mask=mask)[0]
+
+
+class _Student:
+    """The student's RoPE tables and masks at positions 0..T-1, for running single decoder layers."""
+
+    def __init__(self, student, seq_len: int, device):
+        self.model = student
+        self.pos = torch.arange(seq_len, device=device)[None]
+        probe = torch.zeros(1, seq_len, student.config.hidden_size, device=device)
+        rope = student.model.rotary_emb.all(probe, self.pos)
+        self.rope = rope[None] if None in rope else rope
+
+    def mask(self, i: int, x: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kind = self.model.config.layer_types[i]
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        return make(config=self.model.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
+                    position_ids=self.pos)
+
+    def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return _attention(self.model.model.layers[i], x, self.rope, self.mask(i, x))
+
+    def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.model.model.layers[i](x, attention_mask=self.mask(i, x), position_embeddings=self.rope)
+
+
+def _chunked(fn, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[j:j + CHUNK]) for j in range(0, len(x), CHUNK)])
+
+
+def _teacher_layer(lw, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, attention output) of the original layer ``i`` on ``x``; the attention output is taken by a hook on
+    its ``self_attn`` module (every supported family names it so)."""
+    outs, attns = [], []
+    hook = lw.base.layers[i].self_attn.register_forward_hook(lambda m, args, out: attns.append(out[0].detach()))
+    try:
+        with torch.no_grad():
+            for j in range(0, len(x), CHUNK):
+                outs.append(lw.run(i, x[j:j + CHUNK]))
+    finally:
+        hook.remove()
+    return torch.cat(outs), torch.cat(attns)
+
+
+def _error(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (pred - target).pow(2).sum(-1).mean() / scale
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path: Path, fingerprint: str,
+              resume: dict | None, main: bool = True, say=print, extra: dict | None = None) -> dict:
+    """Train every layer's attention of ``student`` (in place) to reproduce the original's, layer by layer.
+
+    ``lw``: the original model as a ``LayerwiseModel``; ``ids``: (N, T) token windows; ``resume``: the state of
+    ``ckpt_path`` from an interrupted run with the same ``fingerprint``; ``extra``: more fields for the record of a
+    fresh run. Returns the stage's state: ``done`` layers, per-layer errors, the trained ``tensors``.
+    """
+    device = lw.device
+    n_layers = len(student.model.layers)
+    state = resume or {"fingerprint": fingerprint, "done": 0, "tensors": {}, "layers": [], "elapsed_s": 0.0,
+                       **(extra or {})}
+    with torch.no_grad():  # what the finished layers learned
+        own = {n: p for i in range(state["done"]) for n, p in trained_params(student, i, cfg).items()}
+        for name, t in state["tensors"].items():
+            if name not in own:
+                raise MLAError(f"checkpoint {ckpt_path} holds {name}, which this run does not train; "
+                               "re-run with --restart")
+            own[name].copy_(t)
+    if state["done"] >= n_layers:
+        return state
+    started = time.time() - state["elapsed_s"]
+    runner = _Student(student, ids.shape[1], device)
+    ids = ids.to(device)
+    x_t = _chunked(lw.embed, ids)  # (N, T, d) the original's hidden states
+    x_s = x_t.clone() if cfg.local_inputs == "student" else None
+    lw.load(0)
+    n = len(ids)
+    steps = max(1, round(cfg.local_epochs * n / cfg.batch_size))
+    bar = tqdm(range(n_layers), desc="layer-local", unit="layer", disable=not main)
+    for i in bar:
+        nxt, target = _teacher_layer(lw, i, x_t)  # (N, T, d) each
+        lw.release(i)
+        if i + 1 < n_layers:
+            lw.load(i + 1)
+        layer = student.model.layers[i]
+        if i >= state["done"]:
+            x_in = x_t if x_s is None else x_s
+            if x_s is not None and layer.layout == "pre":  # also cancel the drift of the student's own stream
+                target = target + (x_t - x_s) / layer.residual_multiplier
+            scale = target.pow(2).sum(-1).mean().clamp_min(1e-12)
+            params = trained_params(student, i, cfg)
+            for p in params.values():
+                p.requires_grad_(True)
+            before = _eval_error(runner, i, x_in, target, scale)
+            initial = {name: p.detach().clone() for name, p in params.items()}
+            optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+            layer.train()
+            order = torch.empty(0, dtype=torch.long)
+            for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.local_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                if len(order) < cfg.batch_size:
+                    order = torch.cat([order, torch.randperm(n, generator=gen)])
+                rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+                loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
+                if not math.isfinite(float(loss.detach())):
+                    raise MLAError(f"layer-local stage: the loss of layer {i} became {float(loss.detach())}; lower local_lr "
+                                   f"(now {cfg.local_lr:g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            layer.eval()
+            for p in params.values():
+                p.requires_grad_(False)
+            after = _eval_error(runner, i, x_in, target, scale)
+            kept = after < before
+            if not kept:  # training did not help this layer (e.g. it was already exact): keep its weights
+                with torch.no_grad():
+                    for name, p in params.items():
+                        p.copy_(initial[name])
+                after = before
+            del initial
+            state["layers"].append({"layer": i, "error_before": before, "error_after": after, "trained": kept})
+            state["tensors"].update({name: p.detach().cpu().clone() for name, p in params.items()})
+            state["done"] = i + 1
+            state["elapsed_s"] = time.time() - started
+            if main:
+                _save(ckpt_path, state)
+            bar.set_postfix(error=f"{before:.3f}->{after:.3f}")
+        if x_s is not None:
+            x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s)
+        x_t = nxt
+    bar.close()
+    errs = state["layers"]
+    say(f"layer-local stage: {n} windows x {steps} steps per layer; mean relative error of the attention output "
+        f"{sum(e['error_before'] for e in errs) / len(errs):.4f} -> {sum(e['error_after'] for e in errs) / len(errs):.4f}"
+        f"; {state['elapsed_s']:.0f}s")
+    return state
+
+
+def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> float:
+    with torch.no_grad():
+        total = sum(float(_error(runner.attention(i, x[j:j + CHUNK]), target[j:j + CHUNK], scale)) * len(x[j:j + CHUNK])
+                    for j in range(0, len(x), CHUNK))
+    return total / len(x)

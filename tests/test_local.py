@@ -1,0 +1,211 @@
+"""The layer-local recovery stage (convert/local.py) and text mixes (convert/data.py: load_sources, mixed_windows)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import convert_tiny, make_tiny
+from convert.config import RecoverConfig
+from convert.errors import MLAError
+from convert.local import LOCAL_CKPT, trained_params
+from convert.recover import finetune, work_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 4-layer tiny GQA Llama converted at budget 0.25, and disjoint training / validation text files."""
+    import pydoc_data.topics
+
+    root = tmp_path_factory.mktemp("local")
+    topics = list(pydoc_data.topics.topics.values())
+    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
+    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
+    make_tiny(root / "src", "llama-gqa", num_hidden_layers=LAYERS)
+    convert_tiny(root / "src", root / "conv", kv_budget=0.25)
+    return root
+
+
+def _args(root: Path, **extra) -> dict:
+    args = dict(data=str(root / "train.txt"), val_data=str(root / "val.txt"), seq_len=64, batch_size=4,
+                tokens=64 * 4 * 4, val_tokens=256, eval_every=2, checkpoint_every=2, lr=3e-3, warmup_steps=1,
+                local_tokens=64 * 32, local_epochs=4.0, local_lr=3e-3)
+    args.update(extra)
+    return args
+
+
+def _attention_errors(src: Path, student_folder: Path, ids: torch.Tensor) -> list[float]:
+    """Per layer: |attn_student(x) - attn_original(x)|^2 / mean |attn_original(x)|^2 on the original model's hidden
+    states x, computed with stock transformers for the original and hooks on full forward passes (not the stage's
+    own layer-by-layer runner)."""
+    from transformers import AutoModelForCausalLM
+
+    from convert.deepseek import load_mla
+
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    student = load_mla(student_folder).float().eval()
+    caught = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out[0]))
+             for i, layer in enumerate(original.model.layers)]
+    with torch.no_grad():
+        hidden = original(input_ids=ids, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    errors = []
+    with torch.no_grad():
+        for i, layer in enumerate(student.model.layers):
+            x = layer.input_layernorm(hidden[i])
+            pos = torch.arange(ids.shape[1])[None]
+            got = layer.self_attn(x, position_embeddings=student.model.rotary_emb.all(x, pos)[None])[0]
+            target = caught[i]
+            errors.append(float((got - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()))
+    return errors
+
+
+def _stage_only(setup, out: Path, **extra) -> dict:
+    """A run whose distillation does nothing (lr ~ 0 for one step), so the export holds the layer-local result."""
+    return finetune(setup / "conv", out, RecoverConfig(**_args(setup, tokens=64 * 4, lr=1e-30, warmup_steps=0,
+                                                               **extra)), log=lambda *_: None)
+
+
+def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
+    from convert.deepseek import load_mla
+    from convert.local import local_windows
+    from convert.recover import _windows
+    from convert.sources import load_tokenizer, resolve_source
+
+    out = setup / "stage"
+    record = _stage_only(setup, out)["recovery"]
+    local = record["local"]
+    assert local["done"] == LAYERS and [e["layer"] for e in local["layers"]] == list(range(LAYERS))
+    for e in local["layers"]:
+        assert e["error_after"] < 0.8 * e["error_before"], e
+    # the recorded errors are the ones stock transformers gives on the same windows, before and after
+    cfg = RecoverConfig(**_args(setup))
+    ids = local_windows(_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg), cfg)
+    assert len(ids) == local["windows"] == 32
+    before = _attention_errors(setup / "src", setup / "conv", ids)
+    after = _attention_errors(setup / "src", out, ids)
+    assert before == pytest.approx([e["error_before"] for e in local["layers"]], rel=1e-4)
+    assert after == pytest.approx([e["error_after"] for e in local["layers"]], rel=1e-4)
+    # only the attention projections changed (lr 1e-30 leaves the distillation's targets as they were)
+    old, new = load_file(setup / "conv" / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    student = load_mla(setup / "conv")
+    expected = {k for i in range(LAYERS) for k in trained_params(student, i, cfg)}
+    assert changed == expected and all(".self_attn." in k for k in changed)
+    assert local["val_ratio_before"] > 0 and record["val"][0]["step"] == 0
+    assert not work_dir(out).exists()
+
+
+def test_student_inputs_agree_with_teacher_inputs_on_the_first_layer(setup):
+    runs = {inputs: _stage_only(setup, setup / f"inputs-{inputs}", local_inputs=inputs)["recovery"]["local"]["layers"]
+            for inputs in ("teacher", "student")}
+    assert runs["teacher"][0] == runs["student"][0]  # layer 0 sees the embeddings either way
+    assert runs["teacher"][1]["error_before"] != runs["student"][1]["error_before"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def _cli(setup, out: Path) -> list[str]:
+    items = [f"{k}={v}" for k, v in _args(setup, local_tokens=64 * 64, local_epochs=16.0).items()]
+    return [sys.executable, "-m", "convert.cli", "finetune", str(setup / "conv"), str(out), *items]
+
+
+def test_layer_local_stage_resumes_after_kill_9(setup):
+    ref = setup / "ref"
+    proc = subprocess.run(_cli(setup, ref), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = setup / "killed"
+    ckpt = work_dir(out) / LOCAL_CKPT
+    proc = subprocess.Popen(_cli(setup, out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ckpt.exists():
+        assert proc.poll() is None and time.time() < deadline, "no layer-local checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = torch.load(ckpt, weights_only=True)["done"]
+    assert 0 < done < LAYERS and not out.exists()
+    again = subprocess.run(_cli(setup, out), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"layer-local stage: resuming from {ckpt} after layer {done}" in again.stdout
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((ref / "mla_conversion.json").read_text())["recovery"]
+    rb = json.loads((out / "mla_conversion.json").read_text())["recovery"]
+    assert ra["local"]["layers"] == rb["local"]["layers"] and ra["val"] == rb["val"]
+    assert not work_dir(out).exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"local_inputs": "both"}, "local_inputs must be one of teacher, student"),
+    ({"local_tokens": -1}, "local_tokens and local_epochs must be >= 0"),
+    ({"local_lr": 0.0}, "local_epochs and local_lr must be > 0 with local_tokens"),
+    ({"local_epochs": 0.0}, "local_epochs and local_lr must be > 0 with local_tokens"),
+    ({"full_targets": ""}, "local_tokens needs full_targets"),
+])
+def test_bad_layer_local_settings_are_one_line_errors(setup, tmp_path, overrides, message):
+    with pytest.raises(MLAError, match=message):
+        finetune(setup / "conv", tmp_path / "out", RecoverConfig(**_args(setup, **overrides)), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_bad_layer_local_values(setup, tmp_path):
+    cmd = [sys.executable, "-m", "convert.cli", "finetune", str(setup / "conv"), str(tmp_path / "o"),
+           "local_tokens=many"]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "local_tokens must be int" in proc.stderr and not (tmp_path / "o").exists()
+
+
+# --- text mixes ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(setup):
+    from convert.sources import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source(str(setup / "src")))
+
+
+def test_mixed_windows_split_evenly_in_round_robin(setup, tokenizer, tmp_path):
+    from convert.data import load_sources, mixed_windows, token_windows
+
+    (tmp_path / "small.txt").write_text(" ".join(f"item {i}" for i in range(1500)))  # distinct windows
+    spec = f"{setup / 'train.txt'},{tmp_path / 'small.txt'}"
+    sources = load_sources(spec)
+    assert len(sources) == 2
+    big, small = (token_windows(tokenizer, docs, 32, None) for docs in sources)
+    mixed = mixed_windows(tokenizer, sources, 32, 7, seed=0)
+    rows_big = {tuple(r) for r in big.tolist()}
+    rows_small = {tuple(r) for r in small.tolist()}
+    kinds = ["big" if tuple(r) in rows_big else "small" if tuple(r) in rows_small else "?" for r in mixed.tolist()]
+    assert kinds == ["big", "small", "big", "small", "big", "small", "big"]
+    every = mixed_windows(tokenizer, sources, 32, None, seed=0)  # as many from each as the smallest has
+    assert len(every) == 2 * len(small) and len({tuple(r) for r in every.tolist()} & rows_small) == len(small)
+    # one source: exactly token_windows
+    assert torch.equal(mixed_windows(tokenizer, sources[:1], 32, 5, seed=3), token_windows(tokenizer, sources[0], 32, 5, seed=3))
+    with pytest.raises(MLAError, match="cannot cover a mix of 2"):
+        mixed_windows(tokenizer, sources, 32, 1)
+    with pytest.raises(MLAError, match="names no source"):
+        load_sources(" , ")
+
+
+def test_conversion_and_recovery_on_a_mix(setup, tmp_path):
+    spec = f"pydoc,{setup / 'train.txt'}"
+    record = convert_tiny(setup / "src", tmp_path / "conv", kv_budget=0.25, calib=spec)
+    assert record["calibration"]["data"] == spec
+    cfg = RecoverConfig(**_args(setup, data=spec, local_tokens=0, tokens=64 * 4 * 2, val_data=""))
+    result = finetune(tmp_path / "conv", tmp_path / "out", cfg, log=lambda *_: None)
+    assert result["recovery"]["data"] == spec and result["recovery"]["steps"] == 2
