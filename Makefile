@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The main job: convert + recover (about an hour on 2 CPU cores; re-running resumes), then perplexity before/after.
+# The main job: convert + recover (about 40 minutes on 2 CPU cores; re-running resumes), then perplexity before/after.
 demo: setup
 	mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $(DEMO_RECIPE) --overwrite

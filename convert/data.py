@@ -58,6 +58,8 @@ def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int
     """``token_windows`` over a mix: ``n_seqs`` windows split evenly over the sources (the first ones take the
     remainder), or with ``n_seqs=None`` as many windows from each source as the smallest one has; in round-robin
     order over the sources. One source gives exactly ``token_windows``."""
+    if any(isinstance(docs, str) for docs in sources):
+        raise TypeError("mixed_windows takes one document list per source (load_sources), not documents")
     if len(sources) == 1:
         return token_windows(tokenizer, sources[0], seq_len, n_seqs, seed=seed)
     k = len(sources)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import RecoverConfig, split_list
 from .errors import MLAError
+from .save import save_checkpoint
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward
@@ -108,12 +109,6 @@ def _error(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> tor
     return (pred - target).pow(2).sum(-1).mean() / scale
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path: Path, fingerprint: str,
               resume: dict | None, main: bool = True, say=print, extra: dict | None = None) -> dict:
     """Train every layer's attention of ``student`` (in place) to reproduce the original's, layer by layer.
@@ -193,7 +188,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
             state["done"] = i + 1
             state["elapsed_s"] = time.time() - started
             if main:
-                _save(ckpt_path, state)
+                save_checkpoint(ckpt_path, state)
             bar.set_postfix(error=f"{before:.3f}->{after:.3f}")
         if x_s is not None:
             x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s)

@@ -36,8 +36,8 @@ from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
 from .data import load_sources, load_texts, mixed_windows, token_windows
 from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
 from .errors import MLAError
-from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_state_dict,
-                   write_json)
+from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_checkpoint,
+                   save_state_dict, write_json)
 from .sources import input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
@@ -101,16 +101,37 @@ def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
 
 
 def _fingerprint(cfg: RecoverConfig, converted: Path, teacher: str) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    settings = _settings(cfg)
     record = (converted / "mla_conversion.json").read_bytes()
     blob = json.dumps({"cfg": settings, "teacher": teacher, "converted": hashlib.sha256(record).hexdigest()},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _settings(cfg: RecoverConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+
+
 def _changed_keys(old: dict, cfg: RecoverConfig) -> list[str]:
-    new = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    new = _settings(cfg)
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, restart: bool) -> dict | None:
+    """A checkpoint of this run (its ``fingerprint``) to resume from, None to start afresh; MLAError naming the changed
+    keys when it is from another run."""
+    if restart or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MLAError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); "
+                       "re-run with --restart to start over") from None
+    if state.get("fingerprint") != fingerprint:
+        changed = _changed_keys(state.get("settings", {}), cfg) or ["the converted model or the teacher"]
+        raise MLAError(f"checkpoint {path} is from a different run (changed: {', '.join(changed)}); "
+                       "re-run with --restart to discard it")
+    return state
 
 
 def _read_record(converted: Path) -> dict:
@@ -266,12 +287,6 @@ class _StopFlag:
         return False
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -331,17 +346,7 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     micro = min(cfg.micro_batch or local_batch, local_batch)
 
     fingerprint = _fingerprint(cfg, converted, teacher)
-    resume = None
-    if ckpt_path.exists() and not restart:
-        try:
-            resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise MLAError(f"checkpoint {ckpt_path} is unreadable ({str(err).splitlines()[0][:200]}); "
-                           "re-run with --restart to start over") from None
-        if resume.get("fingerprint") != fingerprint:
-            changed = _changed_keys(resume.get("settings", {}), cfg) or ["the converted model or the teacher"]
-            raise MLAError(f"checkpoint {ckpt_path} is from a different run (changed: {', '.join(changed)}); "
-                           "re-run with --restart to discard it")
+    resume = _read_checkpoint(ckpt_path, fingerprint, cfg, restart)
 
     # load: student, teacher, text
     student = _load_student(converted)
@@ -407,9 +412,8 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     def checkpoint(step: int) -> None:
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(ckpt_path, {
-                "fingerprint": fingerprint, "settings": {k: v for k, v in asdict(cfg).items()
-                                                         if k not in NOT_FINGERPRINTED},
+            save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint, "settings": _settings(cfg),
                 "step": step, "trainable": _trainable_state(inner), "optimizer": optimizer.state_dict(),
                 "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
         acc.wait_for_everyone()
@@ -502,21 +506,12 @@ def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, devi
     from .local import LOCAL_CKPT, local_windows, run_local
 
     path = ckpt_dir / LOCAL_CKPT
-    resume = None
-    if path.exists() and not restart:
-        try:
-            resume = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise MLAError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); re-run with --restart "
-                           "to start over") from None
-        if resume.get("fingerprint") != fingerprint:
-            raise MLAError(f"checkpoint {path} is from a different run; re-run with --restart to discard it")
+    resume = _read_checkpoint(path, fingerprint, cfg, restart)
     student.requires_grad_(False)
     student.to(device)
+    extra = {"settings": _settings(cfg)}
     if resume is None and val is not None:  # the starting point, for the record
-        resume_val = {"val_nll_before": _nll(student, val, cfg.micro_batch or cfg.batch_size)}
-    else:
-        resume_val = {}
+        extra["val_nll_before"] = _nll(student, val, cfg.micro_batch or cfg.batch_size)
     ids = local_windows(windows, cfg)
     if resume is not None:
         say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
@@ -525,9 +520,9 @@ def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, devi
     lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=resume_val)
+    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra)
     del lw
-    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint")} | {"windows": len(ids)}
+    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings")} | {"windows": len(ids)}
 
 
 def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:

@@ -43,6 +43,13 @@ def local_inputs(*specs) -> list[Path]:
     return paths
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary sibling, then rename: a kill leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def _overlap(out: Path, inputs: list[Path], what: str) -> None:
     for inp in inputs:
         if out == inp:

@@ -112,7 +112,7 @@ def ds_exports(tmp_path_factory):
 @pytest.mark.parametrize("name", ["plain", "llama3"])
 def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name):
     from convert.config import ConvertConfig
-    from convert.data import load_texts
+    from convert.data import load_sources
     from convert.pipeline import calibration_windows
     from convert.sources import load_tokenizer, resolve_source
 
@@ -139,7 +139,7 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     # the verification windows of the conversion: the stock model reproduces the recorded KL to the source
     cfg = ConvertConfig(calib="pydoc", calib_seqs=4, calib_len=64, verify_seqs=1)
-    _, verify = calibration_windows(load_tokenizer(resolve_source(str(src))), load_texts("pydoc"), cfg)
+    _, verify = calibration_windows(load_tokenizer(resolve_source(str(src))), load_sources("pydoc"), cfg)
     with torch.no_grad():
         kl = _kl(ref(verify).logits, ds(verify).logits)
         ours = load_mla(out)(verify).logits

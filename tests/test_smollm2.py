@@ -40,7 +40,7 @@ def test_smollm2_as_stock_deepseek_v3(tmp_path):
     DeepseekV3ForCausalLM loads it, and it is the model the conversion verified (same KL to the source on the
     verification windows, same logits as our MLA model read back from it)."""
     from convert.config import ConvertConfig
-    from convert.data import load_texts
+    from convert.data import load_sources
     from convert.deepseek import load_mla
     from convert.pipeline import calibration_windows
     from convert.sources import load_model, load_tokenizer, resolve_source
@@ -55,7 +55,7 @@ def test_smollm2_as_stock_deepseek_v3(tmp_path):
     ds = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(ds).__name__ == "DeepseekV3ForCausalLM"
     source = resolve_source("smollm2-135m")
-    _, verify = calibration_windows(load_tokenizer(source), load_texts("pydoc"), ConvertConfig(**settings))
+    _, verify = calibration_windows(load_tokenizer(source), load_sources("pydoc"), ConvertConfig(**settings))
     ref, _ = load_model(source, torch.float32)
     with torch.no_grad():
         p, q = ref(verify).logits.log_softmax(-1), ds(verify).logits
