@@ -166,9 +166,10 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
                     order = torch.cat([order, torch.randperm(n, generator=gen)])
                 rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
                 loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
-                if not math.isfinite(float(loss.detach())):
-                    raise MLAError(f"layer-local stage: the loss of layer {i} became {float(loss.detach())}; lower local_lr "
-                                   f"(now {cfg.local_lr:g})")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise MLAError(f"layer-local stage: the loss of layer {i} became {value}; lower local_lr (now "
+                                   f"{cfg.local_lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -194,15 +195,16 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
             x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s)
         x_t = nxt
     bar.close()
-    errs = state["layers"]
+    before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
     say(f"layer-local stage: {n} windows x {steps} steps per layer; mean relative error of the attention output "
-        f"{sum(e['error_before'] for e in errs) / len(errs):.4f} -> {sum(e['error_after'] for e in errs) / len(errs):.4f}"
-        f"; {state['elapsed_s']:.0f}s")
+        f"{before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
     return state
 
 
 def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> float:
+    total = 0.0
     with torch.no_grad():
-        total = sum(float(_error(runner.attention(i, x[j:j + CHUNK]), target[j:j + CHUNK], scale)) * len(x[j:j + CHUNK])
-                    for j in range(0, len(x), CHUNK))
+        for j in range(0, len(x), CHUNK):
+            part = slice(j, j + CHUNK)
+            total += float(_error(runner.attention(i, x[part]), target[part], scale)) * len(x[part])
     return total / len(x)

@@ -195,7 +195,8 @@ def test_mixed_windows_split_evenly_in_round_robin(setup, tokenizer, tmp_path):
     every = mixed_windows(tokenizer, sources, 32, None, seed=0)  # as many from each as the smallest has
     assert len(every) == 2 * len(small) and len({tuple(r) for r in every.tolist()} & rows_small) == len(small)
     # one source: exactly token_windows
-    assert torch.equal(mixed_windows(tokenizer, sources[:1], 32, 5, seed=3), token_windows(tokenizer, sources[0], 32, 5, seed=3))
+    one = mixed_windows(tokenizer, sources[:1], 32, 5, seed=3)
+    assert torch.equal(one, token_windows(tokenizer, sources[0], 32, 5, seed=3))
     with pytest.raises(MLAError, match="cannot cover a mix of 2"):
         mixed_windows(tokenizer, sources, 32, 1)
     with pytest.raises(MLAError, match="names no source"):
