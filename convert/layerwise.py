@@ -175,6 +175,15 @@ def skeleton(config):
         return AutoModelForCausalLM.from_config(config)
 
 
+def causal_mask(config, kind: str, h: torch.Tensor, pos: torch.Tensor):
+    """The attention mask of a layer of type ``kind`` (``sliding_attention`` or full) for hidden states ``h`` (B, T, d)
+    at positions ``pos``, with no padding and no cache (None where SDPA's causal flag suffices)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+    return make(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+
+
 class LayerwiseModel:
     """A decoder-only causal LM read from ``reader`` and run one decoder layer at a time on ``device`` in ``dtype``."""
 
@@ -225,10 +234,7 @@ class LayerwiseModel:
         return h
 
     def _mask(self, kind: str, h: torch.Tensor, pos: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        return make(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+        return causal_mask(self.config, kind, h, pos)
 
     def run(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``i`` (loaded) on hidden states ``h`` (B, T, d) at positions 0..T-1."""

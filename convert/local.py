@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import RecoverConfig, split_list
 from .errors import MLAError
+from .layerwise import causal_mask
 from .save import save_checkpoint
 
 LOCAL_CKPT = "local.pt"
@@ -72,12 +73,7 @@ class _Student:
         self.rope = rope[None] if None in rope else rope
 
     def mask(self, i: int, x: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        kind = self.model.config.layer_types[i]
-        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-        return make(config=self.model.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
-                    position_ids=self.pos)
+        return causal_mask(self.model.config, self.model.config.layer_types[i], x, self.pos)
 
     def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return _attention(self.model.model.layers[i], x, self.rope, self.mask(i, x))
