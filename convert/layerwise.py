@@ -181,7 +181,7 @@ def causal_mask(config, kind: str, h: torch.Tensor, pos: torch.Tensor):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-    return make(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+    return make(config, h, None, None, position_ids=pos)  # no padding, no cache (its name differs across versions)
 
 
 class LayerwiseModel:
@@ -242,8 +242,7 @@ class LayerwiseModel:
         pos = torch.arange(h.shape[1], device=self.device)[None]
         rope = self.rotary(h, pos, layer_type=self.layer_types[i]) if self.per_type_rope else self.rotary(h, pos)
         out = self.base.layers[i](h, attention_mask=self._mask(self.layer_types[i], h, pos),
-                                  position_embeddings=rope, position_ids=pos, past_key_values=None,
-                                  use_cache=False)
+                                  position_embeddings=rope, position_ids=pos, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def norm(self) -> torch.nn.Module:

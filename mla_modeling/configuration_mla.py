@@ -4,7 +4,31 @@ Self-contained remote code: imports only torch and transformers. Names follow tr
 ``configuration_deepseek_v3.py``.
 """
 
+import re
+import warnings
+
+import transformers
 from transformers import PretrainedConfig
+
+# The transformers minor versions this remote code is tested with (tests/test_versions.py runs each one).
+TESTED_TRANSFORMERS = ((5, 23), (5, 25))
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Refuse a transformers older than the tested range (one line); warn once above it."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return
+    found = (int(match.group(1)), int(match.group(2)))
+    low, high = (".".join(map(str, v)) for v in TESTED_TRANSFORMERS)
+    if found < TESTED_TRANSFORMERS[0]:
+        raise ImportError(f"this MLA model needs transformers >= {low} (tested {low} to {high}), found {version}: "
+                          f"pip install 'transformers>={low}'")
+    if found > TESTED_TRANSFORMERS[1]:
+        warnings.warn(f"this MLA model was tested with transformers {low} to {high}, found {version}", stacklevel=2)
+
+
+check_transformers_version()
 
 
 class MLAConfig(PretrainedConfig):
@@ -226,4 +250,4 @@ class MLAConfig(PretrainedConfig):
         return sum(self.layer_kv_lora_rank(i) + self.layer_rope_dim(i) for i in range(self.num_hidden_layers))
 
 
-__all__ = ["MLAConfig"]
+__all__ = ["MLAConfig", "check_transformers_version"]

@@ -9,23 +9,29 @@ both live side by side in one buffer that grows geometrically (``MLALatentLayer`
 instead of copying the whole cache, and absorbed attention reads ``[ckv | kpe]`` without concatenating them.
 """
 
-from typing import Optional
+import inspect
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # when loaded as remote code (a package of its own)
-    from .configuration_mla import MLAConfig
+    from .configuration_mla import MLAConfig  # checks the transformers version on import
 except ImportError:  # pragma: no cover - when imported as a plain module
     from configuration_mla import MLAConfig
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old names still
+# work, with a deprecation warning, until 5.40): speak the running version's names, accept both.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class MLARMSNorm(nn.Module):
@@ -138,9 +144,29 @@ class MLARotaryEmbedding(nn.Module):
         return {t: self(x, position_ids, layer_type=t) for t in self.rope_type}
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class LayerRope(NamedTuple):
+    """One layer's RoPE: `cos` and signed `sin` (`[-sin | sin]`) of its kept frequencies, each (B, T, d_rope)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def gather_rope(cos: torch.Tensor, sin: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor) -> LayerRope:
+    """The half-width tables (B, T, d_rot/2) at `idx` (`[i | i]` per kept frequency), `sin` times `sign`."""
+    return LayerRope(cos[..., idx], sin[..., idx] * sign.to(sin.dtype))
+
+
+def rope_index(freq_lists, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices `[f | f]` and signs `[-1.. | +1..]` into a half-width table for each list of frequencies `f`."""
+    idx = [i for freqs in freq_lists for i in list(freqs) + list(freqs)]
+    sign = [s for freqs in freq_lists for s in [-1.0] * len(freqs) + [1.0] * len(freqs)]
+    return torch.tensor(idx, dtype=torch.long, device=device), torch.tensor(sign, device=device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout, `x * cos + rotate_half(x) * sin`, with `sin` already signed as
+    `[-sin | sin]` (see `MLAModel._rope_tables`): `rotate_half(x) * sin == roll(x, half) * [-sin | sin]`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class MLAMLP(nn.Module):
@@ -155,29 +181,32 @@ class MLAMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _attend(query, key, value, mask, scale, dropout=0.0, eager=False, causal=True, softcap=None):
-    """softmax(cap(q k^T * scale) + mask) v. `mask`: bool (True = attend) or additive float, broadcastable; None with
-    `causal` = causal when the query block is longer than 1 (aligned to the end of the keys). `softcap`: scores
-    become `softcap * tanh(scores / softcap)` (eager maths: SDPA has no soft cap)."""
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                            **kwargs):
+    """softmax(cap(q k^T * scaling) + mask) v with the attention interface's shapes: q (B, H, T, D), k/v (B, H, S, .),
+    `attention_mask` bool (True = attend) or additive, broadcastable to (B, H, T, S); None = causal when T > 1
+    (aligned to the end of the keys). Returns (B, T, H, Dv) and the probabilities."""
     T, S = query.shape[-2], key.shape[-2]
-    eager = eager or softcap is not None
-    if not eager and mask is None and causal and T == S > 1:  # lets SDPA skip the masked blocks
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale, is_causal=True)
-    if mask is None and causal and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-    if not eager:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if attention_mask is None and T > 1:
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + mask
+            scores = scores + attention_mask[..., :S]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def mask_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """An sdpa (bool, True = attend) or eager (additive) 4D mask as an additive bias (B, 1, T, S) in `dtype`."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 class MLALatentLayer(DynamicLayer):
@@ -193,16 +222,17 @@ class MLALatentLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         r = key_states.shape[-1]
-        new = torch.cat((key_states, value_states), dim=-1)  # (B, 1, T, r + dr)
-        S, T = self.get_seq_length(), new.shape[-2]
+        S, T = self.get_seq_length(), key_states.shape[-2]
         buf = self._buf if self.keys is self._keys_view else None
         if buf is None or S + T > buf.shape[-2]:
             prefix = (buf[..., :S, :] if buf is not None else torch.cat((self.keys, self.values), dim=-1)) if S else None
-            grown = new.new_empty(*new.shape[:2], S + T + max(256, S // 4), new.shape[-1])  # amortized O(1) appends
+            width = r + value_states.shape[-1]
+            grown = key_states.new_empty(*key_states.shape[:2], S + T + max(256, S // 4), width)  # amortized O(1)
             if prefix is not None:
                 grown[..., :S, :] = prefix
             buf = grown
-        buf[..., S:S + T, :] = new
+        buf[..., S:S + T, :r] = key_states
+        buf[..., S:S + T, r:] = value_states
         self._buf = buf
         self.latent = buf[..., : S + T, :]  # (B, 1, S + T, r + dr)
         self.keys, self.values = self.latent[..., :r], self.latent[..., r:]
@@ -210,23 +240,58 @@ class MLALatentLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class MLAStaticLayer(StaticLayer):
+    """A ``StaticLayer`` (fixed addresses for ``torch.compile`` / CUDA graphs) whose ``keys`` (ckv) and ``values``
+    (kpe) are views of one ``[B, 1, max_cache_len, r + dr]`` buffer, ``latent``; the inherited ``update`` writes the
+    new tokens into the views in place. Made by ``use_latent_layers`` for ``generate(cache_implementation="static")``
+    or a ``StaticCache`` passed in."""
+
+    _buf = None
+
+    @property
+    def latent(self):
+        keys = getattr(self, "keys", None)
+        return self._buf if keys is not None and keys._base is self._buf else None  # None once keys were replaced
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, r, dr = key_states.shape[0], key_states.shape[-1], value_states.shape[-1]
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = B, 1, r, dr
+        self._buf = torch.zeros(B, 1, self.max_cache_len, r + dr, dtype=key_states.dtype, device=self.device)
+        self.keys, self.values = self._buf[..., :r], self._buf[..., r:]
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (self._buf, self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+
 def use_latent_layers(cache) -> None:
-    """Swap the empty full-attention layers of a ``DynamicCache`` (e.g. the one ``generate`` makes) for
-    ``MLALatentLayer``s; sliding-window layers and other caches are left as they are."""
-    if isinstance(cache, DynamicCache):
+    """Swap the empty full-attention layers of a ``DynamicCache`` or ``StaticCache`` (e.g. the one ``generate``
+    makes) for ``MLALatentLayer`` / ``MLAStaticLayer``; sliding-window layers and other caches are left as they are."""
+    if isinstance(cache, (DynamicCache, StaticCache)):
         for i, layer in enumerate(cache.layers):
-            if type(layer) is DynamicLayer and not layer.is_initialized:
-                cache.layers[i] = MLALatentLayer()
+            if not layer.is_initialized:
+                if type(layer) is DynamicLayer:
+                    cache.layers[i] = MLALatentLayer()
+                elif type(layer) is StaticLayer:
+                    cache.layers[i] = MLAStaticLayer(max_cache_len=layer.max_cache_len)
 
 
 class MLAAttention(nn.Module):
-    """DeepSeek-V3 attention without query compression: caches `ckv` (r) and the shared RoPE key `kpe` (d_rope)."""
+    """DeepSeek-V3 attention without query compression: caches `ckv` (r) and the shared RoPE key `kpe` (d_rope).
+
+    Two paths, the same maths: *absorbed* (decoding: all heads attend over the cached latent with plain batched
+    matmuls, the key up-projection applied to the query and the value up-projection after the weighted sum) and
+    *decompressed* (prefill, training: per-head keys and values through transformers' attention interface, widths
+    padded to one multiple of 8 so the fused SDPA / flash kernels apply and no T x S score matrix is built)."""
 
     def __init__(self, config: MLAConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1  # keys and values are decompressed per query head
         self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
         self.qk_rope_head_dim = config.layer_rope_dim(layer_idx)
         self.qk_nope_head_dim = config.qk_nope_head_dim
@@ -236,6 +301,7 @@ class MLAAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_sliding else None
 
         self.attn_logit_softcapping = config.attn_logit_softcapping
         self.layer_type = config.layer_types[layer_idx] if config.rope_parameter_sets().keys() != {None} else None
@@ -255,35 +321,22 @@ class MLAAttention(nn.Module):
             self.q_norm = MLAQueryNorm(config, self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.o_proj_bias)
-        # Frequencies of the kept RoPE pairs (indices into the source rotary embedding). A plain attribute, not a
-        # buffer: from_pretrained materializes modules on the meta device and would leave a buffer uninitialized.
+        # Frequencies of the kept RoPE pairs (indices into the source rotary embedding); MLAModel gathers the cos/sin
+        # of every layer once per forward.
         self.rope_freq_list = list(config.rope_freq_indices[layer_idx])
         self._rope_index_cache = {}
 
-    def _rope_index(self, device) -> torch.Tensor:
-        idx = self._rope_index_cache.get(device)
-        if idx is None:
-            idx = torch.tensor(self.rope_freq_list, dtype=torch.long, device=device)
-            self._rope_index_cache[device] = idx
-        return idx
+    def layer_rope(self, position_embeddings) -> LayerRope:
+        """This layer's `LayerRope` from the model's rotary tables (half-width `(cos, sin)`, or a dict of them per
+        layer type), for callers that run a layer on its own; `MLAModel` gathers all layers at once instead."""
+        if isinstance(position_embeddings, dict):
+            position_embeddings = position_embeddings[self.layer_type]
+        cos, sin = position_embeddings
+        if cos.device not in self._rope_index_cache:
+            self._rope_index_cache[cos.device] = rope_index([self.rope_freq_list], cos.device)
+        return gather_rope(cos, sin, *self._rope_index_cache[cos.device])
 
-    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``kv_b_proj`` split into the key up-projection ``(H, dn, r)`` and the transposed value up-projection
-        ``(H, r, dv)``, contiguous; cached until the weight changes (its storage or version)."""
-        w = self.kv_b_proj.weight
-        H, dn, dv, r = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        if torch.is_grad_enabled() and w.requires_grad:  # training through the absorbed path: no cache
-            w_kv = w.view(H, dn + dv, r)
-            return w_kv[:, :dn], w_kv[:, dn:].transpose(1, 2)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        cached = getattr(self, "_absorbed_cache", None)
-        if cached is None or cached[0] != key:
-            w_kv = w.detach().view(H, dn + dv, r)
-            cached = (key, w_kv[:, :dn].contiguous(), w_kv[:, dn:].transpose(1, 2).contiguous())
-            self._absorbed_cache = cached
-        return cached[1], cached[2]
-
-    def _use_absorbed(self, q_len: int) -> bool:
+    def use_absorbed(self, q_len: int) -> bool:
         mode = self.config.absorb
         if mode == "never":
             return False
@@ -291,16 +344,21 @@ class MLAAttention(nn.Module):
             return True
         return q_len <= self.config.absorb_max_query and not (torch.is_grad_enabled() and self.training)
 
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of ``kv_b_proj``: the key up-projection ``(H, dn, r)`` and the value up-projection ``(H, dv, r)``."""
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w_kv[:, : self.qk_nope_head_dim], w_kv[:, self.qk_nope_head_dim :]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
         attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         **kwargs,
     ):
         B, T, _ = hidden_states.shape
-        H, dn, dr, dv, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        H, dn, dr, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
 
         q = self.q_proj(hidden_states).view(B, T, H, dn + dr)
         kv = self.kv_a_proj_with_mqa(hidden_states)  # (B, T, r + dr)
@@ -312,62 +370,83 @@ class MLAAttention(nn.Module):
             else:
                 k = self.k_norm(k)
             kv = kv + self.k_a_proj(k)
-        q_nope, q_pe = q.transpose(1, 2).split([dn, dr], dim=-1)  # (B, H, T, dn), (B, H, T, dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
         ckv, k_pe = kv.unsqueeze(1).split([r, dr], dim=-1)  # (B, 1, T, r), (B, 1, T, dr)
         if self.config.kv_a_layernorm:
             ckv = self.kv_a_layernorm(ckv)  # the cache holds the normalized latent
-
         if dr > 0:
-            if isinstance(position_embeddings, dict):
-                position_embeddings = position_embeddings[self.layer_type]
-            cos, sin = position_embeddings  # (B, T, d_rot/2)
-            idx = self._rope_index(cos.device)
-            cos = torch.cat((cos[..., idx], cos[..., idx]), dim=-1).unsqueeze(1)  # (B, 1, T, dr)
-            sin = torch.cat((sin[..., idx], sin[..., idx]), dim=-1).unsqueeze(1)
-            q_pe = q_pe * cos + rotate_half(q_pe) * sin
-            k_pe = k_pe * cos + rotate_half(k_pe) * sin
+            if not isinstance(position_embeddings, LayerRope):
+                position_embeddings = self.layer_rope(position_embeddings)
+            cos, sin = position_embeddings  # (B, T, dr): this layer's frequencies, sin signed
+            q_pe = apply_rope(q_pe, cos.unsqueeze(2), sin.unsqueeze(2))
+            k_pe = apply_rope(k_pe, cos.unsqueeze(1), sin.unsqueeze(1))
 
         latent = None
-        if past_key_values is not None:
-            ckv, k_pe = past_key_values.update(ckv.contiguous(), k_pe.contiguous(), self.layer_idx)  # (B, 1, S, .)
-            layers = getattr(past_key_values, "layers", None)
-            latent = getattr(layers[self.layer_idx], "latent", None) if layers is not None else None  # MLALatentLayer
-        S = ckv.shape[-2]
-        eager = self.config._attn_implementation == "eager"
-        dropout = self.attention_dropout if self.training else 0.0
-        mask = attention_mask[:, :, :, :S] if attention_mask is not None else None
-
-        if self._use_absorbed(T):
-            # Absorbed: attend over the latent directly, as one KV head of width r + dr with V = ckv.
-            w_uk, w_uv_t = self._absorbed_weights()
-            q_lat = torch.matmul(q_nope, w_uk)  # (B, H, T, dn) @ (H, dn, r) -> (B, H, T, r)
-            query = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, H * T, r + dr)  # heads folded into queries
-            key = latent if latent is not None else torch.cat((ckv, k_pe), dim=-1)  # (B, 1, S, r + dr)
-            if mask is None and T > 1:
-                mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-            if mask is not None:
-                mask = mask.expand(B, 1, T, S).unsqueeze(1).expand(B, 1, H, T, S).reshape(B, 1, H * T, S)
-            out = _attend(query, key, key, mask, self.scaling, dropout, eager, causal=False,
-                          softcap=self.attn_logit_softcapping)[..., :r]  # (B, 1, H*T, r)
-            out = torch.matmul(out.reshape(B, H, T, r), w_uv_t)  # (B, H, T, r) @ (H, r, dv) -> (B, H, T, dv)
+        if cache is not None:
+            ckv, k_pe = cache.update(ckv, k_pe, self.layer_idx)  # (B, 1, S, r), (B, 1, S, dr)
+            latent = getattr(cache.layers[self.layer_idx], "latent", None)  # [ckv | kpe] of our cache layers
+        if self.use_absorbed(T):
+            out = self._absorbed(q_nope, q_pe, ckv[:, 0], k_pe[:, 0], latent, attention_mask)
         else:
-            # Decompressed: per-head keys and values from the latent.
-            w_kv = self.kv_b_proj.weight.view(H, dn + dv, r)
-            kv_full = F.linear(ckv, w_kv.reshape(H * (dn + dv), r)).view(B, S, H, dn + dv).transpose(1, 2)
-            k_nope, value = kv_full.split([dn, dv], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
-            key = torch.cat((k_nope, k_pe.expand(B, H, S, dr)), dim=-1)  # (B, H, S, dn + dr)
-            query = torch.cat((q_nope, q_pe), dim=-1)
-            if not eager and self.attn_logit_softcapping is None and dv != dn + dr:
-                # SDPA falls back to its slow math kernel (full T x S scores) when q/k and v widths differ:
-                # zero-pad the narrower side to one width, which changes no score and no output column.
-                w = max(dv, dn + dr)
-                query, key = F.pad(query, (0, w - dn - dr)), F.pad(key, (0, w - dn - dr))
-                value = F.pad(value, (0, w - dv))
-            out = _attend(query, key, value, mask, self.scaling, dropout, eager,
-                          softcap=self.attn_logit_softcapping)[..., :dv]  # (B, H, T, dv)
-
-        out = out.transpose(1, 2).reshape(B, T, H * dv)
+            out = self._decompressed(q_nope, q_pe, ckv[:, 0], k_pe[:, 0], attention_mask)
         return self.o_proj(out), None
+
+    def _absorbed(self, q_nope, q_pe, ckv, k_pe, latent, bias):
+        """Attention of all heads over the latent: scores `q_nope W_UK ckv^T + q_pe kpe^T` as batched matmuls in the
+        model's dtype (softmax accumulated in float32 inside its kernel), then `(p ckv) W_UV`. `bias`: additive
+        (B, 1, T, S) or None. q_nope (B, T, H, dn), q_pe (B, T, H, dr), ckv (B, S, r), k_pe (B, S, dr)."""
+        B, T, H, _ = q_nope.shape
+        r, dv, S = self.kv_lora_rank, self.v_head_dim, ckv.shape[-2]
+        w_uk, w_uv = self._up_weights()  # (H, dn, r), (H, dv, r)
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, r)
+        q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r), a view
+        if latent is not None:  # one matmul over the contiguous [ckv | kpe]
+            query = torch.cat((q_lat, q_pe), dim=-1).mul_(self.scaling).view(B, T * H, -1)  # (B, T*H, r + dr)
+            scores = torch.bmm(query, latent[:, 0, :S].transpose(1, 2))  # (B, T*H, S)
+        else:  # keys and values held apart (another cache)
+            scores = torch.bmm((q_pe * self.scaling).reshape(B, T * H, -1), k_pe.transpose(1, 2))
+            scores = torch.baddbmm(scores, (q_lat * self.scaling).reshape(B, T * H, r), ckv.transpose(1, 2))
+        scores = scores.view(B, T, H, S)
+        if self.attn_logit_softcapping is not None:
+            cap = self.attn_logit_softcapping
+            scores = torch.tanh(scores / cap) * cap
+        if bias is None and T > 1:  # causal, aligned to the end of the keys (no mask was needed for the prefill)
+            bias = torch.zeros(T, S, dtype=scores.dtype, device=scores.device)
+            bias = bias.masked_fill_(~torch.ones(T, S, dtype=torch.bool, device=bias.device).tril(S - T),
+                                     torch.finfo(bias.dtype).min)[None, None]
+        if bias is not None:
+            scores = scores + bias[:, 0, :, None, :S]  # (B, T, 1, S) broadcast over heads
+        probs = torch.softmax(scores, dim=-1)  # (B, T, H, S)
+        if self.training and self.attention_dropout > 0:
+            probs = F.dropout(probs, p=self.attention_dropout)
+        out = torch.bmm(probs.view(B, T * H, S), ckv)  # (B, T*H, r)
+        out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
+        return out.transpose(0, 1).reshape(B, T, H * dv)
+
+    def _decompressed(self, q_nope, q_pe, ckv, k_pe, mask):
+        """Per-head keys `[ckv W_UK | kpe]` and values `ckv W_UV`, attended through transformers' attention
+        interface (`config._attn_implementation`); the soft cap and `eager` use the eager maths."""
+        B, T, H, dn = q_nope.shape
+        dr, dv, S = self.qk_rope_head_dim, self.v_head_dim, ckv.shape[-2]
+        kv = F.linear(ckv, self.kv_b_proj.weight).view(B, S, H, dn + dv)
+        k_nope, value = kv.split([dn, dv], dim=-1)  # (B, S, H, dn), (B, S, H, dv)
+        impl = self.config._attn_implementation
+        if impl == "eager" or self.attn_logit_softcapping is not None and impl == "sdpa":
+            attend, pad = eager_attention_forward, 0
+        else:
+            attend = ALL_ATTENTION_FUNCTIONS[impl]
+            pad = -(-max(dn + dr, dv) // 8) * 8  # one width, a multiple of 8: the fused kernels apply
+        width = max(pad, dn + dr)
+        query = torch.cat((q_nope, q_pe, q_nope.new_zeros(B, T, H, width - dn - dr)), dim=-1)
+        key = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, dr), k_nope.new_zeros(B, S, H, width - dn - dr)), -1)
+        if pad > dv:
+            value = torch.cat((value, value.new_zeros(B, S, H, pad - dv)), dim=-1)
+        out, _ = attend(
+            self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+            softcap=self.attn_logit_softcapping, sliding_window=self.sliding_window,
+        )  # (B, T, H, width)
+        return out[..., :dv].reshape(B, T, H * dv)
 
 
 class MLADecoderLayer(GradientCheckpointingLayer):
@@ -394,19 +473,19 @@ class MLADecoderLayer(GradientCheckpointingLayer):
             self.post_feedforward_layernorm = make_norm(config, d)
         self.attention_type = config.layer_types[layer_idx]
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
         residual = hidden_states
         if self.layout != "post":
             hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
-            hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache
         )
         if self.layout == "pre":
-            hidden_states = residual + hidden_states * self.residual_multiplier
-            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)) * self.residual_multiplier
+            hidden_states = residual + self._scaled(hidden_states)
+            return hidden_states + self._scaled(self.mlp(self.post_attention_layernorm(hidden_states)))
         hidden_states = residual + self.post_attention_layernorm(hidden_states)
         mlp_in = self.pre_feedforward_layernorm(hidden_states) if self.layout == "sandwich" else hidden_states
         return hidden_states + self.post_feedforward_layernorm(self.mlp(mlp_in))
@@ -418,10 +497,11 @@ class MLAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MLADecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         if isinstance(module, MLARotaryEmbedding):  # buffers per layer type are unknown to the generic init
@@ -439,22 +519,65 @@ class MLAModel(MLAPreTrainedModel):
         self.norm = make_norm(config, config.hidden_size)
         self.rotary_emb = MLARotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Per rotary table: the layers that read it and all their frequency indices, [idx | idx] per layer, gathered
+        # in one go per forward (not per layer). A plain attribute, not a buffer: from_pretrained builds modules on
+        # the meta device and would leave a buffer uninitialized; the index tensor is made once per device.
+        self._rope_plan = {}
+        for layer in self.layers:
+            attn = layer.self_attn
+            if attn.qk_rope_head_dim:
+                self._rope_plan.setdefault(attn.layer_type, []).append((attn.layer_idx, attn.rope_freq_list))
+        self._rope_index_cache = {}
         self.post_init()
+
+    def _rope_tables(self, hidden_states, position_ids) -> list:
+        """Per layer its `LayerRope` (None for a layer without RoPE), gathered with one index per rotary table."""
+        tables = self.rotary_emb.all(hidden_states, position_ids)  # {table: (cos, sin)}, half width (B, T, d_rot/2)
+        out = [None] * len(self.layers)
+        for table, layers in self._rope_plan.items():
+            cos, sin = tables[table]
+            key = (table, cos.device)
+            if key not in self._rope_index_cache:
+                self._rope_index_cache[key] = rope_index([freqs for _, freqs in layers], cos.device)
+            cos, sin = gather_rope(cos, sin, *self._rope_index_cache[key])  # (B, T, sum of d_rope)
+            widths = [2 * len(freqs) for _, freqs in layers]
+            for (i, _), c, s in zip(layers, cos.split(widths, dim=-1), sin.split(widths, dim=-1)):
+                out[i] = LayerRope(c, s)
+        return out
+
+    def _masks(self, inputs_embeds, attention_mask, cache, position_ids, absorbed: bool) -> dict:
+        """`{layer type: mask}` for the attention interface, or, on the absorbed path, additive biases (B, 1, T, S).
+        `attention_mask` may already be such a dict (`generate` prepares them for a static cache)."""
+        if isinstance(attention_mask, dict):
+            masks = dict(attention_mask)
+            return {k: mask_bias(m, inputs_embeds.dtype) for k, m in masks.items()} if absorbed else masks
+        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                       CACHE_ARG: cache, "position_ids": position_ids}
+        masks = {}
+        if "full_attention" in self.config.layer_types:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        if absorbed:
+            masks = {k: mask_bias(m, inputs_embeds.dtype) for k, m in masks.items()}
+        return masks
 
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` (transformers >= 5.24) and `past_key_values` (5.23, and older callers) are the same argument."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -465,48 +588,35 @@ class MLAModel(MLAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
             if self.config.embedding_multiplier != 1.0:  # Gemma / Granite: in the embedding dtype
                 inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_multiplier, dtype=inputs_embeds.dtype)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if use_cache:
-            use_latent_layers(past_key_values)
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            use_latent_layers(cache)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        mask_kwargs = dict(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        masks = {"full_attention": None, "sliding_attention": None}
-        if "full_attention" in self.config.layer_types:
-            masks["full_attention"] = create_causal_mask(**mask_kwargs)
-        if "sliding_attention" in self.config.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-
+        absorbed = self.layers[0].self_attn.use_absorbed(inputs_embeds.shape[1])
+        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids, absorbed)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb.all(hidden_states, position_ids)
-        if None in position_embeddings:
-            position_embeddings = position_embeddings[None]
+        rope = self._rope_tables(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
+        for layer, layer_rope in zip(self.layers, rope):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[layer.attention_type],
-                past_key_values=past_key_values if use_cache else None,
-                position_embeddings=position_embeddings,
+                cache=cache,
+                position_embeddings=layer_rope,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
         )
 
 
@@ -525,20 +635,23 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[Cache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`cache` (transformers >= 5.24) and `past_key_values` (5.23) are the same argument; the output holds the
+        cache under the name the running transformers reads (`cache` or `past_key_values`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -555,10 +668,7 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
         )
         if return_dict is False:
             return output.to_tuple()

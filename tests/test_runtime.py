@@ -1,0 +1,171 @@
+"""The exported model at run time (issue 23): both cache argument names, the static latent cache (``generate(...,
+cache_implementation="static")``, ``torch.compile``), prefill through fused SDPA kernels (no T x S scores) and the
+absorbed decode on plain batched matmuls."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache, StaticCache
+
+from conftest import VOCAB, convert_tiny
+
+TOL = 1e-4  # fp32 logits
+NAMES = ["llama-gqa", "qwen3", "gemma3", "gemma2"]  # plain, QK-norm, sliding + full layers, soft cap
+
+
+def _load(path, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32, **kw).eval()
+
+
+def _ids(batch=2, length=9, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _cache_kw(cache) -> dict:
+    """The running transformers' name for the cache argument (``cache`` since 5.24, ``past_key_values`` before)."""
+    from mla_modeling.modeling_mla import CACHE_ARG
+
+    return {CACHE_ARG: cache}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    """Each of NAMES at budget 0.5 (ranks and RoPE widths per layer)."""
+    root = tmp_path_factory.mktemp("runtime")
+    for name in NAMES:
+        convert_tiny(tiny_models[name], root / name, kv_budget=0.5)
+    return {name: root / name for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_static_cache_generate_equals_dynamic_and_uncached(name, exports):
+    model = _load(exports[name])
+    ids = _ids()
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        static = model.generate(ids, cache_implementation="static", **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(static, dynamic) and torch.equal(dynamic, uncached)
+
+
+def test_static_cache_holds_one_latent_buffer_per_full_layer(exports):
+    """A StaticCache handed in gets MLAStaticLayer on full-attention layers: [ckv | kpe] in one fixed buffer, the
+    keys and values slots views of it; decoding on it gives the logits of a full forward (left padding too)."""
+    from mla_modeling.modeling_mla import MLAStaticLayer
+
+    model = _load(exports["gemma3"])  # layer 0 sliding, layer 1 full
+    ids = _ids(length=12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        steps = [model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True, **_cache_kw(cache)).logits]
+        for t in range(8, 12):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
+                               **_cache_kw(cache)).logits)
+    layer = cache.layers[1]
+    assert type(layer) is MLAStaticLayer and type(cache.layers[0]) is not MLAStaticLayer
+    r, dr = model.config.layer_kv_lora_rank(1), model.config.layer_rope_dim(1)
+    assert layer.latent.shape == (2, 1, 20, r + dr)
+    assert layer.keys.data_ptr() == layer.latent.data_ptr() and layer.values._base is layer.latent
+    assert int(layer.get_seq_length()) == 12
+    got = torch.cat(steps, 1)
+    assert (got - full)[mask.bool()].abs().max().item() < TOL
+
+
+def test_compiled_decode_on_static_cache_equals_eager(exports):
+    """``torch.compile`` of the forward (as ``generate`` does on a GPU with a static cache) traces the decode step
+    and gives the eager logits."""
+    model = _load(exports["llama-gqa"])
+    ids = _ids(batch=1, length=6)
+    compiled = torch.compile(model.forward, dynamic=False)
+    outs = {}
+    for name, fwd in (("eager", model.forward), ("compiled", compiled)):
+        cache = StaticCache(config=model.config, max_cache_len=12)
+        with torch.no_grad():
+            out = model(ids, use_cache=True, **_cache_kw(cache))
+            token, logits = out.logits[:, -1:].argmax(-1), []
+            for t in range(4):
+                pos = torch.tensor([[6 + t]])
+                step = fwd(input_ids=token, position_ids=pos, use_cache=True, **_cache_kw(cache)).logits
+                logits.append(step)
+                token = step[:, -1:].argmax(-1)
+        outs[name] = torch.cat(logits, 1)
+    assert (outs["compiled"] - outs["eager"]).abs().max().item() < TOL
+
+
+def test_both_cache_argument_names_and_no_deprecation_warning(exports):
+    """``cache=`` (transformers >= 5.24) and ``past_key_values=`` are one argument; the output holds the cache under
+    the running version's name, and generate raises no deprecation warning about the old name."""
+    from mla_modeling.modeling_mla import CACHE_FIELD
+
+    model = _load(exports["llama-gqa"])
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for arg in ("cache", "past_key_values"):
+            cache = DynamicCache(config=model.config)
+            out = model(ids[:, :-1], use_cache=True, **{arg: cache})
+            assert out[CACHE_FIELD] is cache
+            step = model(ids[:, -1:], use_cache=True, **{arg: cache}).logits[:, -1]
+            assert (step - full).abs().max().item() < TOL
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_version_gate():
+    from mla_modeling.configuration_mla import TESTED_TRANSFORMERS, check_transformers_version
+
+    low, high = (".".join(map(str, v)) for v in TESTED_TRANSFORMERS)
+    with pytest.raises(ImportError, match=rf"transformers >= {low} \(tested {low} to {high}\), found 5\.22\.9"):
+        check_transformers_version("5.22.9")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_transformers_version("5.23.0")
+        check_transformers_version(f"{high}.7")
+        assert caught == []
+        check_transformers_version("5.26.0.dev0")
+    assert [str(w.message) for w in caught] == [f"this MLA model was tested with transformers {low} to {high}, "
+                                                "found 5.26.0.dev0"]
+
+
+def _ops(fn) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_runs_a_fused_sdpa_kernel_not_the_score_matrix(exports, padded):
+    """Prefill (decompressed path, sdpa) goes to SDPA's fused CPU kernel, whatever the layer's q/k and v widths:
+    no softmax over a T x S score matrix is computed outside it (the flash kernel takes a padding mask too)."""
+    model = _load(exports["llama-gqa"], attn_implementation="sdpa")
+    widths = {model.config.qk_nope_head_dim + model.config.layer_rope_dim(i) for i in range(2)}
+    ids = _ids(length=40)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+    with torch.no_grad():
+        ops = _ops(lambda: model(ids, attention_mask=mask))
+    assert ops.count("aten::_scaled_dot_product_flash_attention_for_cpu") == 2, (widths, sorted(set(ops)))
+    assert "aten::_softmax" not in ops and "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_absorbed_decode_uses_batched_matmuls_not_sdpa(exports):
+    """A decode step attends over the latent with bmm + softmax: no SDPA call (whose kernels do not take a head of
+    width r + d_rope), and no copy of the cache (one bmm reads [ckv | kpe] in place)."""
+    from mla_modeling.modeling_mla import CACHE_FIELD
+
+    model = _load(exports["llama-gqa"])
+    ids = _ids()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True)[CACHE_FIELD]
+        ops = _ops(lambda: model(ids[:, -1:], use_cache=True, **_cache_kw(cache)))
+    assert not [o for o in ops if "scaled_dot_product" in o]
+    assert ops.count("aten::bmm") == 2 * 4 and ops.count("aten::_softmax") == 2  # per layer: q W_UK, scores, p ckv, W_UV
