@@ -247,11 +247,11 @@ class MLAStaticLayer(StaticLayer):
     or a ``StaticCache`` passed in."""
 
     _buf = None
+    _keys_view = None
 
     @property
     def latent(self):
-        keys = getattr(self, "keys", None)
-        return self._buf if keys is not None and keys._base is self._buf else None  # None once keys were replaced
+        return self._buf if self.keys is self._keys_view else None  # None once something replaced the keys
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, r, dr = key_states.shape[0], key_states.shape[-1], value_states.shape[-1]
@@ -259,6 +259,7 @@ class MLAStaticLayer(StaticLayer):
         self.batch_size, self.num_heads, self.k_head_dim, self.v_head_dim = B, 1, r, dr
         self._buf = torch.zeros(B, 1, self.max_cache_len, r + dr, dtype=key_states.dtype, device=self.device)
         self.keys, self.values = self._buf[..., :r], self._buf[..., r:]
+        self._keys_view = self.keys
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
             for t in (self._buf, self.keys, self.values, self.cumulative_length):
