@@ -1,6 +1,12 @@
-"""Tiny random source models (2 layers, hidden 64) of each family and head layout, saved as HF folders."""
+"""Tiny random source models (2 layers, hidden 64) of each family and head layout, saved as HF folders; fresh
+virtualenvs (only torch + one transformers version) to load exports in, cached across test sessions."""
 
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +127,81 @@ def convert_tiny(src, out, **overrides):
     settings = dict(calib="pydoc", calib_seqs=4, calib_len=64, verify_seqs=1, overwrite=True)
     settings.update(overrides)
     return convert(str(src), str(out), ConvertConfig(**settings), log=lambda *_: None)
+
+
+def fresh_venv(transformers_version: str, *extra_packages: str) -> str:
+    """The python of a virtualenv holding only this session's torch version, ``transformers==transformers_version``
+    and ``extra_packages`` (pip requirement strings) with their dependencies: not this project.
+
+    Cached across test sessions under ``<cache dir>/venvs`` (``$MLA_RETROFIT_CACHE`` or ``~/.cache/mla-retrofit``),
+    one per (python, torch, transformers, extras) key; building one takes about a minute (torch from local disk,
+    transformers from the registry) and 1.2 GB. It is built in a temporary sibling folder, gets its marker file last,
+    and is renamed into place, so a half-built venv from a killed run is never used (its leftovers are removed by the
+    next build of that key)."""
+    from convert.cache import cache_dir
+
+    torch_version = torch.__version__.split("+")[0]
+    packages = [f"torch=={torch_version}", f"transformers=={transformers_version}", *sorted(extra_packages)]
+    py_tag = "py{}.{}".format(*sys.version_info[:2])
+    name = f"{py_tag}-torch{torch_version}-transformers{transformers_version}"
+    if extra_packages:
+        name += "-" + hashlib.sha256(json.dumps(packages[2:]).encode()).hexdigest()[:10]
+    root = cache_dir("venvs")
+    final = root / name
+    if _venv_ready(final, packages):
+        return str(final / "bin" / "python")
+    for stale in root.glob(f".{name}.tmp-*"):  # left by a killed (or still running) build of this key
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
+        pip = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", *packages],
+                             capture_output=True, text=True)
+        assert pip.returncode == 0, f"pip install {' '.join(packages)} failed:\n{pip.stderr[-3000:]}"
+        _relocate_scripts(tmp, final)
+        (tmp / MARKER).write_text(json.dumps({"packages": packages}) + "\n")  # last: the venv is complete
+        try:
+            tmp.rename(final)
+        except OSError:  # another session built it meanwhile (or a broken one is in the way)
+            if not _venv_ready(final, packages):
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert _venv_ready(final, packages), final
+    return str(final / "bin" / "python")
+
+
+MARKER = "mla-retrofit-venv.json"  # written last into a complete cached venv
+
+
+def _venv_ready(venv: Path, packages: list) -> bool:
+    try:
+        ok = json.loads((venv / MARKER).read_text())["packages"] == packages
+    except (OSError, ValueError, KeyError):
+        return False
+    return ok and os.access(venv / "bin" / "python", os.X_OK)  # the base interpreter may have moved away
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _relocate_scripts(built: Path, final: Path) -> None:
+    """Point the console scripts' shebangs (and activate scripts) of a venv built at ``built`` to ``final``."""
+    old, new = str(built).encode(), str(final).encode()
+    for script in (built / "bin").iterdir():
+        if script.is_symlink() or not script.is_file() or script.stat().st_size > 1 << 20:
+            continue
+        data = script.read_bytes()
+        if old in data:
+            script.write_bytes(data.replace(old, new))

@@ -1,14 +1,13 @@
 """The export loads in a fresh virtualenv that has only torch + transformers (not this project)."""
 
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import transformers
 
-from conftest import convert_tiny
+from conftest import convert_tiny, fresh_venv
 
 SCRIPT = textwrap.dedent(
     """
@@ -33,25 +32,19 @@ SCRIPT = textwrap.dedent(
 VENV_FAMILIES = ["qwen2", "qwen3", "gemma3", "gemma2", "phi3", "olmo2", "granite", "smollm3"]
 
 
-def _export_and_venv(tiny_models, tmp_path, *extra_packages, names=("qwen2",)) -> tuple:
-    """(tiny exports at budget 0.5 of ``names``, the python of a fresh venv with this torch + transformers + extras)."""
+def _exports(tiny_models, tmp_path, names=("qwen2",)) -> list:
+    """Tiny exports at budget 0.5 of ``names``."""
     outs = []
     for name in names:
         outs.append(tmp_path / f"export-{name}")
         convert_tiny(tiny_models[name], outs[-1], kv_budget=0.5)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    torch_version = torch.__version__.split("+")[0]
-    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}",
-                          f"transformers=={transformers.__version__}", *extra_packages], capture_output=True, text=True)
-    assert pip.returncode == 0, pip.stderr[-2000:]
-    return outs, py
+    return outs
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_export_loads_in_fresh_venv_with_only_torch_and_transformers(tiny_models, tmp_path):
-    outs, py = _export_and_venv(tiny_models, tmp_path, names=VENV_FAMILIES)
+    outs, py = _exports(tiny_models, tmp_path, VENV_FAMILIES), fresh_venv(transformers.__version__)
     run = subprocess.run([py, "-c", SCRIPT, *map(str, outs)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     import json
@@ -82,7 +75,8 @@ def test_stock_lm_eval_without_this_project(tiny_models, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    (out,), py = _export_and_venv(tiny_models, tmp_path, f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}")
+    (out,) = _exports(tiny_models, tmp_path)
+    py = fresh_venv(transformers.__version__, f"lm-eval[hf]=={importlib.metadata.version('lm-eval')}")
     probe = "import importlib.util as u; print(u.find_spec('convert'), u.find_spec('eval'))"
     check = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert check.stdout.split() == ["None", "None"]
