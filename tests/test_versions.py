@@ -1,6 +1,6 @@
 """Exports work on each supported transformers minor version (the matrix of TESTED_TRANSFORMERS), each in a fresh
 virtualenv holding only torch + that transformers: greedy generation with and without the cache equals the source
-model's, a manual decode loop passes the cache by the name the running version reads, and nothing warns about the
+model's (with a static cache too), a manual decode loop passes the cache by the name the running version reads, and nothing warns about the
 renamed `past_key_values` argument. Older versions are refused in one line, newer ones warned about.
 
 The venvs are cached across sessions (tests/conftest.py: fresh_venv): the first run builds one per version, about a
@@ -62,9 +62,9 @@ SCRIPT = textwrap.dedent(
         return result, [f"{w.category.__name__}: {w.message}" for w in caught] + handler.messages
 
 
-    def greedy(model, batch, use_cache):
+    def greedy(model, batch, use_cache, **kw):
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=use_cache, **kw)
         return out[:, batch["input_ids"].shape[1]:].tolist()
 
 
@@ -95,12 +95,13 @@ SCRIPT = textwrap.dedent(
         model, load_warnings = watched(lambda: AutoModelForCausalLM.from_pretrained(
             export, trust_remote_code=True, dtype=torch.float32).eval())
         got = {"class": type(model).__name__, "load_warnings": load_warnings, "cached": {}, "uncached": {},
-               "source": {}}
+               "static": {}, "source": {}}
 
         def run():
             for key, batch in batches.items():
                 got["cached"][key] = greedy(model, batch, True)
                 got["uncached"][key] = greedy(model, batch, False)
+                got["static"][key] = greedy(model, batch, True, cache_implementation="static")
             return manual_decode(model, batches[PROMPTS[0]]["input_ids"])
 
         (got["manual"], got["manual_max_diff"]), got["generate_warnings"] = watched(run)
@@ -152,6 +153,7 @@ def test_exports_generate_like_their_source_on_each_transformers_version(version
     for name, got in result["exports"].items():
         assert got["class"] == ("DeepseekV3ForCausalLM" if "deepseek" in name else "MLAForCausalLM"), name
         assert got["cached"] == got["uncached"], name
+        assert got["static"] == got["cached"], name  # generate(cache_implementation="static")
         assert got["cached"] == got["source"], name
         first = got["cached"]["The quick brown fox jumps over"][0]
         assert got["manual"][: len(first)] == first, name  # generate may stop early at EOS
