@@ -411,10 +411,10 @@ class MLAAttention(nn.Module):
         if self.attn_logit_softcapping is not None:
             cap = self.attn_logit_softcapping
             scores = torch.tanh(scores / cap) * cap
-        if bias is None and T > 1:  # causal, aligned to the end of the keys (no mask was needed for the prefill)
+        if bias is None and T > 1:  # transformers skipped the mask: the queries are the first T tokens, causal
+            allowed = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril()  # keys past T: empty slots
             bias = torch.zeros(T, S, dtype=scores.dtype, device=scores.device)
-            bias = bias.masked_fill_(~torch.ones(T, S, dtype=torch.bool, device=bias.device).tril(S - T),
-                                     torch.finfo(bias.dtype).min)[None, None]
+            bias = bias.masked_fill_(~allowed, torch.finfo(bias.dtype).min)[None, None]
         if bias is not None:
             scores = scores + bias[:, 0, :, None, :S]  # (B, T, 1, S) broadcast over heads
         probs = torch.softmax(scores, dim=-1)  # (B, T, H, S)
