@@ -54,3 +54,9 @@ test: setup
 
 clean:
 	rm -rf $(VENV) out
+
+# GPU machine only (see /work/shared/GPU.md; needs .gpu/whl and .gpu/tok): eager, compiled and capacity decode
+# benchmarks of random-weight Llama-3.2-1B and -3.1-8B shapes against their MLA exports, results in $OUT (default out/gpu-bench).
+.PHONY: bench-gpu
+bench-gpu:
+	bash eval/gpu_bench.sh

@@ -215,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="decode and prefill speed, KV cache and peak memory: converted models beside the original",
-        description="Benchmark MODEL(s) (and --baseline) one at a time, each in its own process: prefill a random "
-        "batch x context prompt, then time new-tokens greedy decode steps (median of --runs). Prints a table with "
-        "ratios to the original and, with --json, saves it. A benchmark: compare models only within one run.",
+        description="Benchmark MODEL(s) (and --baseline) one at a time, each (batch, context) pair in its own "
+        "process: prefill a random batch x context prompt, then time new-tokens greedy decode steps (median of --runs) "
+        "and count the kernels of one more step. Prints a table per pair with ratios to the original and, with --json, "
+        "saves it. --compile: static cache and torch.compile; --capacity: the largest batch that fits. A benchmark: "
+        "compare models only within one run.",
     )
     _add_models_args(p)
     p.add_argument("--json", help="also write the results to this JSON file")

@@ -1,14 +1,22 @@
-"""``mla bench``: prefill and decode speed, KV cache size and peak memory, converted model beside the original.
+"""``mla bench``: prefill and decode speed, KV cache size, peak memory and kernels per step, converted models beside
+the original.
 
     mla bench OUT --baseline smollm2-135m --batch 8 --context 4096 --new-tokens 32
+    mla bench OUT --baseline SRC --batch 1,16,64 --context 8192 --compile
+    mla bench OUT --baseline SRC --context 8192 --capacity
 
-Each model runs in its own child process, so that its peak memory is its own. After a short warm-up forward, a
-random prompt of ``batch × context`` tokens is prefilled and timed: once, or the median of ``runs`` when it has at
-most 4096 tokens. Then ``new_tokens`` greedy decode steps are timed ``runs`` times from the same prefilled cache,
-cropped back after each run; the median run is reported. A benchmark, not a test: the numbers depend on the
-machine, so compare models only within one run.
+Every (batch, context) pair is measured for each model in its own child process, so that its peak memory is its own.
+After a short warm-up forward, a random prompt of ``batch × context`` tokens is prefilled in one forward and timed:
+once, or the median of ``runs`` when it has at most 4096 tokens. Then ``new_tokens`` greedy decode steps are timed
+``runs`` times from the same prefilled cache, cropped back after each run; the median run is reported. The peak memory
+of the prefill and of the decode runs are reported apart. One more decode step is profiled: its kernels (CUDA) or
+compute ops (CPU, see ``eval/kernels.py``). ``--compile`` decodes with a ``StaticCache`` through ``torch.compile``
+(CUDA graphs on cuda) after untimed warm-up steps. ``--capacity`` searches the largest batch that fits at each context
+(1, 2, 4, ... then bisection, one child per probe). A benchmark, not a test: the numbers depend on the machine, so
+compare models only within one run.
 """
 
+import itertools
 import json
 import os
 import resource
@@ -20,16 +28,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convert.config import opt
-from convert.sources import TRUST_HELP
 from convert.errors import MLAError
+from convert.sources import TRUST_HELP
+
+WARMUP_STEPS = 3  # compiled decode: compile, CUDA-graph recording, first replay; none of them timed
+RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib",
+              "kernels_per_step", "kernels_per_layer")
+CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib")
+
+
+def int_list(value, flag: str) -> list[int]:
+    """``"1,16,64"`` (or an int) as ``[1, 16, 64]``; MLAError unless every item is an integer >= 1."""
+    try:
+        items = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        items = []
+    if not items or min(items) < 1:
+        raise MLAError(f"{flag} takes integers >= 1, comma-separated, got {value!r}")
+    return items
 
 
 @dataclass
 class BenchConfig:
     """Settings of ``mla bench`` (each field is a ``--flag``)."""
 
-    batch: int = opt(1, "sequences decoded together")
-    context: int = opt(512, "prompt tokens per sequence (prefilled before decoding)")
+    batch: str = opt("1", "sequences decoded together; a comma list (1,16,64) measures each, with each --context")
+    context: str = opt("512", "prompt tokens per sequence, prefilled in one forward before decoding; a comma list "
+                       "measures each")
     new_tokens: int = opt(32, "timed decode steps per run")
     runs: int = opt(3, "decode runs; the median is reported")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
@@ -37,15 +62,44 @@ class BenchConfig:
     threads: int = opt(0, "CPU threads (0: torch's default)")
     attn: str = opt("sdpa", "attention implementation of both models: sdpa or eager")
     seed: int = opt(0, "seed of the random prompt")
+    compile: bool = opt(False, "decode both models with a StaticCache through torch.compile (mode reduce-overhead, "
+                        "i.e. CUDA graphs, on cuda); the prefill stays eager, warm-up steps are not timed")
+    capacity: bool = opt(False, "instead of the --batch list: the largest batch that fits at each --context, per "
+                         "model (1, 2, 4, ... then bisection, each probe a prefill and the decode runs in its own "
+                         "process; on cuda a probe that runs out of memory does not fit)")
+    memory_limit_mib: float | None = opt(None, "with --capacity: a probe whose prefill or decode peak memory (cuda "
+                                         "max allocated, process max RSS on a cpu) exceeds this does not fit either")
+    max_batch: int = opt(1024, "with --capacity: the largest batch tried")
     trust_remote_code: bool = opt(False, TRUST_HELP)
 
     def __post_init__(self):
-        if min(self.batch, self.context, self.new_tokens, self.runs) < 1 or self.threads < 0:
-            raise MLAError("--batch, --context, --new-tokens and --runs must be >= 1 (and --threads >= 0)")
+        self.batch = ",".join(map(str, int_list(self.batch, "--batch")))
+        self.context = ",".join(map(str, int_list(self.context, "--context")))
+        if min(self.new_tokens, self.runs, self.max_batch) < 1 or self.threads < 0:
+            raise MLAError("--new-tokens, --runs and --max-batch must be >= 1 (and --threads >= 0)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise MLAError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attn not in ("sdpa", "eager"):
             raise MLAError(f"--attn must be sdpa or eager, got {self.attn!r}")
+        if self.memory_limit_mib is not None and not (self.capacity and self.memory_limit_mib > 0):
+            raise MLAError(f"--memory-limit-mib must be > 0 and goes with --capacity, got {self.memory_limit_mib}"
+                           f"{'' if self.capacity else ' without --capacity'}")
+
+    @property
+    def batches(self) -> list[int]:
+        return int_list(self.batch, "--batch")
+
+    @property
+    def contexts(self) -> list[int]:
+        return int_list(self.context, "--context")
+
+
+def cache_name() -> str:
+    """The name of a model's cache argument and output field: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (5.23)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def cache_bytes(cache) -> int:
@@ -58,8 +112,39 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def measure(path: str, cfg: BenchConfig) -> dict:
-    """Prefill + decode timings of one model (run in the current process)."""
+def rewind(cache, tokens: int) -> None:
+    """Drop the last ``tokens`` tokens of ``cache``. The static layers of transformers 5.23 have no ``crop``: their
+    write position (a tensor at a fixed address, for CUDA graphs) goes back in place."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-tokens)
+        else:
+            layer.cumulative_length.sub_(tokens)
+
+
+def _reset_peak(cuda: bool) -> bool:
+    """Start a new peak-memory window; False where the process's peak RSS cannot be reset (no /proc)."""
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:  # "5" resets the peak RSS (VmHWM, and getrusage's ru_maxrss with it)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib(cuda: bool) -> float:
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 2**20
+
+
+def _load(path: str, cfg: BenchConfig):
+    """(model on its device, device, dtype name) with ``cfg.attn`` attention."""
     import torch
 
     from eval.perplexity import load_model
@@ -68,72 +153,146 @@ def measure(path: str, cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    cuda = device.startswith("cuda")
     model, _ = load_model(path, getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code)
     model.config._attn_implementation = cfg.attn
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
             sub.config._attn_implementation = cfg.attn
-    model.to(device)
-    vocab = model.config.get_text_config().vocab_size
+    return model.to(device), device, dtype
+
+
+def _prefill(model, prompt, static, runs: int, sync):
+    """(median seconds, cache, first decoded tokens) of prefilling ``prompt`` ``runs`` times into a fresh cache (or
+    into ``static``, reset before each run)."""
+    name = cache_name()
+    times, out = [], None
+    for _ in range(runs):
+        out = None  # free the previous cache first
+        if static is not None:
+            static.reset()
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, **{name: static}, use_cache=True, logits_to_keep=1)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _step_fn(model, cache, context: int, cfg: BenchConfig, cuda: bool):
+    """``step(token, i)``: decode step ``i`` after the prompt (eager on the cache, or compiled with explicit
+    positions on a static cache)."""
+    import torch
+
+    name = cache_name()
+    if not cfg.compile:
+        return lambda token, i: model(input_ids=token, **{name: cache}, use_cache=True)
+    if not cuda:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # its kernels show in the profile (count_kernels)
+    forward = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, fullgraph=False, dynamic=False)
+    positions = torch.arange(context, context + cfg.new_tokens, device=model.device).view(-1, 1, 1)
+    return lambda token, i: forward(input_ids=token, position_ids=positions[i], **{name: cache}, use_cache=True)
+
+
+def _decode_runs(step, first, cache, cfg: BenchConfig, sync) -> tuple[list[float], int]:
+    """(seconds of each run of ``new_tokens`` greedy steps from the prompt, cache bytes at the end of a run)."""
+    times = []
+    for _ in range(cfg.runs):
+        token = first
+        sync()
+        t0 = time.perf_counter()
+        for i in range(cfg.new_tokens):
+            token = step(token, i).logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        cached = cache_bytes(cache)
+        rewind(cache, cfg.new_tokens)  # back to the prompt
+    return times, cached
+
+
+def _count_step(model, step, first, new_tokens: int, cache) -> int:
+    """Kernels of a decode step in the steady state: the second step after the prompt (the first one after a crop
+    may rebuild a cache buffer), or the first when there is room for one only."""
+    from eval.kernels import count_kernels
+
+    token, done = first, min(1, new_tokens - 1)
+    for i in range(done):
+        token = step(token, i).logits[:, -1].argmax(-1, keepdim=True)
+    count = count_kernels(model, lambda: step(token, done))
+    rewind(cache, done + 1)
+    return count
+
+
+def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool = True) -> dict:
+    """Prefill + decode timings, memory and (``kernels``) kernels per step of one model (in this process)."""
+    import torch
+
+    model, device, dtype = _load(path, cfg)
+    cuda = device.startswith("cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompt = torch.randint(0, vocab, (cfg.batch, cfg.context), generator=gen).to(device)
+    prompt = torch.randint(0, model.config.get_text_config().vocab_size, (batch, context), generator=gen).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    static = None
+    if cfg.compile:
+        from transformers.cache_utils import StaticCache
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    with torch.no_grad():  # warm-up: first-call costs (kernels, allocator) are not part of either timing
-        model(input_ids=prompt[:, : min(16, cfg.context)], use_cache=True, logits_to_keep=1)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    # prefill: timed once for long prompts, median of ``runs`` when the prompt is small (and its timing noisy)
-    prefill_runs = cfg.runs if cfg.batch * cfg.context <= 4096 else 1
-    with torch.no_grad():
-        prefill = []
-        for _ in range(prefill_runs):
-            out = None  # free the previous cache first
-            sync()
-            t0 = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            sync()
-            prefill.append(time.perf_counter() - t0)
-        prefill_s = statistics.median(prefill)
-        cache = out.past_key_values
-        first = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        del out
-        times = []
-        for _ in range(cfg.runs):
-            token = first
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(cfg.new_tokens):
-                step = model(input_ids=token, past_key_values=cache, use_cache=True)
-                token = step.logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-            cached = cache_bytes(cache)
-            cache.crop(-cfg.new_tokens)  # back to the prompt
+        static = StaticCache(config=model.config, max_cache_len=context + cfg.new_tokens)
+    with torch.no_grad():  # warm-up: first-call costs (kernels, allocator, the static cache) are not timed
+        model(input_ids=prompt[:, : min(16, context)], **{cache_name(): static}, use_cache=True, logits_to_keep=1)
+        resets = _reset_peak(cuda)
+        prefill_s, cache, first = _prefill(model, prompt, static, cfg.runs if batch * context <= 4096 else 1, sync)
+        prefill_peak = _peak_mib(cuda)
+        step = _step_fn(model, cache, context, cfg, cuda)
+        for _ in range(WARMUP_STEPS if cfg.compile else 0):
+            step(first, 0)
+            rewind(cache, 1)
+        resets = _reset_peak(cuda) and resets
+        times, cached = _decode_runs(step, first, cache, cfg, sync)
+        peak = _peak_mib(cuda)
+        per_step = _count_step(model, step, first, cfg.new_tokens, cache) if kernels else None
+    layers = model.config.get_text_config().num_hidden_layers
     decode_s = statistics.median(times)
-    tokens_cached = cfg.context + cfg.new_tokens
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "path": path, "model_type": model.config.model_type, "device": device, "dtype": dtype,
-        "threads": torch.get_num_threads(), "prefill_s": prefill_s,
-        "prefill_tok_s": cfg.batch * cfg.context / prefill_s,
-        "decode_s": decode_s, "decode_runs_s": times, "decode_tok_s": cfg.batch * cfg.new_tokens / decode_s,
-        "kv_cache_mib": cached / 2**20, "kv_bytes_per_token": cached / (cfg.batch * tokens_cached),
-        "peak_memory_mib": peak / 2**20, "peak_memory_kind": "cuda max allocated" if cuda else "process max RSS",
+        "threads": torch.get_num_threads(), "batch": batch, "context": context,
+        "cache": "static" if cfg.compile else "dynamic", "compiled": cfg.compile, "prefill_s": prefill_s,
+        "prefill_tok_s": batch * context / prefill_s,
+        "decode_s": decode_s, "decode_runs_s": times, "decode_tok_s": batch * cfg.new_tokens / decode_s,
+        "kv_cache_mib": cached / 2**20, "kv_bytes_per_token": cached / (batch * (context + cfg.new_tokens)),
+        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "prefill_peak_mib": prefill_peak, "peak_memory_mib": peak,
+        "peak_memory_kind": ("cuda max allocated" if cuda else "process max RSS") + ("" if resets else " since start"),
+        "num_layers": layers, "kernels_per_step": per_step,
+        "kernels_per_layer": per_step / layers if per_step is not None else None,
+        "kernel_kind": "cuda kernels" if cuda else "cpu compute ops",
     }
 
 
-def _child(path: str, cfg: BenchConfig) -> dict:
-    """``measure`` in a fresh Python process, so each model's peak memory is its own."""
-    cmd = [sys.executable, "-m", "eval.bench", "--worker", path, json.dumps(asdict(cfg))]
+def probe(path: str, cfg: BenchConfig, batch: int, context: int) -> dict:
+    """``measure`` without the kernel count, reporting running out of memory as ``{"oom": True}``."""
+    import torch
+
+    try:
+        return measure(path, cfg, batch, context, kernels=False)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        return {"oom": True, "error": (str(e).strip().splitlines() or ["out of memory"])[0][:200]}
+    except RuntimeError as e:  # raised through torch.compile, or by cuBLAS failing to allocate its workspace
+        if not any(m in str(e) for m in ("out of memory", "ALLOC_FAILED")):
+            raise
+        return {"oom": True, "error": str(e).strip().splitlines()[0][:200]}
+
+
+def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "measure") -> dict:
+    """``measure`` (or ``probe``) in a fresh Python process, so each run's peak memory is its own."""
+    cmd = [sys.executable, "-m", "eval.bench", "--worker", path, json.dumps(asdict(cfg)), str(batch), str(context),
+           mode]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = run.stdout.strip().splitlines()
+    if mode == "probe" and run.returncode == -9:  # SIGKILL: on a CPU, most likely the kernel's OOM killer
+        return {"oom": True, "error": "killed (out of memory?)"}
     if run.returncode != 0 or not lines:
         err = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("error:")]
         why = err[-1].removeprefix("error: ") if err else (run.stderr.strip().splitlines() or ["no output"])[-1]
@@ -141,61 +300,187 @@ def _child(path: str, cfg: BenchConfig) -> dict:
     return json.loads(lines[-1])
 
 
+def _add_ratios(rows: list[dict], keys) -> None:
+    """``vs_original`` of every row after the first (the original): each key's value ÷ the original's."""
+    for r in rows[1:]:
+        r["vs_original"] = {k: r[k] / rows[0][k] if r.get(k) is not None and rows[0].get(k) else None for k in keys}
+
+
+def largest_batch(fits, max_batch: int) -> int:
+    """The largest batch in [1, max_batch] for which ``fits(batch)`` holds (0 if none), assuming it holds up to some
+    batch and not above: batch 1, 2, 4, ... until one does not fit, then bisection. Each batch is tried once."""
+    lo, hi = 0, max_batch + 1  # lo fits (0: nothing yet), hi does not (max_batch + 1: not tried)
+    batch = 1
+    while lo < max_batch and hi > max_batch:
+        if fits(batch):
+            lo, batch = batch, min(2 * batch, max_batch)
+        else:
+            hi = batch
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _fits(row: dict, limit: float | None) -> tuple[bool, str]:
+    if row.get("oom"):
+        return False, "out of memory"
+    peak = max(row["prefill_peak_mib"], row["peak_memory_mib"])
+    if limit is not None and peak > limit:
+        return False, f"peak {peak:.0f} MiB > {limit:g} MiB"
+    return True, f"peak {peak:.0f} MiB"
+
+
+def _pairs(entries, cfg: BenchConfig, result: dict, save, log) -> None:
+    """Every (batch, context) pair for every model, the original first."""
+    result["pairs"] = []
+    for context, batch in itertools.product(cfg.contexts, cfg.batches):
+        pair = {"batch": batch, "context": context, "models": []}
+        result["pairs"].append(pair)
+        result.setdefault("models", pair["models"])  # the first pair's rows, where one pair's results always were
+        for name, path in entries:
+            log(f"[{name}] {path}: prefill {batch} x {context} tokens, then {cfg.runs} x {cfg.new_tokens} "
+                f"{'compiled static-cache' if cfg.compile else 'eager'} decode steps")
+            pair["models"].append({"name": name, **_child(path, cfg, batch, context)})
+            if result["baseline"]:
+                _add_ratios(pair["models"], RATIO_KEYS)
+            save()
+
+
+def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
+    """The largest batch that fits, per context and model; the row of its probe, and every probe."""
+    result["capacity"] = []
+    for context in cfg.contexts:
+        block = {"context": context, "memory_limit_mib": cfg.memory_limit_mib, "max_batch_tried": cfg.max_batch,
+                 "models": []}
+        result["capacity"].append(block)
+        result.setdefault("models", block["models"])
+        for name, path in entries:
+            probes, rows = [], {}
+            block["models"].append({"name": name, "path": path, "max_batch": None, "probes": probes})
+
+            def fits(batch: int) -> bool:
+                row = rows[batch] = _child(path, cfg, batch, context, mode="probe")
+                ok, why = _fits(row, cfg.memory_limit_mib)
+                log(f"[{name}] batch {batch} x {context} tokens: {'fits' if ok else 'does not fit'} ({why})")
+                probes.append({"batch": batch, "fits": ok, "why": why})
+                save()
+                return ok
+
+            best = largest_batch(fits, cfg.max_batch)
+            block["models"][-1] = {"name": name, "path": path, **rows.get(best, {}), "max_batch": best,
+                                   "probes": probes}
+            if result["baseline"]:
+                _add_ratios(block["models"], CAPACITY_KEYS)
+            save()
+
+
 def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: str | None = None,
           log=print) -> dict:
-    """Benchmark ``baseline`` (if any) then ``models``; print a side-by-side table; optionally write JSON."""
+    """Benchmark ``baseline`` (if any) then ``models`` at every pair (or ``cfg.capacity``: search each one's largest
+    batch); print side-by-side tables; optionally write JSON (rewritten after every run, so a cut-short benchmark
+    leaves what it measured)."""
     from convert.save import check_out_file
     from convert.sources import input_paths
 
     if json_path:  # checked before the benchmark, not after it
         json_path = check_out_file(json_path, input_paths(baseline, *models))
     entries = ([("original", baseline)] if baseline else []) + [(Path(m.rstrip("/")).name or m, m) for m in models]
-    rows = []
-    for name, path in entries:
-        log(f"[{name}] {path}: prefill {cfg.batch} x {cfg.context} tokens, then {cfg.runs} x {cfg.new_tokens} "
-            f"decode steps")
-        rows.append({"name": name, **_child(path, cfg)})
-    result = {"settings": asdict(cfg), "baseline": "original" if baseline else None, "models": rows}
-    if baseline:
-        base = rows[0]
-        for r in rows[1:]:
-            r["vs_original"] = {k: r[k] / base[k] for k in
-                                ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "peak_memory_mib")}
-    log(table(result))
-    if json_path:
+    result = {"settings": asdict(cfg), "baseline": "original" if baseline else None}
+
+    def save():
+        if not json_path:
+            return
         try:
             Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
         except OSError as e:
             raise MLAError(f"cannot write {json_path}: {e.strerror or e}") from None
+
+    (_capacity if cfg.capacity else _pairs)(entries, cfg, result, save, log)
+    log(table(result))
+    save()
     return result
 
 
-def table(result: dict) -> str:
-    rows = result["models"]
-    cols = [("decode tok/s", "decode_tok_s", "{:.1f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
-            ("KV cache MiB", "kv_cache_mib", "{:.4g}"), ("peak MiB", "peak_memory_mib", "{:.0f}")]
-    lines = [f"{'model':<28}" + "".join(f"{c[0]:>16}" for c in cols)]
+def _mode(result: dict) -> str:
+    s = result["settings"]
+    return "static cache, torch.compile" if s.get("compile") else "dynamic cache, eager"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def _block(rows: list[dict], cols) -> list[str]:
+    """Rows of one table block under a header, each converted model followed by its ratios to the original."""
+    lines = [f"{'model':<28}" + "".join(f"{c[0]:>15}" for c in cols)]
     for r in rows:
-        lines.append(f"{r['name'][:28]:<28}" + "".join(f"{c[2].format(r[c[1]]):>16}" for c in cols))
+        lines.append(f"{r['name'][:28]:<28}" + "".join(f"{_fmt(r.get(c[1]), c[2]):>15}" for c in cols))
         if "vs_original" in r:
-            lines.append(f"{'  ÷ original':<28}" + "".join(f"{r['vs_original'][c[1]]:>15.3f}x" for c in cols))
+            lines.append(f"{'  ÷ original':<28}" + "".join(f"{_fmt(r['vs_original'].get(c[1]), '{:.3f}x'):>15}"
+                                                          for c in cols))
+    return lines
+
+
+def table(result: dict) -> str:
+    """One block per (batch, context) pair, or per context with ``capacity``."""
+    cols = [("decode tok/s", "decode_tok_s", "{:.1f}"), ("prefill tok/s", "prefill_tok_s", "{:.0f}"),
+            ("KV cache MiB", "kv_cache_mib", "{:.4g}"), ("prefill pk MiB", "prefill_peak_mib", "{:.0f}"),
+            ("decode pk MiB", "peak_memory_mib", "{:.0f}"), ("kernels/step", "kernels_per_step", "{:.0f}"),
+            ("kernels/layer", "kernels_per_layer", "{:.1f}")]
+    lines = []
+    for pair in result.get("pairs", []):
+        lines += [f"batch {pair['batch']} x context {pair['context']} ({_mode(result)})", *_block(pair["models"], cols)]
+    for block in result.get("capacity", []):
+        limit = block["memory_limit_mib"]
+        lines.append(f"largest batch at context {block['context']} ({_mode(result)}; tried up to "
+                     f"{block['max_batch_tried']}{f', peak memory limit {limit:g} MiB' if limit else ''})")
+        lines += _block(block["models"], [("max batch", "max_batch", "{:d}")] + cols[:1] + cols[2:5])
+        lines += [f"  probes of {r['name'][:28]}: " + ", ".join(f"{p['batch']} {'fits' if p['fits'] else 'no'}"
+                                                                for p in r["probes"]) for r in block["models"]]
     return "\n".join(lines)
 
 
+def _ratio(r: dict, key: str, spec: str = "{:.2f}x") -> str:
+    return _fmt(r["vs_original"].get(key), spec)
+
+
 def summary(result: dict) -> str:
-    s = result["settings"]
-    where = f"batch {s['batch']} after {s['context']} tokens, {s['new_tokens']} new, {result['models'][0]['device']}"
+    """One line: each converted model's decode speed ratio (or largest batch) at each pair, and its KV cache share."""
+    s, first = result["settings"], result["models"][0]
+    where = f"{s['new_tokens']} new, {first.get('device', s['device'])}" + (", compiled" if s.get("compile") else "")
+    if "capacity" in result:
+        blocks = result["capacity"]
+        parts = [f"{r['name']}: max batch " + ", ".join(
+            f"{b['models'][i]['max_batch']} at {b['context']}"
+            + (f" ({_ratio(b['models'][i], 'max_batch')}, decode {_ratio(b['models'][i], 'decode_tok_s')})"
+               if result["baseline"] else "") for b in blocks)
+            for i, r in enumerate(result["models"]) if i or not result["baseline"]]
+        return "; ".join(parts) + f" ({where})"
+    pairs = result["pairs"]
+    if len(pairs) == 1:
+        where = f"batch {pairs[0]['batch']} after {pairs[0]['context']} tokens, " + where
     if not result["baseline"]:
-        return "; ".join(f"{r['name']}: decode {r['decode_tok_s']:.1f} tok/s" for r in result["models"]) + f" ({where})"
-    return "; ".join(f"{r['name']}: decode {r['vs_original']['decode_tok_s']:.2f}x, KV cache "
-                     f"{r['vs_original']['kv_cache_mib']:.1%} of the original" for r in result["models"][1:]) + \
-        f" ({where})"
+        return "; ".join(f"{p['models'][i]['name']}: decode {p['models'][i]['decode_tok_s']:.1f} tok/s"
+                         + (f" at {p['batch']} x {p['context']}" if len(pairs) > 1 else "")
+                         for i in range(len(result["models"])) for p in pairs) + f" ({where})"
+    return "; ".join(
+        f"{r['name']}: decode " + ", ".join(_ratio(p["models"][i], "decode_tok_s")
+                                            + (f" at {p['batch']} x {p['context']}" if len(pairs) > 1 else "")
+                                            for p in pairs)
+        + f", KV cache {_ratio(r, 'kv_cache_mib', '{:.1%}')} of the original"
+        for i, r in enumerate(result["models"]) if i) + f" ({where})"
 
 
 def _worker(argv: list[str]) -> int:
-    path, settings = argv
+    path, settings, batch, context, mode = argv
     try:
-        print(json.dumps(measure(path, BenchConfig(**json.loads(settings)))))
+        cfg = BenchConfig(**json.loads(settings))
+        run = probe if mode == "probe" else measure
+        print(json.dumps(run(path, cfg, int(batch), int(context))))
     except MLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
