@@ -104,6 +104,9 @@ class MLAConfig(PretrainedConfig):
             the cached latent for short query blocks (decoding) when no gradient is needed, decompressed per-head
             keys/values otherwise (prefill, training); `"always"` / `"never"` force one path.
         absorb_max_query (`int`, *optional*, defaults to 16): Longest query block that `"auto"` decodes absorbed.
+        absorbed_attention (`str`, *optional*, defaults to `"auto"`): How the absorbed path attends over the latent:
+            `"bmm"` (batched matmuls, softmax in between), `"sdpa"` (one fused SDPA call, keys = values = the latent)
+            or `"auto"` (`"sdpa"` on a CPU, `"bmm"` elsewhere). A soft cap always uses `"bmm"`.
     """
 
     model_type = "mla_retrofit"
@@ -152,6 +155,7 @@ class MLAConfig(PretrainedConfig):
         final_logit_softcapping=None,
         absorb="auto",
         absorb_max_query=16,
+        absorbed_attention="auto",
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -204,6 +208,9 @@ class MLAConfig(PretrainedConfig):
             raise ValueError(f"MLAConfig: absorb must be 'auto', 'always' or 'never', got {absorb!r}")
         self.absorb = absorb
         self.absorb_max_query = absorb_max_query
+        if absorbed_attention not in ("auto", "bmm", "sdpa"):
+            raise ValueError(f"MLAConfig: absorbed_attention must be 'auto', 'bmm' or 'sdpa', got {absorbed_attention!r}")
+        self.absorbed_attention = absorbed_attention
         self._per_layer(kv_lora_rank)  # validates the length of a per-layer list
         ropes = self._per_layer(qk_rope_head_dim)
         if any(d % 2 for d in ropes):

@@ -401,6 +401,8 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = self._up_weights()  # (H, dn, r), (H, dv, r)
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, r)
         q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r), a view
+        if latent is not None and self._fused_absorbed(ckv.device):
+            return self._absorbed_sdpa(q_lat, q_pe, latent[:, :, :S], bias, w_uv)
         if latent is not None:  # one matmul over the contiguous [ckv | kpe]
             query = torch.cat((q_lat, q_pe), dim=-1).mul_(self.scaling).view(B, T * H, -1)  # (B, T*H, r + dr)
             scores = torch.bmm(query, latent[:, 0, :S].transpose(1, 2))  # (B, T*H, S)
@@ -423,6 +425,33 @@ class MLAAttention(nn.Module):
         out = torch.bmm(probs.view(B, T * H, S), ckv)  # (B, T*H, r)
         out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
         return out.transpose(0, 1).reshape(B, T, H * dv)
+
+    def _fused_absorbed(self, device) -> bool:
+        """Whether the absorbed decode runs as one fused SDPA call over the latent (`config.absorbed_attention`;
+        `auto`: on a CPU, where SDPA's flash kernel takes any head width and reads the latent once) rather than
+        batched matmuls (`auto` on a GPU: SDPA's fused kernels do not take heads over 256 wide and cuDNN plans
+        anew as the cache grows)."""
+        mode = self.config.absorbed_attention
+        return self.attn_logit_softcapping is None and (mode == "sdpa" or mode == "auto" and device.type == "cpu")
+
+    def _absorbed_sdpa(self, q_lat, q_pe, latent, bias, w_uv):
+        """The absorbed attention as one SDPA call: all heads folded into the query axis of a single head of width
+        r + dr, keys and values both the latent (B, 1, S, r + dr); the output's first r columns are `p ckv`."""
+        B, T, H, r = q_lat.shape
+        S = latent.shape[-2]
+        query = torch.cat((q_lat, q_pe), dim=-1).view(B, 1, T * H, -1)  # rows (t, h)
+        if bias is None and T > 1:  # the queries are the first T tokens (see _absorbed)
+            bias = torch.zeros(T, S, dtype=query.dtype, device=query.device).masked_fill_(
+                ~torch.ones(T, S, dtype=torch.bool, device=query.device).tril(), torch.finfo(query.dtype).min)[None, None]
+        if bias is not None and T > 1:
+            bias = bias[..., :S].unsqueeze(3).expand(-1, 1, T, H, S).reshape(-1, 1, T * H, S)
+        elif bias is not None:
+            bias = bias[..., :S]  # (B, 1, 1, S): the same for every head
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(query, latent, latent, attn_mask=bias, dropout_p=dropout,
+                                             scale=self.scaling)[..., :r]  # (B, 1, T*H, r)
+        out = torch.bmm(out.reshape(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
+        return out.transpose(0, 1).reshape(B, T, H * self.v_head_dim)
 
     def _decompressed(self, q_nope, q_pe, ckv, k_pe, mask):
         """Per-head keys `[ckv W_UK | kpe]` and values `ckv W_UV`, attended through transformers' attention

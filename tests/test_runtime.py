@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from conftest import VOCAB, convert_tiny
+from mla_modeling.modeling_mla import CACHE_ARG, CACHE_FIELD
 
 TOL = 1e-4  # fp32 logits
 NAMES = ["llama-gqa", "qwen3", "gemma3", "gemma2"]  # plain, QK-norm, sliding + full layers, soft cap
@@ -25,8 +26,6 @@ def _ids(batch=2, length=9, seed=0):
 
 def _cache_kw(cache) -> dict:
     """The running transformers' name for the cache argument (``cache`` since 5.24, ``past_key_values`` before)."""
-    from mla_modeling.modeling_mla import CACHE_ARG
-
     return {CACHE_ARG: cache}
 
 
@@ -102,8 +101,6 @@ def test_compiled_decode_on_static_cache_equals_eager(exports, name):
 def test_both_cache_argument_names_and_no_deprecation_warning(exports):
     """``cache=`` (transformers >= 5.24) and ``past_key_values=`` are one argument; the output holds the cache under
     the running version's name, and generate raises no deprecation warning about the old name."""
-    from mla_modeling.modeling_mla import CACHE_FIELD
-
     model = _load(exports["llama-gqa"])
     ids = _ids()
     with torch.no_grad():
@@ -142,18 +139,48 @@ def test_prefill_runs_a_fused_sdpa_kernel_not_the_score_matrix(exports, padded):
     assert "aten::_softmax" not in ops and "aten::_scaled_dot_product_attention_math" not in ops
 
 
-def test_absorbed_decode_uses_batched_matmuls_not_sdpa(exports):
-    """A decode step attends over the latent with bmm + softmax: no SDPA call (whose kernels do not take a head of
-    width r + d_rope), and no copy of the cache (one bmm reads [ckv | kpe] in place)."""
-    from mla_modeling.modeling_mla import CACHE_FIELD
-
+@pytest.mark.parametrize("kernel", ["bmm", "sdpa"])
+def test_absorbed_decode_runs_the_chosen_kernel(exports, kernel):
+    """A decode step attends over the latent with bmm + softmax (``bmm``, the GPU default: no SDPA call, whose fused
+    kernels do not take a head of width r + d_rope) or one fused SDPA call (``sdpa``, the CPU default); neither
+    copies the cache (both read [ckv | kpe] in place)."""
     model = _load(exports["llama-gqa"])
+    model.config.absorbed_attention = kernel
     ids = _ids()
     with torch.no_grad():
         cache = model(ids, use_cache=True)[CACHE_FIELD]
         ops = _ops(lambda: model(ids[:, -1:], use_cache=True, **_cache_kw(cache)))
-    assert not [o for o in ops if "scaled_dot_product" in o]
-    assert ops.count("aten::bmm") == 2 * 4 and ops.count("aten::_softmax") == 2  # per layer: q W_UK, scores, p ckv, W_UV
+    sdpa = [o for o in ops if o == "aten::scaled_dot_product_attention"]
+    if kernel == "bmm":  # per layer: q W_UK, scores, p ckv, W_UV
+        assert not sdpa and ops.count("aten::bmm") == 2 * 4 and ops.count("aten::_softmax") == 2
+    else:  # per layer: q W_UK, SDPA, W_UV
+        assert len(sdpa) == 2 and ops.count("aten::bmm") == 2 * 2 and "aten::_softmax" not in ops
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_absorbed_kernels_equal_the_decompressed_path(exports, name):
+    """Left-padded prefill, then decode steps with padding, for both absorbed kernels, equal ``absorb="never"``
+    (gemma2's soft cap always takes bmm); a 5-token block decoded absorbed too (its causal mask)."""
+    model = _load(exports[name])
+    ids = _ids(batch=3, length=14, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    logits = {}
+    for kernel, absorb in (("bmm", "auto"), ("sdpa", "auto"), ("bmm", "never")):
+        model.config.absorbed_attention, model.config.absorb = kernel, absorb
+        with torch.no_grad():
+            out = model(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+            cache, steps = out[CACHE_FIELD], [out.logits]
+            out = model(ids[:, 4:9], attention_mask=mask[:, :9], use_cache=True, **_cache_kw(cache))  # 5 absorbed
+            steps.append(out.logits)
+            for t in range(9, 14):
+                out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True, **_cache_kw(cache))
+                steps.append(out.logits)
+        logits[kernel, absorb] = torch.cat(steps, 1)[mask.bool()]
+    ref = logits["bmm", "never"]
+    assert (logits["bmm", "auto"] - ref).abs().max().item() < TOL
+    assert (logits["sdpa", "auto"] - ref).abs().max().item() < TOL
 
 
 def test_decode_step_kernels_per_layer_at_most_the_targets_ratio(tmp_path):
@@ -162,8 +189,6 @@ def test_decode_step_kernels_per_layer_at_most_the_targets_ratio(tmp_path):
     1.5x the original's (issue 23's target; measured: 37 vs 38 on tiny Llama GQA, the previous remote code 42.5)."""
     from conftest import make_tiny
     from eval.kernels import count_kernels
-    from mla_modeling.modeling_mla import CACHE_ARG, CACHE_FIELD
-
     counts = {}
     for layers in (2, 4):
         src, out = tmp_path / f"src{layers}", tmp_path / f"mla{layers}"
@@ -184,12 +209,12 @@ def test_decode_step_kernels_per_layer_at_most_the_targets_ratio(tmp_path):
     assert per_layer["original"] > 0 and per_layer["mla"] <= 1.5 * per_layer["original"], per_layer
 
 
-@pytest.mark.parametrize("absorb", ["auto", "never"])
-def test_short_prompt_into_a_static_cache_equals_a_full_forward(exports, absorb):
+@pytest.mark.parametrize("absorb,kernel", [("auto", "bmm"), ("auto", "sdpa"), ("never", "bmm")])
+def test_short_prompt_into_a_static_cache_equals_a_full_forward(exports, absorb, kernel):
     """A prompt of at most ``absorb_max_query`` tokens into an empty StaticCache takes the absorbed path (auto) with
     no mask from transformers: causal over the filled slots only, not the whole buffer."""
     model = _load(exports["llama-gqa"])
-    model.config.absorb = absorb
+    model.config.absorb, model.config.absorbed_attention = absorb, kernel
     ids = _ids(length=8)
     with torch.no_grad():
         full = model(ids).logits
