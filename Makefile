@@ -55,8 +55,20 @@ test: setup
 clean:
 	rm -rf $(VENV) out
 
-# GPU machine only (see /work/shared/GPU.md; needs .gpu/whl and .gpu/tok): eager, compiled and capacity decode
-# benchmarks of random-weight Llama-3.2-1B and -3.1-8B shapes against their MLA exports, results in $OUT (default out/gpu-bench).
-.PHONY: bench-gpu
+# GPU machine only (see ../shared/GPU.md; needs .gpu/whl and .gpu/tok from make gpu-prep): eager, compiled and
+# capacity decode benchmarks of random-weight Llama-3.2-1B and -3.1-8B shapes against their MLA exports, results in
+# $OUT (default out/gpu-bench).
+.PHONY: bench-gpu gpu-prep
 bench-gpu:
 	bash eval/gpu_bench.sh
+
+# Here, before a GPU run: the transformers wheel of .venv (for the GPU machine's Python 3.12) and the SmolLM2
+# tokenizer files into .gpu/ (ignored through .git/info/exclude; send it along with the device tool's carry).
+gpu-prep: setup
+	mkdir -p .gpu/whl .gpu/tok
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .gpu/whl \
+		"transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+	$(BIN)/python -c "from convert.sources import load_tokenizer, resolve_source; \
+		load_tokenizer(resolve_source('smollm2-135m')).save_pretrained('.gpu/tok')"
+	grep -qxF '.gpu/' .git/info/exclude 2>/dev/null || echo '.gpu/' >> .git/info/exclude

@@ -11,8 +11,9 @@ once, or the median of ``runs`` when it has at most 4096 tokens. Then ``new_toke
 ``runs`` times from the same prefilled cache, cropped back after each run; the median run is reported. The peak memory
 of the prefill and of the decode runs are reported apart. One more decode step is profiled: its kernels (CUDA) or
 compute ops (CPU, see ``eval/kernels.py``). ``--compile`` decodes with a ``StaticCache`` through ``torch.compile``
-(CUDA graphs on cuda) after untimed warm-up steps. ``--capacity`` searches the largest batch that fits at each context
-(1, 2, 4, ... then bisection, one child per probe). A benchmark, not a test: the numbers depend on the machine, so
+(CUDA graphs on cuda) after untimed warm-up steps. ``--capacity`` searches the largest batch whose decode fits at
+each context (1, 2, 4, ... then bisection, in one child per model): each probe fills a cache of random keys and values
+(no prefill activations) and runs the decode. A benchmark, not a test: the numbers depend on the machine, so
 compare models only within one run.
 """
 
@@ -24,17 +25,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from convert.config import opt
 from convert.errors import MLAError
 from convert.sources import TRUST_HELP
 
-WARMUP_STEPS = 3  # compiled decode: compile, CUDA-graph recording, first replay; none of them timed
 RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib",
               "kernels_per_step", "kernels_per_layer")
-CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib")
+CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "peak_memory_mib")
 
 
 def int_list(value, flag: str) -> list[int]:
@@ -64,12 +64,15 @@ class BenchConfig:
     seed: int = opt(0, "seed of the random prompt")
     compile: bool = opt(False, "decode both models with a StaticCache through torch.compile (mode reduce-overhead, "
                         "i.e. CUDA graphs, on cuda); the prefill stays eager, warm-up steps are not timed")
-    capacity: bool = opt(False, "instead of the --batch list: the largest batch that fits at each --context, per "
-                         "model (1, 2, 4, ... then bisection, each probe a prefill and the decode runs in its own "
-                         "process; on cuda a probe that runs out of memory does not fit)")
-    memory_limit_mib: float | None = opt(None, "with --capacity: a probe whose prefill or decode peak memory (cuda "
-                                         "max allocated, process max RSS on a cpu) exceeds this does not fit either")
+    capacity: bool = opt(False, "instead of the --batch list: the largest batch whose decode fits at each --context, "
+                         "per model: 1, 2, 4, ... then bisection, each probe a cache of batch x context random tokens "
+                         "(no prefill: a server prefills in chunks) and the decode runs, in one process per model; on "
+                         "cuda a probe that runs out of memory does not fit")
+    memory_limit_mib: float | None = opt(None, "with --capacity: a probe whose peak memory (cuda max allocated, "
+                                         "process max RSS on a cpu) exceeds this does not fit either")
     max_batch: int = opt(1024, "with --capacity: the largest batch tried")
+    absorbed: str = opt("", "MLA exports: how the absorbed decode attends over the latent, bmm or sdpa (default: "
+                        "the export's config.absorbed_attention, auto: sdpa on a cpu, bmm on a gpu)")
     trust_remote_code: bool = opt(False, TRUST_HELP)
 
     def __post_init__(self):
@@ -79,8 +82,12 @@ class BenchConfig:
             raise MLAError("--new-tokens, --runs and --max-batch must be >= 1 (and --threads >= 0)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise MLAError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.absorbed not in ("", "bmm", "sdpa"):
+            raise MLAError(f"--absorbed must be bmm or sdpa, got {self.absorbed!r}")
         if self.attn not in ("sdpa", "eager"):
             raise MLAError(f"--attn must be sdpa or eager, got {self.attn!r}")
+        if self.capacity and self.compile:
+            raise MLAError("--capacity measures the eager decode: give --compile without --capacity")
         if self.memory_limit_mib is not None and not (self.capacity and self.memory_limit_mib > 0):
             raise MLAError(f"--memory-limit-mib must be > 0 and goes with --capacity, got {self.memory_limit_mib}"
                            f"{'' if self.capacity else ' without --capacity'}")
@@ -129,6 +136,12 @@ def _reset_peak(cuda: bool) -> bool:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         return True
+    try:  # glibc: hand freed heap memory back first, so the new window starts from the memory in use
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # "5" resets the peak RSS (VmHWM, and getrusage's ru_maxrss with it)
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -155,6 +168,8 @@ def _load(path: str, cfg: BenchConfig):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     model, _ = load_model(path, getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code)
     model.config._attn_implementation = cfg.attn
+    if cfg.absorbed and hasattr(model.config, "absorbed_attention"):  # our exports only
+        model.config.absorbed_attention = cfg.absorbed
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
             sub.config._attn_implementation = cfg.attn
@@ -244,9 +259,8 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
         prefill_s, cache, first = _prefill(model, prompt, static, cfg.runs if batch * context <= 4096 else 1, sync)
         prefill_peak = _peak_mib(cuda)
         step = _step_fn(model, cache, context, cfg, cuda)
-        for _ in range(WARMUP_STEPS if cfg.compile else 0):
-            step(first, 0)
-            rewind(cache, 1)
+        if cfg.compile:  # one untimed run: compiling, CUDA-graph recording and first replays of every step
+            _decode_runs(step, first, cache, replace(cfg, runs=1), sync)
         resets = _reset_peak(cuda) and resets
         times, cached = _decode_runs(step, first, cache, cfg, sync)
         peak = _peak_mib(cuda)
@@ -269,30 +283,93 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
     }
 
 
-def probe(path: str, cfg: BenchConfig, batch: int, context: int) -> dict:
-    """``measure`` without the kernel count, reporting running out of memory as ``{"oom": True}``."""
+def _filled_cache(model, batch: int, context: int, gen):
+    """(cache holding ``context`` random tokens per sequence, next tokens): the model's own forward over one token
+    makes each layer (its kind and widths), then every layer is appended ``context - 1`` random keys and values
+    directly, so no prefill compute or activations count (a server prefills in chunks, a few sequences at a time)."""
     import torch
 
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch, 1), generator=gen).to(model.device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, cache_name())
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values  # (B, heads, 1, width)
+        layer.update(torch.randn(*k.shape[:2], context - 1, k.shape[-1], dtype=k.dtype, device=k.device),
+                     torch.randn(*v.shape[:2], context - 1, v.shape[-1], dtype=v.dtype, device=v.device))
+    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _fill_probe(model, cfg: BenchConfig, batch: int, context: int) -> dict:
+    """Decode ``new_tokens`` greedy steps (``runs`` times) on a filled cache of ``batch`` x ``context`` tokens:
+    decode tok/s, cache MiB and the peak memory; ``{"oom": True}`` when it runs out of memory."""
+    import gc
+
+    import torch
+
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     try:
-        return measure(path, cfg, batch, context, kernels=False)
+        with torch.no_grad():
+            resets = _reset_peak(cuda)
+            cache, first = _filled_cache(model, batch, context, torch.Generator().manual_seed(cfg.seed))
+            step = _step_fn(model, cache, context, cfg, cuda)
+            times, cached = _decode_runs(step, first, cache, cfg, sync)
+            peak = _peak_mib(cuda)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        return {"oom": True, "error": (str(e).strip().splitlines() or ["out of memory"])[0][:200]}
+        return {"batch": batch, "context": context, "oom": True, "error": _first_line(e)}
     except RuntimeError as e:  # raised through torch.compile, or by cuBLAS failing to allocate its workspace
         if not any(m in str(e) for m in ("out of memory", "ALLOC_FAILED")):
             raise
-        return {"oom": True, "error": str(e).strip().splitlines()[0][:200]}
+        return {"batch": batch, "context": context, "oom": True, "error": _first_line(e)}
+    decode_s = statistics.median(times)
+    return {"batch": batch, "context": context, "decode_s": decode_s, "decode_runs_s": times,
+            "decode_tok_s": batch * cfg.new_tokens / decode_s, "kv_cache_mib": cached / 2**20,
+            "kv_bytes_per_token": cached / (batch * (context + cfg.new_tokens)), "prefill_peak_mib": None,
+            "peak_memory_mib": peak,
+            "peak_memory_kind": ("cuda max allocated" if cuda else "process max RSS") + ("" if resets else
+                                                                                       " since start")}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or ["out of memory"])[0][:200]
+
+
+def search(probe, cfg: BenchConfig) -> dict:
+    """The largest batch for which ``probe(batch)`` (a row) fits: its row, ``max_batch`` and every probe."""
+    rows, probes = {}, []
+
+    def fits(batch: int) -> bool:
+        row = rows[batch] = probe(batch)
+        ok, why = _fits(row, cfg.memory_limit_mib)
+        probes.append({"batch": batch, "fits": ok, "why": why, "peak_memory_mib": row.get("peak_memory_mib")})
+        print(f"batch {batch}: {'fits' if ok else 'does not fit'} ({why})", file=sys.stderr, flush=True)
+        return ok
+
+    best = largest_batch(fits, cfg.max_batch)
+    return {**rows.get(best, {}), "max_batch": best, "probes": probes}
+
+
+def capacity(path: str, cfg: BenchConfig, context: int) -> dict:
+    """``search`` in this process, the model loaded once: each probe a filled cache and its decode runs."""
+    model, device, dtype = _load(path, cfg)
+    row = search(lambda batch: _fill_probe(model, cfg, batch, context), cfg)
+    return {"path": path, "model_type": model.config.model_type, "device": device, "dtype": dtype,
+            "cache": "static" if cfg.compile else "dynamic", "compiled": cfg.compile,
+            "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, **row}
 
 
 def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "measure") -> dict:
-    """``measure`` (or ``probe``) in a fresh Python process, so each run's peak memory is its own."""
+    """``measure`` (or, ``mode="capacity"``, the ``capacity`` search at ``context``) in a fresh Python process, so
+    each run's peak memory is its own."""
     cmd = [sys.executable, "-m", "eval.bench", "--worker", path, json.dumps(asdict(cfg)), str(batch), str(context),
            mode]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = run.stdout.strip().splitlines()
-    if mode == "probe" and run.returncode == -9:  # SIGKILL: on a CPU, most likely the kernel's OOM killer
-        return {"oom": True, "error": "killed (out of memory?)"}
     if run.returncode != 0 or not lines:
         err = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("error:")]
         why = err[-1].removeprefix("error: ") if err else (run.stderr.strip().splitlines() or ["no output"])[-1]
@@ -328,7 +405,7 @@ def largest_batch(fits, max_batch: int) -> int:
 def _fits(row: dict, limit: float | None) -> tuple[bool, str]:
     if row.get("oom"):
         return False, "out of memory"
-    peak = max(row["prefill_peak_mib"], row["peak_memory_mib"])
+    peak = max(p for p in (row.get("prefill_peak_mib"), row["peak_memory_mib"]) if p is not None)
     if limit is not None and peak > limit:
         return False, f"peak {peak:.0f} MiB > {limit:g} MiB"
     return True, f"peak {peak:.0f} MiB"
@@ -351,7 +428,7 @@ def _pairs(entries, cfg: BenchConfig, result: dict, save, log) -> None:
 
 
 def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
-    """The largest batch that fits, per context and model; the row of its probe, and every probe."""
+    """The largest batch that fits, per context and model (one process each: the search loads the model once)."""
     result["capacity"] = []
     for context in cfg.contexts:
         block = {"context": context, "memory_limit_mib": cfg.memory_limit_mib, "max_batch_tried": cfg.max_batch,
@@ -359,20 +436,12 @@ def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
         result["capacity"].append(block)
         result.setdefault("models", block["models"])
         for name, path in entries:
-            probes, rows = [], {}
-            block["models"].append({"name": name, "path": path, "max_batch": None, "probes": probes})
-
-            def fits(batch: int) -> bool:
-                row = rows[batch] = _child(path, cfg, batch, context, mode="probe")
-                ok, why = _fits(row, cfg.memory_limit_mib)
-                log(f"[{name}] batch {batch} x {context} tokens: {'fits' if ok else 'does not fit'} ({why})")
-                probes.append({"batch": batch, "fits": ok, "why": why})
-                save()
-                return ok
-
-            best = largest_batch(fits, cfg.max_batch)
-            block["models"][-1] = {"name": name, "path": path, **rows.get(best, {}), "max_batch": best,
-                                   "probes": probes}
+            log(f"[{name}] {path}: largest batch at {context} tokens (1, 2, 4, ... then bisection, up to "
+                f"{cfg.max_batch})")
+            row = {"name": name, **_child(path, cfg, 0, context, mode="capacity")}
+            log(f"[{name}] max batch {row['max_batch']}: " + ", ".join(
+                f"{p['batch']} {'fits' if p['fits'] else 'no'} ({p['why']})" for p in row["probes"]))
+            block["models"].append(row)
             if result["baseline"]:
                 _add_ratios(block["models"], CAPACITY_KEYS)
             save()
@@ -479,8 +548,10 @@ def _worker(argv: list[str]) -> int:
     path, settings, batch, context, mode = argv
     try:
         cfg = BenchConfig(**json.loads(settings))
-        run = probe if mode == "probe" else measure
-        print(json.dumps(run(path, cfg, int(batch), int(context))))
+        if mode == "capacity":
+            print(json.dumps(capacity(path, cfg, int(context))))
+        else:
+            print(json.dumps(measure(path, cfg, int(batch), int(context))))
     except MLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

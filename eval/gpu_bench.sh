@@ -2,9 +2,11 @@
 # Decode benchmark of random-weight Llama shapes on a GPU machine (see /work/shared/GPU.md: no network, torch
 # preinstalled). Needs, in the checkout: .gpu/whl/*.whl (transformers, installed into /tmp/site) and .gpu/tok (the
 # tokenizer files for bench-convert --tokenizer). For each shape: bench-convert on cuda (--kv-budget 0.25), then
-# mla bench of the export against the random source at batch 1,16 x context 8192 eager, the same with --compile, then
-# --capacity at 8192. Results go into $OUT as they come (8 files at most: run.log, convert.json and three bench JSONs
-# per shape); a compact table is printed at the end.
+# mla bench of the export against the random source at batch 1,16 x context 8192 eager (the absorbed decode on
+# batched matmuls, the GPU default, then as one SDPA call: --absorbed sdpa) and --capacity at 8192; then, for each
+# shape, the same batches with --compile. Results go into $OUT as they come (8 files at most: run.log with the
+# conversion records, eager, capacity and compile JSONs per shape, and the sdpa one of SDPA_SHAPES); a compact table
+# is printed at the end.
 #
 #   eval/gpu_bench.sh                                  # both shapes, no step started after BUDGET_S seconds
 #   SHAPES=llama-3.1-8b BUDGET_S=560 eval/gpu_bench.sh # one shape, a longer budget
@@ -24,6 +26,7 @@ SHAPES=${SHAPES:-"llama-3.2-1b llama-3.1-8b"}
 CONTEXT=${CONTEXT:-8192}
 BATCHES=${BATCHES:-1,16}
 CAP_MAX_BATCH=${CAP_MAX_BATCH:-1024}            # --max-batch of the capacity search
+SDPA_SHAPES=${SDPA_SHAPES:-llama-3.2-1b}        # also --absorbed sdpa (latent widths near 256: flash may apply)
 CONVERT_ARGS=${CONVERT_ARGS:-"--kv-budget 0.25 --calib pydoc --device cuda"}
 WHL=${WHL:-.gpu/whl} TOK=${TOK:-.gpu/tok} SITE=${SITE:-/tmp/site}   # (other values: a check of this script on a CPU)
 OUT=${OUT:-out/gpu-bench}
@@ -62,28 +65,30 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda"
 "transformers", transformers.__version__, torch.cuda.get_device_name())' >>"$LOG" 2>&1
 
 MLA=(python3 -m convert.cli)
+bench_of() {  # the mla bench command line of a shape's export against its random source
+    echo "${MLA[*]}" bench "$MC/bench/$1-mla" --baseline "$MC/shapes/$1" --context "$CONTEXT"
+}
+# Phase 1, every shape: convert, eager decode at each batch, capacity (cheap: one process per model, the cache
+# filled with random tokens); phase 2, every shape: the compiled decode (the dearest: compiling and CUDA graphs).
 for shape in $SHAPES; do
-    src=$MC/shapes/$shape
-    export_dir=$MC/bench/$shape-mla
     case $shape in *8b) conv_min=200 conv_cap=300 ;; *) conv_min=60 conv_cap=150 ;; esac  # 8B: 165 s measured
-    if step "$shape convert" "$conv_min" "$conv_cap" "${MLA[@]}" bench-convert "$shape" --tokenizer "$TOK" \
-        --json "$MC/convert-$shape.json" -- $CONVERT_ARGS; then
-        python3 - "$OUT/convert.json" "$MC"/convert-*.json <<'EOF'
-import json, sys
-from pathlib import Path
-
-runs = {Path(p).stem.removeprefix("convert-"): json.loads(Path(p).read_text()) for p in sys.argv[2:]}
-Path(sys.argv[1]).write_text(json.dumps(runs, indent=2) + "\n")
-EOF
-    fi
-    if [ -f "$export_dir/mla_conversion.json" ]; then
-        bench=("${MLA[@]}" bench "$export_dir" --baseline "$src" --context "$CONTEXT")
-        step "$shape eager" 60 150 "${bench[@]}" --batch "$BATCHES" --json "$OUT/$shape-eager.json"
-        step "$shape compile" 90 240 "${bench[@]}" --batch "$BATCHES" --compile --json "$OUT/$shape-compile.json"
-        step "$shape capacity" 60 400 "${bench[@]}" --capacity --max-batch "$CAP_MAX_BATCH" --runs 1 \
-            --new-tokens 8 --json "$OUT/$shape-capacity.json"
-    fi
-    case $shape in *8b) rm -rf "$src" "$export_dir" && say "== removed $src and $export_dir" ;; esac
+    step "$shape convert" "$conv_min" "$conv_cap" "${MLA[@]}" bench-convert "$shape" --tokenizer "$TOK" \
+        --json "$MC/convert-$shape.json" -- $CONVERT_ARGS && cat "$MC/convert-$shape.json" >>"$LOG"
+    [ -f "$MC/bench/$shape-mla/mla_conversion.json" ] || continue
+    step "$shape eager" 60 150 $(bench_of "$shape") --batch "$BATCHES" --runs 2 --new-tokens 16 \
+        --json "$OUT/$shape-eager.json"
+    [[ " $SDPA_SHAPES " == *" $shape "* ]] && step "$shape eager sdpa" 60 120 $(bench_of "$shape") --batch "$BATCHES" --runs 2 --new-tokens 16 \
+        --absorbed sdpa --json "$OUT/$shape-sdpa.json"
+    step "$shape capacity" 45 150 $(bench_of "$shape") --capacity --max-batch "$CAP_MAX_BATCH" --runs 1 \
+        --new-tokens 8 --json "$OUT/$shape-capacity.json"
+done
+for shape in $SHAPES; do
+    [ -f "$MC/bench/$shape-mla/mla_conversion.json" ] || continue
+    step "$shape compile" 90 200 $(bench_of "$shape") --batch "$BATCHES" --compile --runs 2 --new-tokens 16 \
+        --json "$OUT/$shape-compile.json"
+done
+for shape in $SHAPES; do
+    case $shape in *8b) rm -rf "$MC/shapes/$shape" "$MC/bench/$shape-mla" && say "== removed the $shape files" ;; esac
 done
 
 python3 - "$OUT" <<'EOF' | tee -a "$LOG"
@@ -100,7 +105,7 @@ def cell(r, key, spec):
 
 print(f"{'run':<26}{'batch x ctx':>12}  {'model':<20}{'decode tok/s':>18}{'ms/step':>9}{'floor ms':>9}"
       f"{'KV MiB':>16}{'peak MiB':>10}{'kernels/layer':>16}")
-KINDS = ("eager", "compile", "capacity")
+KINDS = ("eager", "sdpa", "compile", "capacity")
 runs = [p for p in Path(sys.argv[1]).glob("*-*.json") if p.stem.rsplit("-", 1)[-1] in KINDS]
 for path in sorted(runs, key=lambda p: (p.stem.rsplit("-", 1)[0], KINDS.index(p.stem.rsplit("-", 1)[-1]))):
     res = json.loads(path.read_text())

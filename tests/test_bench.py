@@ -98,16 +98,19 @@ def test_largest_batch_doubles_then_bisects(max_batch):
 
 
 def _fake_child(path, cfg, batch, context, mode="measure"):
-    """Monotone stand-in for a probe: the original runs out of memory above 4 sequences, the converted model peaks
-    at 100 + 2 * batch MiB (so a 150 MiB limit stops it at 25)."""
-    assert mode == "probe" and cfg.capacity
+    """Stand-in for the capacity search's process, with monotone probes: the original runs out of memory above 4
+    sequences, the converted model peaks at 100 + 2 * batch MiB (so a 150 MiB limit stops it at 25)."""
+    assert mode == "capacity" and cfg.capacity and batch == 0
     original = path.endswith("orig")
-    if original and batch > 4:
-        return {"oom": True, "error": "CUDA out of memory"}
-    peak = 100 + (10 if original else 2) * batch
-    return {"path": path, "device": "cpu", "batch": batch, "context": context, "decode_tok_s": (10 if original else 12)
-            * batch, "kv_cache_mib": batch * context / (1 if original else 4), "prefill_peak_mib": peak,
-            "peak_memory_mib": peak - 1}
+
+    def probe(b):
+        if original and b > 4:
+            return {"batch": b, "context": context, "oom": True, "error": "CUDA out of memory"}
+        return {"path": path, "batch": b, "context": context, "decode_tok_s": (10 if original else 12) * b,
+                "kv_cache_mib": b * context / (1 if original else 4), "prefill_peak_mib": None,
+                "peak_memory_mib": 100 + (10 if original else 2) * b}
+
+    return {"path": path, "device": "cpu", **bench_mod.search(probe, cfg)}
 
 
 def test_capacity_with_a_fake_probe(tmp_path, monkeypatch, capsys):
@@ -150,25 +153,26 @@ def test_json_is_written_as_it_goes(tiny_models, tmp_path, monkeypatch, capsys):
     assert [len(p["models"]) for p in res["pairs"]] == [1] and res["pairs"][0]["models"][0]["decode_tok_s"] == 1.0
 
 
-def _peak(row):
-    return max(row["prefill_peak_mib"], row["peak_memory_mib"])
-
-
 def test_capacity_search_under_a_memory_limit_on_cpu(tiny_models, tmp_path, capsys):
-    """Eager attention over 2048 tokens materializes 4 x 2048 x 2048 scores per sequence: the peak RSS grows by
-    ~150 MiB a sequence. The limit lies between the peaks of batch 2 and 3, measured in separate runs first (the
-    doubling and bisection themselves are tested on a fake above)."""
+    """Each probe holds a cache of batch x 262144 random tokens (2 layers x 2 KV heads x 16 x (K + V) x 4 bytes =
+    128 MiB a sequence) and decodes on it. The peaks of batches 1-3 are measured by a search without a limit first;
+    a limit midway between those of batch 2 and 3 must then stop the search at 2."""
     src = str(tiny_models["llama-gqa"])
-    cfg = BenchConfig(context=2048, attn="eager", new_tokens=2, runs=1, capacity=True)
-    two, three = (bench_mod._child(src, cfg, b, 2048, mode="probe") for b in (2, 3))
-    assert _peak(three) > _peak(two) + 50
-    limit = (_peak(two) + _peak(three)) / 2
+    args = ["bench", src, "--context", "262144", "--new-tokens", "2", "--runs", "1", "--capacity", "--max-batch", "3"]
+    out = tmp_path / "free.json"
+    assert main([*args, "--json", str(out)]) == 0
+    free = json.loads(out.read_text())["capacity"][0]["models"][0]
+    peaks = {p["batch"]: p["peak_memory_mib"] for p in free["probes"]}
+    assert free["max_batch"] == 3 and sorted(peaks) == [1, 2, 3]
+    per_sequence = 2 * 2 * 16 * 2 * 4 * (262144 + 2) / 2**20  # what each sequence adds to the cache
+    assert free["kv_cache_mib"] == pytest.approx(3 * per_sequence)
+    assert peaks[3] - peaks[2] > 0.5 * per_sequence and peaks[2] - peaks[1] > 0.5 * per_sequence, peaks
+    limit = (peaks[2] + peaks[3]) / 2
     out = tmp_path / "cap.json"
-    assert main(["bench", src, "--context", "2048", "--attn", "eager", "--new-tokens", "2", "--runs", "1",
-                 "--capacity", "--memory-limit-mib", f"{limit:.1f}", "--max-batch", "3", "--json", str(out)]) == 0
+    assert main([*args, "--memory-limit-mib", f"{limit:.1f}", "--json", str(out)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{tiny_models['llama-gqa'].name}: max batch 2 ")
     row = json.loads(out.read_text())["capacity"][0]["models"][0]
-    assert row["max_batch"] == 2 and row["batch"] == 2 and _peak(row) <= limit
+    assert row["max_batch"] == 2 and row["batch"] == 2 and row["peak_memory_mib"] <= limit
     assert [(p["batch"], p["fits"]) for p in row["probes"]] == [(1, True), (2, True), (3, False)]
 
 
@@ -176,7 +180,9 @@ def test_bench_bad_input(half, capsys):
     for args, message in [(["--batch", "0,1"], "--batch"), (["--context", "8,x"], "--context"),
                           (["--capacity", "--memory-limit-mib", "0"], "--memory-limit-mib"),
                           (["--memory-limit-mib", "100"], "--memory-limit-mib"),
-                          (["--capacity", "--max-batch", "0"], "--max-batch")]:
+                          (["--capacity", "--max-batch", "0"], "--max-batch"),
+                          (["--capacity", "--compile"], "--capacity"),
+                          (["--absorbed", "flash"], "--absorbed")]:
         assert main(["bench", str(half), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
