@@ -139,7 +139,8 @@ model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=
 ids = torch.randint(3, min(1000, model.config.vocab_size), (1, 16), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-cache = model(input_ids=ids, use_cache=True).past_key_values
+out = model(input_ids=ids, use_cache=True)
+cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]  # renamed in transformers 5.24
 per_token = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                 if t is not None) // ids.shape[1]
 print(json.dumps({"model_type": model.config.model_type,

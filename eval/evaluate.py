@@ -28,7 +28,7 @@ from convert.data import EVALUATION_DEFAULT, load_texts
 from convert.errors import MLAError
 from convert.save import atomic_dir, check_out, local_inputs, out_lock
 from convert.sources import TRUST_HELP, input_paths, resolve_source
-from eval.bench import cache_bytes
+from eval.bench import cache_bytes, cache_name
 from eval.perplexity import _vocab_size, eval_windows, load_model, window_nll
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -124,7 +124,7 @@ def kv_bytes_per_token(model, tokens: int = 32) -> int:
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cache = model(input_ids=ids.to(device), use_cache=True).past_key_values
+        cache = getattr(model(input_ids=ids.to(device), use_cache=True), cache_name())
     return round(cache_bytes(cache) / tokens)
 
 
