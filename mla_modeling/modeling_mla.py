@@ -282,8 +282,9 @@ def use_latent_layers(cache) -> None:
 class MLAAttention(nn.Module):
     """DeepSeek-V3 attention without query compression: caches `ckv` (r) and the shared RoPE key `kpe` (d_rope).
 
-    Two paths, the same maths: *absorbed* (decoding: all heads attend over the cached latent with plain batched
-    matmuls, the key up-projection applied to the query and the value up-projection after the weighted sum) and
+    Two paths, the same maths: *absorbed* (decoding: all heads attend over the cached latent, the key up-projection
+    applied to the query and the value up-projection after the weighted sum; batched matmuls on a GPU, one SDPA call
+    with keys = values = the latent on a CPU, `config.absorbed_attention`) and
     *decompressed* (prefill, training: per-head keys and values through transformers' attention interface, widths
     padded to one multiple of 8 so the fused SDPA / flash kernels apply and no T x S score matrix is built)."""
 
@@ -401,6 +402,10 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = self._up_weights()  # (H, dn, r), (H, dv, r)
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, -1), w_uk)  # (H, B*T, r)
         q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # (B, T, H, r), a view
+        if bias is None and T > 1:  # transformers skipped the mask: the queries are the first T tokens, causal
+            allowed = torch.ones(T, S, dtype=torch.bool, device=ckv.device).tril()  # keys past T: empty slots
+            bias = torch.zeros(T, S, dtype=q_lat.dtype, device=ckv.device)
+            bias = bias.masked_fill_(~allowed, torch.finfo(bias.dtype).min)[None, None]  # (1, 1, T, S)
         if latent is not None and self._fused_absorbed(ckv.device):
             return self._absorbed_sdpa(q_lat, q_pe, latent[:, :, :S], bias, w_uv)
         if latent is not None:  # one matmul over the contiguous [ckv | kpe]
@@ -413,10 +418,6 @@ class MLAAttention(nn.Module):
         if self.attn_logit_softcapping is not None:
             cap = self.attn_logit_softcapping
             scores = torch.tanh(scores / cap) * cap
-        if bias is None and T > 1:  # transformers skipped the mask: the queries are the first T tokens, causal
-            allowed = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril()  # keys past T: empty slots
-            bias = torch.zeros(T, S, dtype=scores.dtype, device=scores.device)
-            bias = bias.masked_fill_(~allowed, torch.finfo(bias.dtype).min)[None, None]
         if bias is not None:
             scores = scores + bias[:, 0, :, None, :S]  # (B, T, 1, S) broadcast over heads
         probs = torch.softmax(scores, dim=-1)  # (B, T, H, S)
@@ -440,9 +441,6 @@ class MLAAttention(nn.Module):
         B, T, H, r = q_lat.shape
         S = latent.shape[-2]
         query = torch.cat((q_lat, q_pe), dim=-1).view(B, 1, T * H, -1)  # rows (t, h)
-        if bias is None and T > 1:  # the queries are the first T tokens (see _absorbed)
-            bias = torch.zeros(T, S, dtype=query.dtype, device=query.device).masked_fill_(
-                ~torch.ones(T, S, dtype=torch.bool, device=query.device).tril(), torch.finfo(query.dtype).min)[None, None]
         if bias is not None and T > 1:
             bias = bias[..., :S].unsqueeze(3).expand(-1, 1, T, H, S).reshape(-1, 1, T * H, S)
         elif bias is not None:
