@@ -9,7 +9,7 @@ from transformers import DeepseekV3ForCausalLM
 from convert.deepseek import deepseek_v3_tensors
 from convert.errors import MLAError
 from mla_modeling.configuration_mla import MLAConfig
-from mla_modeling.modeling_mla import MLAForCausalLM
+from mla_modeling.modeling_mla import CACHE_ARG, CACHE_FIELD, MLAForCausalLM
 
 TOL = 1e-4  # fp32 logits
 
@@ -36,10 +36,10 @@ def _mla(**overrides) -> MLAForCausalLM:
 def _cached_decode(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of ``ids`` from a ``prompt``-token prefill, then one token at a time on the model's own cache."""
     out = model(ids[:, :prompt], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
+    steps, cache = [out.logits], out[CACHE_FIELD]  # stock DeepSeek-V3 names it like our model does
     for t in range(prompt, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_ARG: cache})
+        cache = out[CACHE_FIELD]
         steps.append(out.logits)
     return torch.cat(steps, 1)
 
