@@ -62,13 +62,14 @@ clean:
 bench-gpu:
 	bash eval/gpu_bench.sh
 
-# Here, before a GPU run: the transformers wheel of .venv (for the GPU machine's Python 3.12) and the SmolLM2
+# Here, before a GPU run: a transformers wheel (for the GPU machine's Python 3.12; 5.23.0 fits the huggingface_hub
+# and tokenizers installed there, 5.25 wants a newer huggingface_hub and the kernels package) and the SmolLM2
 # tokenizer files into .gpu/ (ignored through .git/info/exclude; send it along with the device tool's carry).
+GPU_TRANSFORMERS ?= 5.23.0
 gpu-prep: setup
-	mkdir -p .gpu/whl .gpu/tok
+	rm -rf .gpu/whl && mkdir -p .gpu/whl .gpu/tok
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 -d .gpu/whl \
-		"transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')"
+		--platform manylinux_2_28_x86_64 -d .gpu/whl "transformers==$(GPU_TRANSFORMERS)"
 	$(BIN)/python -c "from convert.sources import load_tokenizer, resolve_source; \
 		load_tokenizer(resolve_source('smollm2-135m')).save_pretrained('.gpu/tok')"
 	grep -qxF '.gpu/' .git/info/exclude 2>/dev/null || echo '.gpu/' >> .git/info/exclude
