@@ -6,7 +6,12 @@ Self-contained remote code: imports only torch and transformers. Module and weig
 Per layer the cache holds the latent ``ckv`` as ``[B, 1, T, kv_lora_rank]`` and the shared RoPE key ``kpe`` as
 ``[B, 1, T, qk_rope_head_dim]`` (the "keys" and "values" slots of a transformers ``Cache``). In a ``DynamicCache``
 both live side by side in one buffer that grows geometrically (``MLALatentLayer``): a decode step writes one token
-instead of copying the whole cache, and absorbed attention reads ``[ckv | kpe]`` without concatenating them.
+instead of copying the whole cache, and absorbed attention reads ``[ckv | kpe]`` without concatenating them. In a
+``StaticCache`` (``generate(cache_implementation="static")``, ``torch.compile``, CUDA graphs) ``MLAStaticLayer`` holds
+the same in one fixed buffer.
+
+Runs on transformers 5.23 to 5.25 (``configuration_mla.TESTED_TRANSFORMERS``): the cache is taken as ``cache=``
+(5.24+) or ``past_key_values=`` and returned under the name the running version reads.
 """
 
 import inspect
