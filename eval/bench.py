@@ -12,8 +12,8 @@ once, or the median of ``runs`` when it has at most 4096 tokens. Then ``new_toke
 of the prefill and of the decode runs are reported apart. One more decode step is profiled: its kernels (CUDA) or
 compute ops (CPU, see ``eval/kernels.py``). ``--compile`` decodes with a ``StaticCache`` through ``torch.compile``
 (CUDA graphs on cuda) after untimed warm-up steps. ``--capacity`` searches the largest batch whose decode fits at
-each context (1, 2, 4, ... then bisection, in one child per model): each probe fills a cache of random keys and values
-(no prefill activations) and runs the decode. A benchmark, not a test: the numbers depend on the machine, so
+each context (1, 2, 4, ... then bisection; on CUDA in one child per model, on a CPU in one child per probe): each
+probe fills a cache of random keys and values (no prefill activations) and runs the decode. A benchmark, not a test: the numbers depend on the machine, so
 compare models only within one run.
 """
 
@@ -66,8 +66,8 @@ class BenchConfig:
                         "i.e. CUDA graphs, on cuda); the prefill stays eager, warm-up steps are not timed")
     capacity: bool = opt(False, "instead of the --batch list: the largest batch whose decode fits at each --context, "
                          "per model: 1, 2, 4, ... then bisection, each probe a cache of batch x context random tokens "
-                         "(no prefill: a server prefills in chunks) and the decode runs, in one process per model; on "
-                         "cuda a probe that runs out of memory does not fit")
+                         "(no prefill: a server prefills in chunks) and the decode runs; on cuda in one process per "
+                         "model, where a probe that runs out of memory does not fit; on a cpu one process per probe")
     memory_limit_mib: float | None = opt(None, "with --capacity: a probe whose peak memory (cuda max allocated, "
                                          "process max RSS on a cpu) exceeds this does not fit either")
     max_batch: int = opt(1024, "with --capacity: the largest batch tried")
@@ -283,6 +283,12 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
     }
 
 
+def _on_cuda(cfg: BenchConfig) -> bool:
+    import torch
+
+    return cfg.device.startswith("cuda") or cfg.device == "auto" and torch.cuda.is_available()
+
+
 def _filled_cache(model, batch: int, context: int, gen):
     """(cache holding ``context`` random tokens per sequence, next tokens): the model's own forward over one token
     makes each layer (its kind and widths), then every layer is appended ``context - 1`` random keys and values
@@ -362,8 +368,8 @@ def capacity(path: str, cfg: BenchConfig, context: int) -> dict:
 
 
 def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "measure") -> dict:
-    """``measure`` (or, ``mode="capacity"``, the ``capacity`` search at ``context``) in a fresh Python process, so
-    each run's peak memory is its own."""
+    """``measure`` (``mode="probe"``: one capacity probe; ``"capacity"``: the whole ``capacity`` search at
+    ``context``) in a fresh Python process, so each run's peak memory is its own."""
     cmd = [sys.executable, "-m", "eval.bench", "--worker", path, json.dumps(asdict(cfg)), str(batch), str(context),
            mode]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
@@ -428,7 +434,8 @@ def _pairs(entries, cfg: BenchConfig, result: dict, save, log) -> None:
 
 
 def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
-    """The largest batch that fits, per context and model (one process each: the search loads the model once)."""
+    """The largest batch that fits, per context and model: on CUDA one process per search (the model loaded once),
+    on a CPU one per probe."""
     result["capacity"] = []
     for context in cfg.contexts:
         block = {"context": context, "memory_limit_mib": cfg.memory_limit_mib, "max_batch_tried": cfg.max_batch,
@@ -438,7 +445,11 @@ def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
         for name, path in entries:
             log(f"[{name}] {path}: largest batch at {context} tokens (1, 2, 4, ... then bisection, up to "
                 f"{cfg.max_batch})")
-            row = {"name": name, **_child(path, cfg, 0, context, mode="capacity")}
+            if _on_cuda(cfg):  # the allocator's own peak, per probe: one process, the model loaded once
+                row = {"name": name, **_child(path, cfg, 0, context, mode="capacity")}
+            else:  # a process's peak RSS keeps what its allocator kept: a fresh process per probe
+                row = {"name": name, "path": path, **search(lambda b: _child(path, cfg, b, context, mode="probe"),
+                                                            cfg)}
             log(f"[{name}] max batch {row['max_batch']}: " + ", ".join(
                 f"{p['batch']} {'fits' if p['fits'] else 'no'} ({p['why']})" for p in row["probes"]))
             block["models"].append(row)
@@ -550,6 +561,10 @@ def _worker(argv: list[str]) -> int:
         cfg = BenchConfig(**json.loads(settings))
         if mode == "capacity":
             print(json.dumps(capacity(path, cfg, int(context))))
+        elif mode == "probe":
+            model, device, dtype = _load(path, cfg)
+            row = _fill_probe(model, cfg, int(batch), int(context))
+            print(json.dumps({"path": path, "device": device, "dtype": dtype, **row}))
         else:
             print(json.dumps(measure(path, cfg, int(batch), int(context))))
     except MLAError as e:

@@ -100,7 +100,7 @@ def test_largest_batch_doubles_then_bisects(max_batch):
 def _fake_child(path, cfg, batch, context, mode="measure"):
     """Stand-in for the capacity search's process, with monotone probes: the original runs out of memory above 4
     sequences, the converted model peaks at 100 + 2 * batch MiB (so a 150 MiB limit stops it at 25)."""
-    assert mode == "capacity" and cfg.capacity and batch == 0
+    assert mode in ("capacity", "probe") and cfg.capacity
     original = path.endswith("orig")
 
     def probe(b):
@@ -110,13 +110,17 @@ def _fake_child(path, cfg, batch, context, mode="measure"):
                 "kv_cache_mib": b * context / (1 if original else 4), "prefill_peak_mib": None,
                 "peak_memory_mib": 100 + (10 if original else 2) * b}
 
-    return {"path": path, "device": "cpu", **bench_mod.search(probe, cfg)}
+    if mode == "probe":  # a CPU: the parent searches, one process per probe
+        return probe(batch)
+    return {"path": path, "device": "cuda", **bench_mod.search(probe, cfg)}  # CUDA: one process searches
 
 
-def test_capacity_with_a_fake_probe(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("cuda", [False, True])
+def test_capacity_with_a_fake_probe(tmp_path, monkeypatch, capsys, cuda):
     (tmp_path / "orig").mkdir()
     (tmp_path / "half").mkdir()
     monkeypatch.setattr(bench_mod, "_child", _fake_child)
+    monkeypatch.setattr(bench_mod, "_on_cuda", lambda cfg: cuda)
     out = tmp_path / "cap.json"
     assert main(["bench", str(tmp_path / "half"), "--baseline", str(tmp_path / "orig"), "--context", "64,128",
                  "--capacity", "--memory-limit-mib", "150", "--max-batch", "64", "--json", str(out)]) == 0
@@ -155,7 +159,8 @@ def test_json_is_written_as_it_goes(tiny_models, tmp_path, monkeypatch, capsys):
 
 def test_capacity_search_under_a_memory_limit_on_cpu(tiny_models, tmp_path, capsys):
     """Each probe holds a cache of batch x 262144 random tokens (2 layers x 2 KV heads x 16 x (K + V) x 4 bytes =
-    128 MiB a sequence) and decodes on it. The peaks of batches 1-3 are measured by a search without a limit first;
+    128 MiB a sequence) and decodes on it, each in a fresh process. The peaks of batches 1-3 are measured by a search
+    without a limit first;
     a limit midway between those of batch 2 and 3 must then stop the search at 2."""
     src = str(tiny_models["llama-gqa"])
     args = ["bench", src, "--context", "262144", "--new-tokens", "2", "--runs", "1", "--capacity", "--max-batch", "3"]
