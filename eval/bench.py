@@ -156,6 +156,13 @@ def _peak_mib(cuda: bool) -> float:
     return peak / 2**20
 
 
+def _device(cfg: BenchConfig) -> str:
+    """``--device``, with ``auto`` resolved: cuda when available, else cpu."""
+    import torch
+
+    return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _load(path: str, cfg: BenchConfig):
     """(model on its device, device, dtype name) with ``cfg.attn`` attention."""
     import torch
@@ -164,7 +171,7 @@ def _load(path: str, cfg: BenchConfig):
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(cfg)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     model, _ = load_model(path, getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code)
     model.config._attn_implementation = cfg.attn
@@ -281,12 +288,6 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
         "kernels_per_layer": per_step / layers if per_step is not None else None,
         "kernel_kind": "cuda kernels" if cuda else "cpu compute ops",
     }
-
-
-def _on_cuda(cfg: BenchConfig) -> bool:
-    import torch
-
-    return cfg.device.startswith("cuda") or cfg.device == "auto" and torch.cuda.is_available()
 
 
 def _filled_cache(model, batch: int, context: int, gen):
@@ -445,7 +446,7 @@ def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
         for name, path in entries:
             log(f"[{name}] {path}: largest batch at {context} tokens (1, 2, 4, ... then bisection, up to "
                 f"{cfg.max_batch})")
-            if _on_cuda(cfg):  # the allocator's own peak, per probe: one process, the model loaded once
+            if _device(cfg).startswith("cuda"):  # the allocator's own peak per probe: one process, one model load
                 row = {"name": name, **_child(path, cfg, 0, context, mode="capacity")}
             else:  # a process's peak RSS keeps what its allocator kept: a fresh process per probe
                 row = {"name": name, "path": path, **search(lambda b: _child(path, cfg, b, context, mode="probe"),

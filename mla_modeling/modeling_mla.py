@@ -209,8 +209,10 @@ def eager_attention_forward(module, query, key, value, attention_mask, dropout=0
 
 def mask_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """An sdpa (bool, True = attend) or eager (additive) 4D mask as an additive bias (B, 1, T, S) in `dtype`."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask if mask is None else mask.to(dtype)
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 

@@ -120,7 +120,7 @@ def test_capacity_with_a_fake_probe(tmp_path, monkeypatch, capsys, cuda):
     (tmp_path / "orig").mkdir()
     (tmp_path / "half").mkdir()
     monkeypatch.setattr(bench_mod, "_child", _fake_child)
-    monkeypatch.setattr(bench_mod, "_on_cuda", lambda cfg: cuda)
+    monkeypatch.setattr(bench_mod, "_device", lambda cfg: "cuda" if cuda else "cpu")
     out = tmp_path / "cap.json"
     assert main(["bench", str(tmp_path / "half"), "--baseline", str(tmp_path / "orig"), "--context", "64,128",
                  "--capacity", "--memory-limit-mib", "150", "--max-batch", "64", "--json", str(out)]) == 0
