@@ -5,11 +5,11 @@ import os
 import shlex
 import sys
 import typing
+from pathlib import Path
 from dataclasses import MISSING, fields
 
 from .config import ConvertConfig, RecoverConfig, has_section, load_recipe, parse_overrides
-from .errors import MLAError
-from .save import local_inputs
+from .errors import MLAError, Parser, run_command
 from .sources import quiet_library_warnings
 
 
@@ -41,12 +41,17 @@ def _config_from_args(args, cls, recipe_values: dict):
     return cls(**{**recipe_values, **flags})
 
 
+def _recipe_inputs(recipe: str | None) -> list[Path]:
+    """The recipe file, which no output may replace."""
+    return [Path(recipe).expanduser().resolve()] if recipe else []
+
+
 def cmd_convert(args) -> int:
     from .pipeline import convert
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
     cfg = _config_from_args(args, ConvertConfig, recipe)
-    inputs = local_inputs(args.recipe)
+    inputs = _recipe_inputs(args.recipe)
     if args.recipe and has_section(args.recipe, "recover"):
         from .recover import convert_and_recover
 
@@ -65,7 +70,7 @@ def cmd_finetune(args) -> int:
     values = load_recipe(args.recipe, "recover") if args.recipe else {}
     values.update(parse_overrides(args.overrides, RecoverConfig))
     finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart,
-             inputs=local_inputs(args.recipe))
+             inputs=_recipe_inputs(args.recipe))
     return 0
 
 
@@ -126,7 +131,7 @@ def cmd_bench_convert(args) -> int:
     from eval.bench_convert import bench_convert
 
     bench_convert(args.shape, args.convert_args or None, out=args.out, tokenizer=args.tokenizer, load_check=args.load_check,
-                  json_path=args.json)
+                  json_path=args.json, overwrite=args.overwrite)
     return 0
 
 
@@ -137,7 +142,7 @@ def _add_models_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mla",
         description="Retrofit Multi-head Latent Attention (DeepSeek-V2/V3) into pretrained MHA/GQA/MQA LLMs.",
     )
@@ -231,13 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench-convert",
         help="peak memory and time of converting a random-weight bf16 checkpoint of a real shape",
-        usage="mla bench-convert SHAPE [--out OUT] [--tokenizer T] [--load-check] [--json F] [-- CONVERT-OPTIONS]",
+        usage="mla bench-convert SHAPE [--out OUT] [--overwrite] [--tokenizer T] [--load-check] [--json F] [-- CONVERT-OPTIONS]",
         description="Write (once, into the user cache) a random-weight bf16 checkpoint of SHAPE, run mla convert on "
         "it in a child process and report its peak RSS, wall time and stage times. Arguments after -- go to mla "
         f"convert (default: {' '.join(DEFAULT_ARGS)}).",
     )
     p.add_argument("shape", choices=list(SHAPES), help="the real model whose tensor shapes are used")
     p.add_argument("--out", help="where the export goes (default: the user cache, replaced each run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokenizer the checkpoint gets")
     p.add_argument("--load-check", action="store_true",
                    help="then load the export in bf16 with AutoModelForCausalLM and check finite logits")
@@ -263,19 +269,7 @@ def main(argv=None) -> int:
         args.overrides = args.overrides + extra
     args.argv = argv[1:]
     args.convert_args = passthrough
-    try:
-        return args.func(args)
-    except MLAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (OUT was not written)", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory", file=sys.stderr)
-        return 2
-    finally:
-        sys.stdout.flush()
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -30,24 +30,45 @@ AUTO_MAP = {
 }
 
 
-def local_inputs(*specs) -> list[Path]:
-    """The resolved local paths among ``specs`` (text sources or comma-separated mixes of them, files); names such as
-    ``bbc:tech`` are skipped."""
-    paths = []
-    for spec in specs:
-        for part in str(spec or "").split(","):  # a mix names several sources
-            if part.strip():
-                path = Path(part.strip()).expanduser()
-                if path.exists():
-                    paths.append(path.resolve())
-    return paths
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary sibling, then rename: a kill leaves the previous checkpoint whole."""
+    """``torch.save`` to a temporary sibling, then rename: a kill leaves the previous checkpoint whole, and a failed
+    write (a full disk) leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        full = isinstance(err, RuntimeError) and _nearly_full(tmp.parent)  # torch's writer reports ENOSPC this way
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB left for us on ``folder``'s file system: what a failed write there most likely ran into."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
+
+
+def write_text(path, text: str) -> None:
+    """Write an output file (``--json``) whole or not at all: a temporary sibling renamed into place, with the mode
+    the umask implies; on any failure (a full disk, a signal) the sibling is removed and the old file is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise MLAError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
 
 
 def _overlap(out: Path, inputs: list[Path], what: str) -> None:
@@ -143,10 +164,10 @@ def out_lock(out: Path, what: str = "OUT", wait: bool = False, make_parent: bool
     except BaseException:
         _remove_empty(created)
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     _HELD.add(path)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for another run's error (fails on a full disk)
         clear_stale(out)
         yield out
     finally:
@@ -222,6 +243,17 @@ def _umask() -> int:
     return mask
 
 
+def _follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode the umask implies: libraries write some files 0600
+    (safetensors' ``save_file``), everything else follows the umask, and one export should not mix the two."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool, make_parent: bool = False):
     """Yield a temporary sibling folder; on success replace ``out`` with it, on any error remove it.
@@ -235,6 +267,7 @@ def atomic_dir(out: Path, overwrite: bool, make_parent: bool = False):
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
+            _follow_umask(tmp)
             if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
                 raise MLAError(f"OUT {out} was written by someone else while this command ran; not replaced")
             old = None

@@ -464,7 +464,7 @@ def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: 
     """Benchmark ``baseline`` (if any) then ``models`` at every pair (or ``cfg.capacity``: search each one's largest
     batch); print side-by-side tables; optionally write JSON (rewritten after every run, so a cut-short benchmark
     leaves what it measured)."""
-    from convert.save import check_out_file
+    from convert.save import check_out_file, write_text
     from convert.sources import input_paths
 
     if json_path:  # checked before the benchmark, not after it
@@ -475,10 +475,7 @@ def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: 
     def save():
         if not json_path:
             return
-        try:
-            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            raise MLAError(f"cannot write {json_path}: {e.strerror or e}") from None
+        write_text(json_path, json.dumps(result, indent=2) + "\n")
 
     (_capacity if cfg.capacity else _pairs)(entries, cfg, result, save, log)
     log(table(result))
@@ -557,29 +554,25 @@ def summary(result: dict) -> str:
 
 
 def _worker(argv: list[str]) -> int:
+    """One measurement in this child process; its result is the last line of stdout."""
     path, settings, batch, context, mode = argv
-    try:
-        cfg = BenchConfig(**json.loads(settings))
-        if mode == "capacity":
-            print(json.dumps(capacity(path, cfg, int(context))))
-        elif mode == "probe":
-            model, device, dtype = _load(path, cfg)
-            row = _fill_probe(model, cfg, int(batch), int(context))
-            print(json.dumps({"path": path, "device": device, "dtype": dtype, **row}))
-        else:
-            print(json.dumps(measure(path, cfg, int(batch), int(context))))
-    except MLAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    cfg = BenchConfig(**json.loads(settings))
+    if mode == "capacity":
+        print(json.dumps(capacity(path, cfg, int(context))))
+    elif mode == "probe":
+        model, device, dtype = _load(path, cfg)
+        row = _fill_probe(model, cfg, int(batch), int(context))
+        print(json.dumps({"path": path, "device": device, "dtype": dtype, **row}))
+    else:
+        print(json.dumps(measure(path, cfg, int(batch), int(context))))
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        sys.exit(_worker(sys.argv[2:]))
+        from convert.errors import run_command
+
+        sys.exit(run_command(_worker, sys.argv[2:]))
     from convert.cli import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -123,7 +123,12 @@ def _child(cmd: list[str]) -> tuple[int, float, int, str]:
     with tempfile.TemporaryFile("w+") as log:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C, SIGTERM: the child goes too (and cleans up after itself)
+            proc.terminate()
+            proc.wait()
+            raise
         wall = time.time() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
@@ -152,18 +157,28 @@ print(json.dumps({"model_type": model.config.model_type,
 
 def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | None = None,
                   tokenizer: str = "smollm2-135m", load_check: bool = False, json_path: str | None = None,
-                  log=print) -> dict:
-    from convert.save import check_out_file
+                  overwrite: bool = False, log=print) -> dict:
+    """Convert the random checkpoint of ``shape`` in a child process and report its peak RSS and times.
+
+    ``out`` follows the rules of every command's OUT (a non-empty folder is replaced only with ``overwrite``); the
+    default, a folder of the user cache, is this command's own and is replaced each run. ``json_path`` may not be or
+    lie inside an input (the tokenizer's model, the random checkpoint) or OUT."""
+    from convert.save import check_out, check_out_file
+    from convert.sources import input_paths
 
     if shape not in SHAPES:
         raise MLAError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
-    if json_path:
-        check_out_file(json_path)
     src = cache_dir("shapes") / shape
+    inputs = input_paths(tokenizer) + [src.resolve()]
+    if out is None:
+        out, overwrite = cache_dir("bench") / f"{shape}-mla", True
+    out = check_out(out, overwrite, inputs, what="--out")
+    if json_path:
+        json_path = check_out_file(json_path, inputs + [out])
     write_random_checkpoint(shape, src, tokenizer)
-    out = Path(out) if out else cache_dir("bench") / f"{shape}-mla"
     args = list(DEFAULT_ARGS if convert_args is None else convert_args)
-    cmd = [sys.executable, "-m", "convert.cli", "convert", str(src), str(out), "--overwrite", *args]
+    cmd = [sys.executable, "-m", "convert.cli", "convert", str(src), str(out), *(["--overwrite"] if overwrite else []),
+           *args]
     log("running: " + " ".join(cmd[2:]))
     code, wall, rss, tail = _child(cmd)
     if code != 0:
@@ -189,7 +204,9 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
         check["cache_ratio"] = check["cache_bytes_per_token"] / check["original_bytes_per_token"]
         result["load_check"] = check
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        from convert.save import write_text
+
+        write_text(json_path, json.dumps(result, indent=2) + "\n")
     log(summary(result))
     return result
 

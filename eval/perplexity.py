@@ -7,7 +7,6 @@ Evaluation text must not be calibration or training text (see ``convert.data``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -16,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from convert.data import EVALUATION_DEFAULT, load_texts, token_windows
-from convert.errors import MLAError
-from convert.sources import load_config, load_tokenizer, quiet_library_warnings, resolve_source
+from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, token_windows
+from convert.errors import MLAError, Parser, run_command
+from convert.sources import check_positions, load_config, load_tokenizer, quiet_library_warnings, resolve_source
 from convert.sources import load_model as load_source
 
 
@@ -55,6 +54,15 @@ def _vocab_size(path_or_name: str, trust_remote_code: bool = False) -> int:
     return getattr(config.get_text_config(), "vocab_size", None)
 
 
+def check_lengths(paths, lengths: dict[str, int], trust_remote_code: bool = False) -> None:
+    """MLAError, before any model is loaded, when a length of ``lengths`` ({what: positions}) exceeds a model's
+    ``max_position_embeddings``."""
+    for path in filter(None, paths):
+        config = load_config(resolve_source(path), trust_remote_code=trust_remote_code)
+        for what, length in lengths.items():
+            check_positions(config, length, what, path)
+
+
 def check_eval_size(seq_len: int, tokens: int) -> None:
     if seq_len < 2 or tokens < seq_len:
         raise MLAError(f"need --seq-len >= 2 and --tokens >= --seq-len, got {seq_len} and {tokens}")
@@ -70,7 +78,8 @@ def run(model_path: str, baseline: str | None = None, text: str = EVALUATION_DEF
         tokens: int = 16384, batch_size: int = 4, seed: int = 0, device: str = "cpu",
         trust_remote_code: bool = False) -> dict:
     """Perplexities of ``model_path`` (and ``baseline``) on the same windows; a dict of the results."""
-    texts = load_texts(text)
+    check_lengths([model_path, baseline], {"--seq-len": seq_len}, trust_remote_code)
+    texts = load_texts(text, read_budget(tokens))  # a long file: only the part the windows can use
     if baseline is not None and _vocab_size(baseline, trust_remote_code) != _vocab_size(model_path, trust_remote_code):
         raise MLAError(f"{baseline!r} and {model_path!r} have different vocabulary sizes: not comparable")
     tokenizer = load_tokenizer(resolve_source(model_path), trust_remote_code=trust_remote_code)
@@ -98,10 +107,13 @@ def summary(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
     p.add_argument("model", help="converted (or any) model: folder, Hub id or built-in source name")
     p.add_argument("--baseline", help="original model to compare with, on the same tokens")
-    p.add_argument("--text", default=EVALUATION_DEFAULT, help="text source (see convert.data); default %(default)s")
+    p.add_argument("--text", default=EVALUATION_DEFAULT,
+                   help="text source (see convert.data): bbc[:cat], brown[:genres], pydoc, hf:..., a regular "
+                        ".txt/.jsonl file or folder, file:PATH for a path with commas; a file is read up to "
+                        "max(4 MiB, 16 bytes per --tokens); default %(default)s")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate (windows = tokens // seq-len)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -112,26 +124,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the Python code of models whose config asks for it (only for models you trust)")
     a = p.parse_args(argv)
     quiet_library_warnings()
-    try:
-        if a.json:  # checked before the work, not after it
-            from convert.save import check_out_file
-            from convert.sources import input_paths
+    return run_command(_main, a)
 
-            a.json = check_out_file(a.json, input_paths(a.model, a.baseline))
-        r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device,
-                a.trust_remote_code)
-        if a.json:
-            try:
-                with open(a.json, "w") as f:
-                    json.dump(r, f, indent=2)
-            except OSError as e:
-                raise MLAError(f"cannot write {a.json}: {e.strerror or e}") from None
-    except MLAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+def _main(a) -> int:
+    if a.json:  # checked before the work, not after it
+        from convert.save import check_out_file
+        from convert.sources import input_paths
+
+        a.json = check_out_file(a.json, input_paths(a.model, a.baseline))
+    r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device, a.trust_remote_code)
+    if a.json:
+        from convert.save import write_text
+
+        write_text(a.json, json.dumps(r, indent=2) + "\n")
     rows = [("original", a.baseline, r.get("ppl_original")), ("converted", a.model, r["ppl_converted"])]
     print(f"{'model':<10} {'ppl':>10}  path")
     for name, path, ppl in rows:
