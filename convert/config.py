@@ -1,15 +1,17 @@
 """One typed config for ``mla convert``: its field docs become ``--help``, recipe YAML keys are its field names."""
 
 import math
+import os
+import stat
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from .data import CALIBRATION_DEFAULT
+from .data import CALIBRATION_DEFAULT, split_sources
 from .deepseek import FORMATS
-from .errors import MLAError
+from .errors import MLAError, quote
 from .factorize import FACTOR_METHODS
 from .ropesplit import ROPE_METHODS
 
@@ -55,7 +57,8 @@ class ConvertConfig:
         CALIBRATION_DEFAULT,
         "Calibration text: brown[:genres] (Brown corpus via npm), pydoc (no download), bbc[:cat], a .txt/.jsonl "
         "file or folder, or hf:ID[:CONFIG]:SPLIT[:COLUMN]; or a mix of them joined by commas (the windows are split "
-        "evenly over the sources). Never calibrate on your evaluation text.",
+        "evenly over the sources; file:PATH names a file whose path has commas, last in a mix). A file is read up to "
+        "16 bytes per token used (at least 4 MiB). Never calibrate on your evaluation text.",
     )
     calib_seqs: int = opt(16, "Number of calibration sequences.")
     calib_len: int = opt(512, "Tokens per calibration sequence.")
@@ -78,7 +81,7 @@ class ConvertConfig:
     def validate(self) -> None:
         check_finite(self)
         if self.format not in FORMATS:
-            raise MLAError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise MLAError(f"--format must be one of {', '.join(FORMATS)}, got {quote(self.format)}")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
             raise MLAError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if self.kv_budget is not None and (self.kv_lora_rank is not None or self.rope_dim is not None):
@@ -88,13 +91,13 @@ class ConvertConfig:
         if self.rope_dim is not None and (self.rope_dim < 0 or self.rope_dim % 2):
             raise MLAError(f"--rope-dim must be a non-negative multiple of 2, got {self.rope_dim}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise MLAError(f"--dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+            raise MLAError(f"--dtype must be float32, bfloat16, float16 or auto, got {quote(self.dtype)}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise MLAError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise MLAError(f"--device must be auto, cpu or cuda, got {quote(self.device)}")
         choices = {"rope_method": ROPE_METHODS, "factor_method": FACTOR_METHODS, "rank_alloc": ("fisher", "uniform")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise MLAError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise MLAError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {quote(getattr(self, name))}")
         if not 0 <= self.rope_share < 1:
             raise MLAError(f"--rope-share must be in [0, 1), got {self.rope_share}")
         for name in ("calib_seqs", "calib_len", "batch_size", "rope_span", "verify_seqs"):
@@ -115,8 +118,8 @@ class RecoverConfig:
     data: str = opt(
         "brown",
         "Training text: comma-separated sources, each in the forms --calib takes (brown[:genres], pydoc, bbc[:cat], a "
-        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN]). A mix takes as many windows from each source as "
-        "the smallest has. Must not include val_data.",
+        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN], file:PATH). A mix takes as many windows from each "
+        "source as the smallest has; each is read up to 16 bytes per training token. Must not include val_data.",
     )
     tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
     seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
@@ -204,17 +207,17 @@ class RecoverConfig:
                    "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise MLAError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise MLAError(f"{name} must be one of {', '.join(allowed)}, got {quote(getattr(self, name))}")
         if not split_list(self.lora_targets) and not split_list(self.full_targets):
             raise MLAError("lora_targets and full_targets are both empty: nothing to train")
         if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):
             raise MLAError("a module cannot be in both lora_targets and full_targets")
-        if not split_list(self.data):
+        if not split_sources(self.data or ""):
             raise MLAError("data is empty: give at least one training text source")
         if self.format is not None and self.format not in FORMATS:
-            raise MLAError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.val_data and self.val_data in split_list(self.data):
-            raise MLAError(f"val_data {self.val_data!r} is also training data; evaluate on held-out text")
+            raise MLAError(f"format must be one of {', '.join(FORMATS)}, got {quote(self.format)}")
+        if self.val_data and self.val_data.strip() in split_sources(self.data):
+            raise MLAError(f"val_data {quote(self.val_data)} is also training data; evaluate on held-out text")
         if self.val_data and self.val_tokens and self.val_tokens < self.seq_len:
             raise MLAError(f"val_tokens ({self.val_tokens}) must be 0 or >= seq_len ({self.seq_len})")
 
@@ -231,37 +234,80 @@ def check_value(cls, key: str, value, where: str):
     """Type-check one config value (YAML or parsed override); returns it (ints accepted for floats)."""
     known = {f.name: f for f in config_fields(cls)}
     if key not in known:
-        raise MLAError(f"{where}: unknown key {key!r}")
+        raise MLAError(f"{where}: unknown key {quote(key)}")
     allowed = typing.get_args(known[key].type) or (known[key].type,)
     is_bool = isinstance(value, bool)
     if not (isinstance(value, allowed) and (bool in allowed or not is_bool)
             or float in allowed and isinstance(value, int) and not is_bool):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise MLAError(f"{where}: {key} must be {names}, got {value!r}")
+        raise MLAError(f"{where}: {key} must be {names}, got {quote(value)}")
     return value
 
 
 SECTIONS = {"convert": ConvertConfig, "recover": RecoverConfig}
 
 
+MAX_RECIPE_BYTES = 2**20  # a recipe is a few hundred bytes; a larger file is not one
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter: a key given twice and an alias (``*name``, the way to a YAML bomb) are errors."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                                 "supported in recipes; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {quote(key)} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe file's text, read only when it is a regular file of at most ``MAX_RECIPE_BYTES``."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise MLAError(f"recipe not found: {path}") from None
+    except OSError as err:
+        raise MLAError(f"could not read recipe {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MLAError(f"recipe {path} is a folder, not a YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise MLAError(f"recipe {path} is not a regular file (a device, pipe or socket)")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise MLAError(f"recipe {path} is {info.st_size} bytes, more than a recipe can be ({MAX_RECIPE_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_RECIPE_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MLAError(f"could not read recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise MLAError(f"could not read recipe {path}: {err.strerror or err}") from None
+
+
 def read_recipe(path: str | Path) -> dict:
     """The whole recipe mapping, with its top-level keys checked."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise MLAError(f"recipe not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise MLAError(f"could not read recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except IsADirectoryError:
-        raise MLAError(f"recipe {path} is a folder, not a YAML file") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise MLAError(f"could not read recipe {path}: {str(err).splitlines()[0]}") from None
+        data = yaml.load(_recipe_text(path), Loader=_RecipeLoader) or {}
+    except yaml.YAMLError as err:
+        raise MLAError(f"could not read recipe {path}: {str(err).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise MLAError(f"could not read recipe {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise MLAError(f"recipe {path} must be a mapping")
-    unknown_top = sorted(set(data) - {"convert", "recover", "source", "description"})
+    unknown_top = sorted(set(map(str, data)) - {"convert", "recover", "source", "description"})
     if unknown_top:
-        raise MLAError(f"recipe {path}: unknown key {unknown_top[0]!r} (allowed: convert, recover, source, description)")
+        raise MLAError(f"recipe {path}: unknown key {quote(unknown_top[0])} (allowed: convert, recover, source, "
+                       "description)")
     return data
 
 
@@ -273,7 +319,7 @@ def load_recipe(path: str | Path, section: str = "convert") -> dict:
         raise MLAError(f"recipe {path}: '{section}' must be a mapping")
     for key, value in values.items():
         if key not in {f.name for f in config_fields(SECTIONS[section])}:
-            raise MLAError(f"recipe {path}: unknown key {section}.{key!r}")
+            raise MLAError(f"recipe {path}: unknown key {section}.{quote(key)}")
         check_value(SECTIONS[section], key, value, f"recipe {path}: {section}")
     return values
 
@@ -289,7 +335,7 @@ def parse_overrides(items: list[str], cls) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise MLAError(f"override {item!r} is not key=value")
+            raise MLAError(f"override {quote(item)} is not key=value")
         field_type = {f.name: f.type for f in config_fields(cls)}.get(key)
         kinds = typing.get_args(field_type) or (field_type,)
         value = _parse_scalar(raw.strip(), kinds)
