@@ -10,6 +10,16 @@
 * ``hf:<id>[:<config>]:<split>[:<column>]``  a Hugging Face dataset via ``datasets`` (online users; ``<id>`` may be a
                             local dataset folder); column defaults to ``text``.
 * a path: a ``.jsonl`` file (field ``text``), any other file (one UTF-8 document), or a folder (``**/*.txt``, sorted).
+  Only regular files are read: a device (``/dev/zero``), FIFO or socket is refused, and a folder's are skipped.
+* ``file:<path>``            the same, naming the path verbatim: everything after ``file:`` is the path, commas
+                            included (``file:runs/a,b.txt``), and it may be a name such as ``pydoc`` or ``bbc:tech``.
+
+Read limit: a local source (a file, or a folder's files together, in order) or an ``hf:`` dataset is read up to
+``max_bytes`` bytes of text, by default ``read_budget()`` = 4 MiB; a command that knows how many tokens it uses passes
+``read_budget(tokens)`` = 16 bytes a token (about four times what English text takes), and never less than 4 MiB. A
+longer source is cut after its last whole line within the limit (a ``.jsonl`` file after its last whole record), with
+a one-line ``note:`` on stderr: its first part is used, never the whole file in memory. The built-in corpora are read
+whole.
 
 Downloads go to the user cache (``convert.cache.cache_dir``), once. Evaluation text must be disjoint from
 calibration and training text: the defaults are calibration ``brown`` and evaluation ``bbc:tech``.
@@ -18,14 +28,20 @@ calibration and training text: the defaults are calibration ``brown`` and evalua
 
 A mix is sources joined by commas (``brown,pydoc,bbc:business+politics``): ``load_sources`` gives one document list per
 source and ``mixed_windows`` draws the same number of windows from each, so a small source weighs as much as a big one.
+A ``file:`` source takes the rest of the mix, so a path with commas comes last (``pydoc,file:runs/a,b.txt``);
+``split_sources`` splits a mix and ``source_paths`` lists the local files and folders it names.
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import os
 import random
 import re
+import stat
+import sys
 import tarfile
 import zipfile
 from itertools import chain
@@ -45,12 +61,58 @@ BROWN_GENRES = "abcdefghjklmnpr"
 _DONE = ".complete"
 
 
-def load_sources(spec: str) -> list[list[str]]:
-    """One document list per comma-separated source of ``spec`` (see ``load_texts``)."""
-    parts = [part.strip() for part in spec.split(",") if part.strip()]
+FILE_PREFIX = "file:"
+BYTES_PER_TOKEN = 16
+MIN_READ_BYTES = 4 * 2**20
+
+
+def read_budget(tokens: int | None = None) -> int:
+    """Bytes of text read per source for a command that uses ``tokens`` tokens of it (see the module docstring)."""
+    return max(MIN_READ_BYTES, (tokens or 0) * BYTES_PER_TOKEN)
+
+
+def split_sources(spec: str) -> list[str]:
+    """The sources of a mix: ``spec`` split on commas, except that a ``file:`` source takes the rest of it verbatim."""
+    parts, rest = [], spec
+    while rest.strip():
+        head = rest.lstrip()
+        if head.startswith(FILE_PREFIX):
+            parts.append(head)
+            break
+        part, _, rest = rest.partition(",")
+        if part.strip():
+            parts.append(part.strip())
+    return parts
+
+
+def source_path(source: str) -> Path | None:
+    """The local file or folder one source names (``file:PATH``, an existing path, or the folder of ``hf:FOLDER:...``),
+    else None (a built-in corpus, a Hub dataset)."""
+    source = source.lstrip()
+    if source.startswith(FILE_PREFIX):
+        return Path(source[len(FILE_PREFIX):]).expanduser()
+    source = source.strip()
+    name, _, arg = source.partition(":")
+    if source == "pydoc" or name in ("bbc", "brown") or not source:
+        return None
+    path = Path(_split_hf(arg)[0] if name == "hf" and arg else source).expanduser()
+    return path if os.path.lexists(path) else None
+
+
+def source_paths(*specs: str | None) -> list[Path]:
+    """The existing local files and folders the text sources or mixes ``specs`` name, resolved (the inputs no output
+    may replace); built-in corpora and Hub datasets name none."""
+    paths = [source_path(part) for spec in specs for part in split_sources(str(spec or ""))]
+    return [p.resolve() for p in paths if p is not None and os.path.lexists(p)]
+
+
+def load_sources(spec: str, max_bytes: int | None = None) -> list[list[str]]:
+    """One document list per source of the mix ``spec`` (see ``split_sources`` and ``load_texts``; ``max_bytes``
+    applies to each source)."""
+    parts = split_sources(spec)
     if not parts:
         raise MLAError(f"text source {spec!r} names no source")
-    return [load_texts(part) for part in parts]
+    return [load_texts(part, max_bytes) for part in parts]
 
 
 def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int | None,
@@ -78,25 +140,38 @@ def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int
     return torch.stack([parts[i][j] for j, i in sorted(order)])  # round robin: any slice mixes the sources
 
 
-def load_texts(spec: str) -> list[str]:
-    """Documents of the text source ``spec`` (see the module docstring); MLAError if unknown, unreadable or empty."""
-    spec = spec.strip()
+def load_texts(spec: str, max_bytes: int | None = None) -> list[str]:
+    """Documents of the text source ``spec`` (see the module docstring), a local or ``hf:`` one read up to
+    ``max_bytes`` bytes (default ``read_budget()``); MLAError if unknown, unreadable, not a regular file or empty."""
+    limit = read_budget() if max_bytes is None else max_bytes
+    if limit < 1:
+        raise MLAError(f"text read limit must be at least 1 byte, not {limit}")
+    spec = spec.lstrip() if spec.lstrip().startswith(FILE_PREFIX) else spec.strip()
     name, _, arg = spec.partition(":")
-    if spec == "pydoc":
+    cut = False
+    if spec.startswith(FILE_PREFIX):
+        if not arg:
+            raise MLAError(f"text source {spec!r} names no path after {FILE_PREFIX}")
+        docs, cut = _local(Path(arg).expanduser(), spec, limit, named=True)
+    elif spec == "pydoc":
         docs = _pydoc()
     elif name == "bbc":
         docs = _bbc(arg, spec)
     elif name == "brown":
         docs = _brown(arg, spec)
     elif name == "hf" and arg:
-        docs = _hf(arg, spec)
-    elif spec and os.path.exists(spec):
-        docs = _local(Path(spec), spec)
+        docs, cut = _hf(arg, spec, limit)
+    elif spec and os.path.lexists(os.path.expanduser(spec)):
+        docs, cut = _local(Path(spec).expanduser(), spec, limit)
     else:
         raise MLAError(
             f"unknown text source {spec!r}: expected pydoc, bbc[:category], brown[:genres], "
-            "hf:<dataset>[:<config>]:<split>[:<column>], or an existing .txt/.jsonl file or folder"
+            "hf:<dataset>[:<config>]:<split>[:<column>], or an existing .txt/.jsonl file or folder (file:<path> for "
+            "a path with commas)"
         )
+    if cut:
+        print(f"note: text source {spec!r} is longer than the read limit: using its first {_mib(limit)}",
+              file=sys.stderr, flush=True)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise MLAError(f"text source {spec!r} has no non-empty documents")
@@ -118,8 +193,62 @@ def _read_text(path: Path, spec: str) -> str:
         raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
 
 
+def _mib(n: int) -> str:
+    """A byte count for messages: ``4.0 MiB``, or ``1000 bytes`` under 1 MiB."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+_KINDS = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder"))
+
+
+def _require_regular(mode: int, path: Path, spec: str) -> None:
+    """MLAError unless ``mode`` is a regular file's: a device never ends and opening a FIFO blocks."""
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _KINDS if test(mode)), "special file")
+        raise MLAError(f"text source {spec!r}: {path} is a {kind}, not a regular file (only regular files or "
+                       "folders of them are accepted)")
+
+
+def _open_regular(path: Path, spec: str):
+    """``path`` opened for binary reading, checked to be a regular file before opening (a device is never opened) and
+    after (non-blocking, so a file replaced by a FIFO in between cannot hang)."""
+    try:
+        _require_regular(os.stat(path).st_mode, path, spec)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        _require_regular(os.fstat(fd).st_mode, path, spec)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _read_prefix(path: Path, spec: str, limit: int) -> tuple[str, int, bool]:
+    """(text, bytes used, cut): the UTF-8 text of ``path``, or of its first ``limit`` bytes cut after their last line
+    break (or, with none, before a split character) when the file is longer."""
+    with _open_regular(path, spec) as f:
+        try:
+            raw = f.read(limit + 1)
+        except OSError as e:
+            raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
+    cut = len(raw) > limit
+    if cut:
+        raw = raw[:limit]
+        end = raw.rfind(b"\n")
+        raw = raw[:end + 1] if end >= 0 else raw
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
+    except UnicodeDecodeError as e:
+        raise MLAError(f"text source {spec!r}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text, len(raw), cut
+
+
 def _txt_files(folder: Path, spec: str) -> list[Path]:
-    """Every ``*.txt`` file under ``folder``; an unreadable folder is an error, not an empty result."""
+    """Every regular ``*.txt`` file under ``folder`` (FIFOs, devices and links to them are skipped); an unreadable
+    folder is an error, not an empty result."""
     def fail(err: OSError):
         raise MLAError(f"text source {spec!r}: cannot read {err.filename}: {err.strerror or err}")
 
@@ -129,16 +258,39 @@ def _txt_files(folder: Path, spec: str) -> list[Path]:
     return files
 
 
-def _local(path: Path, spec: str) -> list[str]:
-    if path.is_dir():
+def _local(path: Path, spec: str, limit: int, named: bool = False) -> tuple[list[str], bool]:
+    """(documents, cut) of a local file or folder, at most ``limit`` bytes of them (a folder's files in order)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        where = " (everything after file: is the path, commas included: in a mix, file: comes last)" \
+            if named and "," in str(path) and e.errno == errno.ENOENT else ""
+        raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}{where}") from None
+    if stat.S_ISDIR(mode):
         files = sorted(_txt_files(path, spec))
         if not files:
             raise MLAError(f"text source {spec!r}: folder has no *.txt files")
-        return [_read_text(p, spec) for p in files]
+        docs, left = [], limit
+        for i, p in enumerate(files):
+            text, used, cut = _read_prefix(p, spec, left)
+            docs.append(text)
+            left -= used
+            if cut or (left < 1 and i + 1 < len(files)):
+                return docs, True
+        return docs, False
+    _require_regular(mode, path, spec)
+    text, _, cut = _read_prefix(path, spec, limit)
     if path.suffix != ".jsonl":
-        return [_read_text(path, spec)]
+        return [text], cut
+    if cut and "\n" not in text:
+        raise MLAError(f"text source {spec!r}: the first line of {path} is longer than the {_mib(limit)} read limit")
+    return _jsonl(text, spec), cut
+
+
+def _jsonl(text: str, spec: str) -> list[str]:
+    """The ``text`` fields of JSON lines."""
     docs = []
-    for i, line in enumerate(_read_text(path, spec).splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -250,7 +402,7 @@ def _split_hf(arg: str) -> list[str]:
     return re.split(r":(?![^\[]*\])", arg)  # split on ':' but not inside a slice like test[:10%]
 
 
-def _hf(arg: str, spec: str) -> list[str]:
+def _hf(arg: str, spec: str, limit: int) -> tuple[list[str], bool]:
     parts = _split_hf(arg)
     split_like = re.compile(r"(train|test|validation|valid|dev)\b.*")
     if len(parts) == 2:
@@ -273,7 +425,25 @@ def _hf(arg: str, spec: str) -> list[str]:
         raise MLAError(f"text source {spec!r}: cannot load dataset: {why}") from None
     if column not in ds.column_names:
         raise MLAError(f"text source {spec!r}: no column {column!r} (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds[column] if isinstance(t, str)]
+    return _take(ds.select_columns([column]).iter(batch_size=1024), column, limit)
+
+
+def _take(batches, column: str, limit: int) -> tuple[list[str], bool]:
+    """(documents, cut): the string rows of ``column`` in order until ``limit`` bytes of UTF-8, the last one cut."""
+    docs, left = [], limit
+    for batch in batches:
+        for text in batch[column]:
+            if not isinstance(text, str):
+                continue
+            if left < 1:
+                return docs, True
+            raw = text.encode("utf-8")
+            if len(raw) > left:
+                docs.append(raw[:left].decode("utf-8", errors="ignore"))
+                return docs, True
+            docs.append(text)
+            left -= len(raw)
+    return docs, False
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, n_seqs: int | None, seed: int = 0,

@@ -25,12 +25,12 @@ from .allocate import MIN_RANK, LayerConverter, Strided, budget_totals, lossless
 from .assemble import LayerPlan
 from .calibrate import sweep
 from .config import ConvertConfig
-from .data import load_sources, mixed_windows
+from .data import load_sources, mixed_windows, read_budget, source_paths
 from .deepseek import check_layout, write_deepseek_v3
 from .errors import MLAError
 from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, open_reader, write_error
-from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, write_json
-from .sources import input_paths, load_config, load_tokenizer, resolve_source
+from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, out_lock, write_json
+from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
 from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
@@ -243,7 +243,7 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
     ``inputs``: more local paths the command reads (a recipe) that OUT must not replace.
     """
     cfg.validate()
-    out = check_out(out, cfg.overwrite, [*input_paths(src), *local_inputs(cfg.calib), *inputs])
+    out = check_out(out, cfg.overwrite, [*input_paths(src), *source_paths(cfg.calib), *inputs])
     with out_lock(out):
         return _convert(src, out, cfg, log)
 
@@ -303,7 +303,8 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     strided = strided_plan(layout, cfg, check_layout(layout, cfg)) if deepseek else None
     plans = None if deepseek else plans
     check_weights(source, full_config)  # before the text download and any allocation
-    texts = load_sources(cfg.calib)
+    check_positions(full_config, cfg.calib_len, "--calib-len", src)
+    texts = load_sources(cfg.calib, read_budget((cfg.calib_seqs + cfg.verify_seqs) * cfg.calib_len))
     dtype, work_dtype = _export_dtype(cfg, full_config), compute_dtype(device, full_config)
     torch.manual_seed(cfg.seed)
 

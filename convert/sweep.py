@@ -23,13 +23,13 @@ import torch
 from .adapters import read_layout, text_config
 from .calibrate import sweep as calibrate
 from .config import ConvertConfig
-from .data import EVALUATION_DEFAULT, load_sources, load_texts
+from .data import EVALUATION_DEFAULT, load_sources, load_texts, read_budget, source_paths
 from .errors import MLAError
 from .layerwise import LayerwiseModel, Spill, StateDictReader, text_reader
 from .pipeline import (build_config, calibration_windows, check_plan, compute_dtype, export_tensors, layer_converter,
                        resolve_device)
-from .save import atomic_dir, check_out, local_inputs, out_lock
-from .sources import input_paths, load_config, load_model, resolve_source
+from .save import atomic_dir, check_out, out_lock
+from .sources import check_positions, input_paths, load_config, load_model, resolve_source
 
 PRESETS = {
     "default": ({}, "rotate (loss-scored) + fisher latent + per-layer allocation (the default)"),
@@ -130,7 +130,7 @@ def sweep(src: str, out: str | Path | None, budgets: list[float], methods: list[
             import matplotlib  # noqa: F401
         except ImportError:
             raise MLAError("the plot needs matplotlib: pip install matplotlib (or pass --no-plot)") from None
-    out = check_out(out, overwrite, [*input_paths(src), *local_inputs(text, base.calib)], make_parent=make_parent)
+    out = check_out(out, overwrite, [*input_paths(src), *source_paths(text, base.calib)], make_parent=make_parent)
     with out_lock(out, make_parent=make_parent):
         return _sweep(src, out, budgets, methods, base, configs, text, tokens, seq_len, overwrite, plot, log)
 
@@ -144,6 +144,8 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
     full_config = load_config(source)
     layout = read_layout(full_config)
     src_config = text_config(full_config)
+    check_positions(full_config, base.calib_len, "--calib-len", src)
+    check_positions(full_config, seq_len, "--seq-len", src)
     if layout.qk_norm:  # the weight-only SVD cannot see the key norm
         dropped = [m for m in methods if configs[m].factor_method == "svd"]
         methods = [m for m in methods if m not in dropped]
@@ -152,7 +154,8 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
                            "choose other --methods")
         if dropped:
             log(f"skipping {', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}")
-    calib_texts, eval_texts = load_sources(base.calib), load_texts(text)
+    calib_texts = load_sources(base.calib, read_budget((base.calib_seqs + base.verify_seqs) * base.calib_len))
+    eval_texts = load_texts(text, read_budget(tokens))  # a long file: only what the windows use
     torch.manual_seed(base.seed)
     device = resolve_device(base.device)
     model, tokenizer = load_model(source, config=full_config)

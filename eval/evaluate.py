@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from convert.config import opt
-from convert.data import EVALUATION_DEFAULT, load_texts
+from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, source_paths
 from convert.errors import MLAError
-from convert.save import atomic_dir, check_out, local_inputs, out_lock
+from convert.save import atomic_dir, check_out, out_lock
 from convert.sources import TRUST_HELP, input_paths, resolve_source
 from eval.bench import cache_bytes, cache_name
-from eval.perplexity import _vocab_size, eval_windows, load_model, window_nll
+from eval.perplexity import _vocab_size, check_lengths, eval_windows, load_model, window_nll
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = "mla_bigbench"
@@ -204,7 +204,7 @@ def _label(path: str, taken: set) -> str:
 def evaluate(models: list[str], baseline: str | None, out: str | Path, cfg: EvalConfig, overwrite: bool = False,
              command: str | None = None, log=print) -> dict:
     """Evaluate ``baseline`` (if any) and ``models``; write report.md, results.json and report.png into ``out``."""
-    readers = input_paths(baseline, *models) + local_inputs(cfg.ppl_text)
+    readers = input_paths(baseline, *models) + source_paths(cfg.ppl_text)
     out = check_out(out, overwrite, readers)
     with out_lock(out):
         return _evaluate(models, baseline, out, cfg, overwrite, command, log)
@@ -219,6 +219,9 @@ def _evaluate(models: list[str], baseline: str | None, out: Path, cfg: EvalConfi
     taken = {"original"}
     entries += [(_label(m, taken), m) for m in models]
     vocab = {path: _vocab_size(path, cfg.trust_remote_code) for _, path in entries}  # fails early on a missing or unreadable model
+    lengths = {"--ppl-seq-len": cfg.ppl_seq_len if cfg.ppl_text else 0,
+               "--speed-prompt + --speed-new": cfg.speed_prompt + cfg.speed_new if cfg.speed_prompt else 0}
+    check_lengths([path for _, path in entries], lengths, cfg.trust_remote_code)
     if cfg.ppl_text and len(set(vocab.values())) > 1:
         raise MLAError(f"the models have different vocabulary sizes ({vocab}): perplexities are not comparable")
     windows = None
@@ -226,7 +229,8 @@ def _evaluate(models: list[str], baseline: str | None, out: Path, cfg: EvalConfi
         from convert.sources import load_tokenizer
 
         tokenizer = load_tokenizer(resolve_source(entries[0][1]), trust_remote_code=cfg.trust_remote_code)
-        windows = eval_windows(tokenizer, load_texts(cfg.ppl_text), cfg.ppl_seq_len, cfg.ppl_tokens, cfg.seed)
+        texts = load_texts(cfg.ppl_text, read_budget(cfg.ppl_tokens))  # a long file: only what the windows use
+        windows = eval_windows(tokenizer, texts, cfg.ppl_seq_len, cfg.ppl_tokens, cfg.seed)
     torch.manual_seed(cfg.seed)
     start = time.time()
     rows = []

@@ -304,7 +304,8 @@ def test_sweep_default_out_name_and_no_empty_folder_on_error(src, tmp_path, caps
     assert default_out("org/Model-1B") == Path("sweeps/Model-1B")
     assert default_out("/x/m.gguf") == Path("sweeps/m")
     # an error after the output checks (a calibration source that does not exist) leaves no sweeps/
-    one_error(main(["sweep", str(src), "--calib", str(tmp_path / "nope.txt"), "--budgets", "0.5", "--text", "pydoc"]),
+    one_error(main(["sweep", str(src), "--calib", str(tmp_path / "nope.txt"), "--budgets", "0.5", "--text", "pydoc",
+                   "--calib-len", "64", "--seq-len", "64"]),  # within the tiny model's 256 positions
               capsys.readouterr().err, "nope.txt")
     assert not (tmp_path / "sweeps").exists()
 
