@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
-from .data import load_sources, load_texts, mixed_windows, token_windows
+from .data import load_sources, load_texts, mixed_windows, read_budget, source_paths, split_sources, token_windows
 from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
-from .errors import MLAError
-from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, local_inputs, out_lock, save_checkpoint,
+from .errors import MLAError, quote
+from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, out_lock, save_checkpoint,
                    save_state_dict, write_json)
-from .sources import input_paths, load_config, load_tokenizer, resolve_source
+from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
@@ -100,11 +100,52 @@ def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
     return loss, kl.detach(), ce.detach(), hidden.detach()
 
 
-def _fingerprint(cfg: RecoverConfig, converted: Path, teacher: str) -> str:
-    settings = _settings(cfg)
-    record = (converted / "mla_conversion.json").read_bytes()
-    blob = json.dumps({"cfg": settings, "teacher": teacher, "converted": hashlib.sha256(record).hexdigest()},
-                      sort_keys=True)
+SAMPLES, SAMPLE_BYTES = 64, 4096  # a weight file's digest: its size, header and 64 samples of 4 KiB spread over it
+
+
+def _file_digest(path: Path, h) -> None:
+    """Feed ``h`` a file's name, size and ``SAMPLES`` chunks spread over it: any other checkpoint, even of the same
+    architecture, differs in them, and an 8B teacher costs 256 KiB of reading, not 16 GB."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        for k in range(SAMPLES):
+            f.seek(size * k // SAMPLES)
+            h.update(f.read(SAMPLE_BYTES))
+
+
+def _source_digest(source) -> str:
+    """What identifies the teacher: its config and weight files (sampled), or its Hub id when it is not local."""
+    h = hashlib.sha256()
+    local = source.local
+    if local is None:
+        h.update(source.path.encode())
+    elif local.is_file():  # a .gguf
+        _file_digest(local, h)
+    else:
+        for path in sorted(local.iterdir()):
+            if path.name == "config.json" or path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+                _file_digest(path, h)
+    return h.hexdigest()
+
+
+def _tensor_digest(t: torch.Tensor | None) -> str:
+    return hashlib.sha256(b"" if t is None else t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def run_inputs(converted: Path, teacher_source, windows: torch.LongTensor, val) -> dict[str, str]:
+    """Digests of what a run reads besides its settings, by the name an error gives them: the converted model, the
+    teacher, and the training and validation text (their token windows: the text's content and its tokenization)."""
+    return {
+        "the converted model": hashlib.sha256((converted / "mla_conversion.json").read_bytes()).hexdigest(),
+        "the teacher": _source_digest(teacher_source),
+        "the training text": _tensor_digest(windows),
+        "the validation text": _tensor_digest(val),
+    }
+
+
+def _fingerprint(cfg: RecoverConfig, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"cfg": _settings(cfg), "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -112,14 +153,18 @@ def _settings(cfg: RecoverConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
 
 
-def _changed_keys(old: dict, cfg: RecoverConfig) -> list[str]:
-    new = _settings(cfg)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+def _changed(state: dict, cfg: RecoverConfig, inputs: dict[str, str]) -> list[str]:
+    """The settings keys and the inputs in which ``state`` (a checkpoint) differs from this run."""
+    old, new = state.get("settings", {}), _settings(cfg)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    old_inputs = state.get("inputs", {})
+    return keys + [name for name, digest in inputs.items() if old_inputs.get(name) != digest]
 
 
-def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, restart: bool) -> dict | None:
+def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str],
+                     restart: bool) -> dict | None:
     """A checkpoint of this run (its ``fingerprint``) to resume from, None to start afresh; MLAError naming the changed
-    keys when it is from another run."""
+    settings and inputs when it is from another run."""
     if restart or not path.exists():
         return None
     try:
@@ -127,8 +172,10 @@ def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, restart: 
     except Exception as err:
         raise MLAError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); "
                        "re-run with --restart to start over") from None
+    if not isinstance(state, dict):
+        raise MLAError(f"checkpoint {path} is not a checkpoint of mla finetune; re-run with --restart to start over")
     if state.get("fingerprint") != fingerprint:
-        changed = _changed_keys(state.get("settings", {}), cfg) or ["the converted model or the teacher"]
+        changed = _changed(state, cfg, inputs) or ["the converted model or the teacher"]
         raise MLAError(f"checkpoint {path} is from a different run (changed: {', '.join(changed)}); "
                        "re-run with --restart to discard it")
     return state
@@ -141,9 +188,31 @@ def _read_record(converted: Path) -> dict:
     if not path.exists():
         raise MLAError(f"{converted} is not an MLA export (no mla_conversion.json); convert it with mla convert first")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MLAError(f"could not read {path}: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("source", {}), dict):
+        raise MLAError(f"{path} is malformed: expected a JSON object whose 'source' is an object (as mla convert "
+                       "writes it)")
+    return record
+
+
+def check_teacher(teacher: str, config, student_config, record: dict) -> None:
+    """MLAError unless the teacher has the architecture the export was converted from: the shape recorded in
+    ``mla_conversion.json`` (family, layers, heads, head width) and the student's vocabulary and hidden size. An edited
+    ``source`` (or ``teacher=``) naming another model would otherwise teach the student a model it never was."""
+    from .adapters import read_layout
+
+    layout = read_layout(config)
+    found = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_attention_heads": layout.num_heads,
+             "num_key_value_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+             "hidden_size": layout.hidden_size, "vocab_size": config.get_text_config().vocab_size}
+    expected = {k: v for k, v in record.get("source", {}).items() if k in found}
+    expected.update(hidden_size=student_config.hidden_size, vocab_size=student_config.vocab_size)
+    differ = [f"{k} {found[k]} (the export's source: {quote(v)})" for k, v in expected.items() if found[k] != v]
+    if differ:
+        raise MLAError(f"teacher {teacher} is not the model {record.get('source', {}).get('spec', 'CONVERTED')!s:.80} "
+                       f"was converted from: {'; '.join(differ)}")
 
 
 def _load_student(converted: Path):
@@ -249,13 +318,13 @@ def wrap_peft(model, cfg: RecoverConfig):
 
 
 def _windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
-    return mixed_windows(tokenizer, load_sources(cfg.data), cfg.seq_len, None, seed=cfg.seed)
+    return mixed_windows(tokenizer, load_sources(cfg.data, read_budget(cfg.tokens)), cfg.seq_len, None, seed=cfg.seed)
 
 
 def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
     if not cfg.val_data or not cfg.val_tokens:
         return None
-    return token_windows(tokenizer, load_texts(cfg.val_data), cfg.seq_len, cfg.val_tokens // cfg.seq_len, seed=0)
+    return token_windows(tokenizer, load_texts(cfg.val_data, read_budget(cfg.val_tokens)), cfg.seq_len, cfg.val_tokens // cfg.seq_len, seed=0)
 
 
 def _nll(model, windows: torch.LongTensor, batch_size: int) -> float:
@@ -298,7 +367,7 @@ def _is_main_launch_process() -> bool:
 
 def data_inputs(cfg: RecoverConfig) -> list[Path]:
     """Local paths among the training and validation text sources (what no output may replace)."""
-    return local_inputs(*split_list(cfg.data), cfg.val_data)
+    return source_paths(cfg.data, cfg.val_data)
 
 
 def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
@@ -312,6 +381,9 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     record = _read_record(converted)
     recorded = record.get("source", {})
     teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
+    if teacher and not isinstance(teacher, str):
+        raise MLAError(f"{converted}/mla_conversion.json is malformed: its source names {quote(teacher)}, not a "
+                       "model; set teacher=...")
     if not teacher:
         raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
     output_format(converted, cfg)
@@ -321,7 +393,12 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
         check_out(work_dir(out), True, readers, what="the checkpoint folder")
     lock = out_lock(out) if _is_main_launch_process() else contextlib.nullcontext()
     with lock:
-        return _finetune(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log)
+        try:
+            return _finetune(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log)
+        except BaseException:  # checkpoints stay for the next run to resume from; an empty folder does not
+            with contextlib.suppress(OSError):
+                (ckpt_dir or work_dir(out)).rmdir()
+            raise
 
 
 def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: RecoverConfig, overwrite: bool,
@@ -345,26 +422,25 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     local_batch = cfg.batch_size // acc.num_processes
     micro = min(cfg.micro_batch or local_batch, local_batch)
 
-    fingerprint = _fingerprint(cfg, converted, teacher)
-    resume = _read_checkpoint(ckpt_path, fingerprint, cfg, restart)
-
-    # load: student, teacher, text
+    # load: student, teacher, text; then the checkpoint of this run, if any
     student = _load_student(converted)
     say(f"teacher: {teacher}")
     teacher_source = resolve_source(teacher)
     teacher_config = load_config(teacher_source)
-    if teacher_config.get_text_config().vocab_size != student.config.vocab_size:
-        raise MLAError(f"teacher {teacher} has vocabulary {teacher_config.get_text_config().vocab_size}, the "
-                       f"student {student.config.vocab_size}: not the model it was converted from")
+    check_teacher(teacher, teacher_config, student.config, record)
+    check_positions(teacher_config, cfg.seq_len, "seq_len", teacher)
     tokenizer = load_tokenizer(teacher_source)
     windows = _windows(tokenizer, cfg)
     val = _val_windows(tokenizer, cfg)
+    inputs = run_inputs(converted, teacher_source, windows, val)
+    fingerprint = _fingerprint(cfg, inputs)
+    resume = _read_checkpoint(ckpt_path, fingerprint, cfg, inputs, restart)
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
     say(f"training text: {cfg.data} ({len(windows)} windows of {cfg.seq_len}); {total_steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
 
     local_record = _local_stage(student, teacher_source, teacher_config, windows, val, cfg, acc.device, ckpt_dir,
-                         fingerprint, restart, main, say) if cfg.local_tokens else None
+                                (fingerprint, inputs), restart, main, say) if cfg.local_tokens else None
     if cfg.gradient_checkpointing:
         if hasattr(student, "activation_checkpointing_enable"):  # the name from transformers 5.x on
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -413,7 +489,7 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt_path, {
-                "fingerprint": fingerprint, "settings": _settings(cfg),
+                "fingerprint": fingerprint, "settings": _settings(cfg), "inputs": inputs,
                 "step": step, "trainable": _trainable_state(inner), "optimizer": optimizer.state_dict(),
                 "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
         acc.wait_for_everyone()
@@ -498,18 +574,20 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     return result
 
 
-def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, fingerprint: str,
+def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
                  restart: bool, main: bool, say) -> dict:
-    """The layer-local stage (``convert.local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt``."""
+    """The layer-local stage (``convert.local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
+    ``run_id`` (fingerprint, inputs) is that checkpoint's."""
     from .adapters import read_layout, text_config
     from .layerwise import LayerwiseModel, open_reader
     from .local import LOCAL_CKPT, local_windows, run_local
 
     path = ckpt_dir / LOCAL_CKPT
-    resume = _read_checkpoint(path, fingerprint, cfg, restart)
+    fingerprint, inputs = run_id
+    resume = _read_checkpoint(path, fingerprint, cfg, inputs, restart)
     student.requires_grad_(False)
     student.to(device)
-    extra = {"settings": _settings(cfg)}
+    extra = {"settings": _settings(cfg), "inputs": inputs}
     if resume is None and val is not None:  # the starting point, for the record
         extra["val_nll_before"] = _nll(student, val, cfg.micro_batch or cfg.batch_size)
     ids = local_windows(windows, cfg)
@@ -522,7 +600,7 @@ def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, devi
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra)
     del lw
-    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings")} | {"windows": len(ids)}
+    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")} | {"windows": len(ids)}
 
 
 def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:
@@ -649,7 +727,7 @@ def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, re
     """
     rcfg.validate()
     ccfg.validate()
-    readers = [*input_paths(src), *local_inputs(ccfg.calib), *data_inputs(rcfg), *inputs]
+    readers = [*input_paths(src), *source_paths(ccfg.calib), *data_inputs(rcfg), *inputs]
     out = check_out(out, ccfg.overwrite, readers)
     check_out(work_dir(out), True, readers, what="the checkpoint folder")
     with out_lock(out):
