@@ -150,7 +150,7 @@ def test_auto_classes_and_save_pretrained_round_trip(lossless, tmp_path):
         assert torch.equal(mla(ids).logits, again(ids).logits)
 
 
-def test_export_is_self_contained_when_copied(lossless, tmp_path):
+def test_export_is_self_contained_when_copied(lossless, tiny_models, tmp_path):
     copy = tmp_path / "elsewhere" / "model"
     shutil.copytree(lossless["qwen2"], copy)
     files = {p.name for p in copy.iterdir()}
@@ -163,7 +163,10 @@ def test_export_is_self_contained_when_copied(lossless, tmp_path):
         text = (copy / name).read_text()
         imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
         assert imports - sys.stdlib_module_names <= {"torch", "transformers", "configuration_mla"}, imports
-    assert _load(copy) is not None
+    ids = _ids()
+    with torch.no_grad():  # the copy alone (lossless export) computes what the source does
+        source = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
+        torch.testing.assert_close(_load(copy)(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_sliding_window_is_carried_over(lossless):
@@ -189,8 +192,17 @@ def test_error_grows_as_rank_shrinks(tiny_models, tmp_path):
 
 
 def test_sharded_export(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
     from convert.save import save_state_dict
 
     state = {f"w{i}": torch.randn(64, 64) for i in range(4)}
-    names = save_state_dict(state, tmp_path, max_shard_size="20KB")
-    assert len(names) == 4 and (tmp_path / "model.safetensors.index.json").exists()
+    names = save_state_dict(state, tmp_path, max_shard_size="20KB")  # 16 KiB a tensor: one tensor a shard
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(names) == 4 and sorted(index["weight_map"]) == sorted(state)
+    assert index["metadata"]["total_size"] == 4 * 64 * 64 * 4
+    read = {}
+    for name in sorted(set(index["weight_map"].values())):  # read back through the index, as transformers does
+        read.update(load_file(tmp_path / name))
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    assert all(name in load_file(tmp_path / index["weight_map"][name]) for name in state)

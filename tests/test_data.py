@@ -53,9 +53,16 @@ def test_local_sources(tmp_path):
     assert load_texts(str(tmp_path / "sub")) == ["A", "B", "C"]
 
 
-@pytest.mark.parametrize("spec", ["no/such/file.txt", "nonsense", "", "bbc:weather", "brown:z", "hf:x:y:z:w:v"])
-def test_bad_specs(spec):
-    with pytest.raises(MLAError):
+@pytest.mark.parametrize("spec, words", [
+    ("no/such/file.txt", "unknown text source 'no/such/file.txt'"),
+    ("nonsense", "unknown text source 'nonsense'"),
+    ("", "unknown text source ''"),
+    ("bbc:weather", "unknown BBC category 'weather'"),
+    ("brown:z", "unknown Brown genre 'z'"),
+    ("hf:x:y:z:w:v", r"expected hf:<dataset>\[:<config>\]:<split>\[:<column>\]"),
+])
+def test_bad_specs(spec, words):
+    with pytest.raises(MLAError, match=words):
         load_texts(spec)
 
 

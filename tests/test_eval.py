@@ -262,5 +262,6 @@ def test_mla_eval_kv_only(exports, tmp_path, capsys):
     assert main(["eval", str(exports["half"]), "--out", str(out), "--tasks", "", "--ppl-text", "",
                  "--speed-prompt", "0"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["baseline"] is None and res["models"][0]["kv_bytes_per_token"] > 0
-    assert (out / "report.png").stat().st_size > 0
+    record = json.loads((exports["half"] / "mla_conversion.json").read_text())["kv_cache"]
+    assert res["baseline"] is None and res["models"][0]["kv_bytes_per_token"] == record["mla_bytes_per_token"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import convert_tiny, make_tiny
@@ -72,6 +73,16 @@ def _attention_errors(src: Path, student_folder: Path, ids: torch.Tensor) -> lis
     return errors
 
 
+def _perplexity(folder: Path, windows: torch.Tensor) -> float:
+    """exp of the mean next-token NLL over ``windows`` (equal lengths), with stock transformers in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1]  # (n, T-1, V)
+    return torch.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))).item()
+
+
 def _stage_only(setup, out: Path, **extra) -> dict:
     """A run whose distillation does nothing (lr ~ 0 for one step), so the export holds the layer-local result."""
     return finetune(setup / "conv", out, RecoverConfig(**_args(setup, tokens=64 * 4, lr=1e-30, warmup_steps=0,
@@ -81,7 +92,7 @@ def _stage_only(setup, out: Path, **extra) -> dict:
 def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     from convert.deepseek import load_mla
     from convert.local import local_windows
-    from convert.recover import _windows
+    from convert.recover import _val_windows, _windows
     from convert.sources import load_tokenizer, resolve_source
 
     out = setup / "stage"
@@ -104,7 +115,10 @@ def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     student = load_mla(setup / "conv")
     expected = {k for i in range(LAYERS) for k in trained_params(student, i, cfg)}
     assert changed == expected and all(".self_attn." in k for k in changed)
-    assert local["val_ratio_before"] > 0 and record["val"][0]["step"] == 0
+    # the validation ratio before the stage is the conversion's perplexity over the original's on the held-out windows
+    val = _val_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg)
+    expected = _perplexity(setup / "conv", val) / _perplexity(setup / "src", val)
+    assert local["val_ratio_before"] == pytest.approx(expected, rel=1e-4) and record["val"][0]["step"] == 0
     assert not work_dir(out).exists()
 
 

@@ -155,13 +155,17 @@ def test_export_dtype_follows_the_source(tmp_path):
 
 
 def test_profile_is_recorded(tiny_models, tmp_path):
-    rec = convert_tiny(tiny_models["llama-gqa"], tmp_path / "out")
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process's peak, from the kernel
+    convert_tiny(tiny_models["llama-gqa"], tmp_path / "out")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     saved = json.loads((tmp_path / "out" / "mla_conversion.json").read_text())
     prof = saved["profile"]
-    assert prof == rec["profile"] and prof["device"] == "cpu" and prof["compute_dtype"] == "float32"
+    assert prof["device"] == "cpu" and prof["compute_dtype"] == "float32"
     assert set(prof["stage_s"]) == {"load", "calibrate", "convert", "verify"}
     assert sum(prof["stage_s"].values()) <= saved["elapsed_s"] + 0.1
-    assert prof["peak_rss_bytes"] >= 2**20
+    assert before <= prof["peak_rss_bytes"] <= after  # the conversion ran in this process
     assert prof["export_bytes"] == sum(p.stat().st_size for p in (tmp_path / "out").iterdir()
                                        if p.name != "mla_conversion.json")
 
