@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -205,3 +206,105 @@ def _relocate_scripts(built: Path, final: Path) -> None:
         data = script.read_bytes()
         if old in data:
             script.write_bytes(data.replace(old, new))
+
+
+# --- shared by the error and safety tests --------------------------------------------------------------------
+
+FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "32", "--verify-seqs", "1"]
+
+
+@pytest.fixture
+def _no_progress_output(monkeypatch):
+    """Progress bars (ours and transformers') and transformers' load report are not error output: silence them."""
+    import convert.allocate
+    import convert.calibrate
+    import convert.pipeline
+    from transformers.utils import logging as hf_logging
+
+    for module in (convert.pipeline, convert.calibrate, convert.allocate):
+        monkeypatch.setattr(module, "tqdm", lambda iterable, **kwargs: iterable)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.set_verbosity(verbosity)
+    hf_logging.enable_progress_bar()
+
+
+def leftovers(out):
+    """Temporary siblings of OUT left behind by an atomic write."""
+    siblings = out.parent.iterdir() if out.parent.is_dir() else []
+    return sorted(p.name for p in siblings if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")))
+
+
+def assert_error(code, err, out, *keywords, exit_code=2, out_exists=False):
+    lines = err.strip().splitlines()
+    assert code == exit_code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in keywords:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    assert out.exists() == out_exists
+    assert leftovers(out) == []
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def digest(path: Path) -> dict:
+    """{relative path: sha256} of every file under ``path`` (or of the file itself), plus the folder layout."""
+    path = Path(path)
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def one_error(code, err, *words, exit_code=2):
+    lines = err.strip().splitlines()
+    assert code == exit_code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    return lines[0]
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+            "TRANSFORMERS_VERBOSITY": "error", **extra}
+
+
+def cli(*args, timeout=300):
+    """``python -m convert.cli ARGS`` in a subprocess: (exit code, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "convert.cli", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def _edit_config(src: Path, folder: Path, **changes) -> Path:
+    shutil.copytree(src, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _paused_convert(src: Path, out: Path, seconds: float, *flags) -> subprocess.Popen:
+    """``mla convert`` in a subprocess that pauses ``seconds`` once its export is complete in the temporary folder."""
+    code = ("import time, convert.pipeline as p; real = p.write_json; "
+            "p.write_json = lambda *a, **k: (real(*a, **k), time.sleep(%r)); "
+            "from convert.cli import main; raise SystemExit(main(['convert', %r, %r, *%r]))"
+            % (seconds, str(src), str(out), [*FAST, *flags]))
+    return subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_export_in_temp(out: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while not list(out.parent.glob(f".{out.name}.tmp-*/mla_conversion.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+
+
+def _permission_bits_apply() -> list[str]:
+    """A command prefix under which permission bits apply: root drops the capabilities that bypass them."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []

@@ -10,26 +10,9 @@ import sys
 import pytest
 
 from convert.cli import main
+from conftest import FAST, assert_error, leftovers
 
-FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "32", "--verify-seqs", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _no_progress_output(monkeypatch):
-    """Progress bars (ours and transformers') and transformers' load report are not error output: silence them."""
-    import convert.allocate
-    import convert.calibrate
-    import convert.pipeline
-    from transformers.utils import logging as hf_logging
-
-    for module in (convert.pipeline, convert.calibrate, convert.allocate):
-        monkeypatch.setattr(module, "tqdm", lambda iterable, **kwargs: iterable)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    yield
-    hf_logging.set_verbosity(verbosity)
-    hf_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
 
 
 @pytest.fixture
@@ -41,22 +24,6 @@ def run(capsys, src, out, *flags):
     """``mla convert SRC OUT --fast-settings FLAGS`` in-process: (exit code, stderr)."""
     code = main(["convert", str(src), str(out), *FAST, *map(str, flags)])
     return code, capsys.readouterr().err
-
-
-def leftovers(out):
-    """Temporary siblings of OUT left behind by an atomic write."""
-    siblings = out.parent.iterdir() if out.parent.is_dir() else []
-    return sorted(p.name for p in siblings if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")))
-
-
-def assert_error(code, err, out, *keywords, exit_code=2, out_exists=False):
-    lines = err.strip().splitlines()
-    assert code == exit_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in keywords:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-    assert out.exists() == out_exists
-    assert leftovers(out) == []
 
 
 # --- bad SRC --------------------------------------------------------------------------------------------------------

@@ -215,8 +215,6 @@ def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
     import pydoc_data.topics
     from safetensors.torch import load_file
 
-    from safetensors.torch import load_file
-
     from convert.config import RecoverConfig
     from convert.recover import finetune
 

@@ -19,8 +19,9 @@ import pytest
 
 from conftest import convert_tiny
 from convert.cli import main
-from test_errors import FAST, _no_progress_output, leftovers  # noqa: F401 (autouse fixture)
-from test_safety import _env, _paused_convert, _wait_for_export_in_temp, cli, digest, one_error
+from conftest import FAST, _env, _paused_convert, _wait_for_export_in_temp, cli, digest, leftovers, one_error
+
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_FAST = ["--tasks", "", "--ppl-text", "", "--speed-prompt", "0"]

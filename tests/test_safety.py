@@ -6,7 +6,6 @@ left beside OUT. Cases that need a failing permission run under ``setpriv`` with
 ignore permission bits.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,41 +19,15 @@ from pathlib import Path
 import pytest
 
 from convert.cli import main
-from test_errors import FAST, _no_progress_output, assert_error, leftovers  # noqa: F401 (autouse fixture)
+from conftest import (
+    FAST, ROOT, _edit_config, _env, _paused_convert, _permission_bits_apply, _wait_for_export_in_temp, assert_error,
+    cli, digest, leftovers, one_error,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
+
 EVAL_FAST = ["--tasks", "", "--ppl-text", "", "--speed-prompt", "0"]
 BENCH_FAST = ["--context", "8", "--new-tokens", "2", "--runs", "1"]
-
-
-def digest(path: Path) -> dict:
-    """{relative path: sha256} of every file under ``path`` (or of the file itself), plus the folder layout."""
-    path = Path(path)
-    if path.is_file():
-        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
-
-
-def one_error(code, err, *words, exit_code=2):
-    lines = err.strip().splitlines()
-    assert code == exit_code, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
-
-
-def _env(**extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            "TRANSFORMERS_VERBOSITY": "error", **extra}
-
-
-def cli(*args, timeout=300):
-    """``python -m convert.cli ARGS`` in a subprocess: (exit code, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "convert.cli", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=timeout)
-    return proc.returncode, proc.stderr
 
 
 @pytest.fixture
@@ -236,14 +209,6 @@ def test_gguf_without_tensors_is_refused_before_loading(dims, tmp_path):
     assert digest(gguf_file) == before and not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
 
 
-def _edit_config(src: Path, folder: Path, **changes) -> Path:
-    shutil.copytree(src, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(changes)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
 @pytest.mark.parametrize("changes, words", [
     ({"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
       "head_dim": 128, "num_hidden_layers": 32, "vocab_size": 128256}, ["do not match", "embed_tokens"]),
@@ -327,23 +292,6 @@ def test_a_held_lock_refuses_a_second_convert_and_finetune(src, export, tmp_path
     assert not out.exists() and not (tmp_path / ".out.lock").exists()
 
 
-def _paused_convert(src: Path, out: Path, seconds: float, *flags) -> subprocess.Popen:
-    """``mla convert`` in a subprocess that pauses ``seconds`` once its export is complete in the temporary folder."""
-    code = ("import time, convert.pipeline as p; real = p.write_json; "
-            "p.write_json = lambda *a, **k: (real(*a, **k), time.sleep(%r)); "
-            "from convert.cli import main; raise SystemExit(main(['convert', %r, %r, *%r]))"
-            % (seconds, str(src), str(out), [*FAST, *flags]))
-    return subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_export_in_temp(out: Path, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 120
-    while not list(out.parent.glob(f".{out.name}.tmp-*/mla_conversion.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-
-
 def test_two_concurrent_converts_into_one_out(src, tmp_path):
     out = tmp_path / "out"
     first = _paused_convert(src, out, 20, "--kv-budget", "0.5")
@@ -374,10 +322,6 @@ def test_out_created_by_someone_else_meanwhile_is_not_replaced(src, tmp_path, ca
 
 
 # --- 6. an unwritable parent is found before the work --------------------------------------------------------------
-
-def _permission_bits_apply() -> list[str]:
-    """A command prefix under which permission bits apply: root drops the capabilities that bypass them."""
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
 
 
 def _cli_with_permissions(*args):

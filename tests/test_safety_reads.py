@@ -21,8 +21,7 @@ import pytest
 
 from convert.data import MIN_READ_BYTES, load_sources, load_texts, read_budget, source_paths, split_sources
 from convert.errors import MLAError
-from test_errors import FAST
-from test_safety import ROOT, _env, digest, one_error
+from conftest import FAST, ROOT, _env, digest, one_error
 
 DATA_LIMIT = 4 * 2**30  # a child's heap may not pass this: reading a device whole would
 PEAK_RUNNER = """import resource, runpy, sys

@@ -5,7 +5,6 @@ beside OUT, and (for the huge claims, run in a child process) little time and me
 """
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from convert.cli import main
-from test_errors import FAST, _no_progress_output  # noqa: F401 (autouse fixture)
-from test_safety import ROOT, _edit_config, _env, _permission_bits_apply, digest, one_error
+from conftest import FAST, ROOT, _edit_config, _env, _permission_bits_apply, digest, one_error
+
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
 
 EMBED = "model.embed_tokens.weight"
 ROW_BYTES = 64 * 4  # one float32 row of the tiny models' embedding (hidden 64)

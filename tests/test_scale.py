@@ -14,7 +14,9 @@ from convert.calibrate import sweep
 from convert.cli import main
 from convert.data import load_texts, token_windows
 from convert.layerwise import LayerwiseModel, SafetensorsReader, Spill
-from test_errors import FAST, _no_progress_output, assert_error  # noqa: F401
+from conftest import FAST, assert_error
+
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
 
 
 def _state(folder) -> dict:
