@@ -1,0 +1,83 @@
+"""The walk of one command through the project's files: which file runs, in order, and how often a file is re-entered.
+
+    .venv/bin/python tools/walk.py [--json F] -- convert SRC OUT --kv-budget 0.5 ...
+
+Runs ``mla <args>`` in this process under ``sys.setprofile`` and records the file of every project function called
+(comprehensions and lambdas belong to the function around them). Consecutive calls in one file are one visit. A
+*return* is a visit to a file that had already been visited and left. The *stage walk* leaves out the base files
+that every stage may call (errors, cache, files, device); it is the order in which the stages run.
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("convert", "eval", "mla_modeling")
+BASE = {"convert/errors.py", "convert/cache.py", "convert/files.py", "convert/device.py"}
+SKIP = {"<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>", "<lambda>", "<module>"}
+
+
+def record(argv: list[str]) -> list[str]:
+    files = []
+    prefix = str(ROOT) + "/"
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        code = frame.f_code
+        name = code.co_filename
+        if not name.startswith(prefix) or code.co_name in SKIP:
+            return
+        rel = name[len(prefix):]
+        if rel.split("/", 1)[0] in PACKAGES and (not files or files[-1] != rel):
+            files.append(rel)
+
+    from convert.cli import main
+
+    sys.setprofile(profile)
+    try:
+        code = main(argv)
+    finally:
+        sys.setprofile(None)
+    if code:
+        raise SystemExit(f"mla {' '.join(argv)} exited with {code}")
+    return files
+
+
+def summary(visits: list[str]) -> dict:
+    seen, returns = set(), Counter()
+    for i, f in enumerate(visits):
+        if f in seen:
+            returns[f] += 1
+        seen.add(f)
+    return {"files": len(seen), "visits": len(visits), "returns": sum(returns.values()),
+            "returns_by_file": dict(returns.most_common()), "walk": visits}
+
+
+def collapse(visits: list[str]) -> list[str]:
+    out = []
+    for f in visits:
+        if not out or out[-1] != f:
+            out.append(f)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write both walks to this file")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mla command line")
+    a = parser.parse_args()
+    argv = a.args[1:] if a.args[:1] == ["--"] else a.args
+    visits = record(argv)
+    result = {"all": summary(visits), "stages": summary(collapse([f for f in visits if f not in BASE]))}
+    for key, r in result.items():
+        print(f"{key}: {r['files']} files, {r['visits']} visits, {r['returns']} returns "
+              f"{r['returns_by_file']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
