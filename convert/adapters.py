@@ -338,3 +338,8 @@ def read_layout(config) -> Layout:
             raise MLAError(f"unsupported model_type {model_type!r}: a multimodal model; supported: {supported}")
         raise MLAError(f"unsupported model_type {model_type!r}; supported: {supported}")
     return FAMILIES[model_type](config)
+
+
+# Where the text model of a multimodal checkpoint keeps its tensors (transformers 5 names, then the older ones).
+TEXT_PREFIXES = ({"model.": "model.language_model.", "lm_head.": "lm_head."},
+                 {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."})

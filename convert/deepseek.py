@@ -219,7 +219,8 @@ def write_deepseek_v3(folder: Path, config) -> dict:
     as a stock ``deepseek_v3`` checkpoint in place: permuted RoPE rows, an explicit ``lm_head``, DeepSeek's
     ``config.json``, no remote code and no ``auto_map``; tensor names and shapes are checked against the stock model.
     Returns what the record keeps (theta', stride)."""
-    from .layerwise import SafetensorsReader, ShardWriter
+    from .readers import SafetensorsReader
+    from .save import ShardWriter
     from .save import REMOTE_CODE_FILES
 
     folder = Path(folder)
@@ -253,7 +254,7 @@ def check_stock(folder: Path) -> None:
     its ``config.json`` (on the meta device: no memory), and the config has no ``auto_map``."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from .layerwise import SafetensorsReader
+    from .readers import SafetensorsReader
 
     raw = json.loads((Path(folder) / "config.json").read_text())
     if "auto_map" in raw or raw.get("model_type") != "deepseek_v3":
@@ -315,7 +316,7 @@ def load_mla(folder, dtype=torch.float32):
 
     from mla_modeling.modeling_mla import MLAForCausalLM, MLARotaryEmbedding
 
-    from .layerwise import SafetensorsReader
+    from .readers import SafetensorsReader
 
     folder = Path(folder)
     if not is_deepseek_v3(folder):

@@ -12,7 +12,6 @@ as our MLA model, then the folder is rewritten as a stock DeepSeek-V3 checkpoint
 
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -26,15 +25,19 @@ from .assemble import LayerPlan
 from .calibrate import sweep
 from .config import ConvertConfig
 from .data import load_sources, mixed_windows, read_budget, source_paths
+from .device import DTYPES, compute_dtype, peak_memory, resolve_device, source_dtype
 from .deepseek import check_layout, write_deepseek_v3
 from .errors import MLAError
-from .layerwise import LayerwiseModel, SafetensorsReader, ShardWriter, Spill, open_reader, write_error
-from .save import AUTO_MAP, atomic_dir, check_out, copy_remote_code, out_lock, write_json
+from .files import write_error
+from .layerwise import LayerwiseModel, Spill
+from .readers import SafetensorsReader, open_reader
+from .save import ShardWriter
+from .files import atomic_dir, check_out, out_lock
+from .save import AUTO_MAP, copy_remote_code, write_json
 from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
 from .weights import check_weights
 
 DEFAULT_BUDGET = 0.3125
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.33 MLA head sizes (docs/deepseek-v3-serving-research.md)
 NORM_SAMPLES = 4096  # calibration tokens per layer on which the deepseek_v3 format's latent norm is fitted
 SPILL_BYTES = int(os.environ.get("MLA_SPILL_BYTES", 2**30))  # in-memory boundary states / statistics before disk
@@ -153,40 +156,8 @@ def export_io(config) -> dict:
     return {k: getattr(config, k) for k in ("embedding_multiplier", "logits_scaling", "final_logit_softcapping")}
 
 
-def source_dtype(src_config) -> torch.dtype:
-    """The dtype the source's config declares (float32 when it declares none we know)."""
-    dtype = getattr(src_config, "dtype", None) or getattr(src_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in DTYPES.values() else torch.float32
-
-
 def _export_dtype(cfg: ConvertConfig, src_config) -> torch.dtype:
     return DTYPES[cfg.dtype] if cfg.dtype != "auto" else source_dtype(src_config)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; MLAError when CUDA is asked for and absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MLAError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
-                       "use --device cpu")
-    return torch.device(name)
-
-
-def compute_dtype(device: torch.device, src_config) -> torch.dtype:
-    """float32 on CPU; on a GPU the source's own half precision (statistics are float64 either way)."""
-    src = source_dtype(src_config)
-    return src if device.type == "cuda" and src in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process so far (and of the GPU when used), in bytes."""
-    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return out
 
 
 def _compare(ref: LayerwiseModel, new: LayerwiseModel, ref_h: torch.Tensor, new_h: torch.Tensor,
@@ -246,7 +217,6 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
     out = check_out(out, cfg.overwrite, [*input_paths(src), *source_paths(cfg.calib), *inputs])
     with out_lock(out):
         return _convert(src, out, cfg, log)
-
 
 
 def export_tensors(name: str, t: torch.Tensor, layout: Layout) -> list[tuple[str, torch.Tensor]]:

@@ -35,9 +35,11 @@ from tqdm.auto import tqdm
 from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
 from .data import load_sources, load_texts, mixed_windows, read_budget, source_paths, split_sources, token_windows
 from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
+from .device import resolve_device
 from .errors import MLAError, quote
-from .save import (AUTO_MAP, atomic_dir, check_out, copy_remote_code, out_lock, save_checkpoint,
-                   save_state_dict, write_json)
+from .nll import perplexity
+from .files import atomic_dir, check_out, out_lock
+from .save import AUTO_MAP, copy_remote_code, save_checkpoint, save_state_dict, write_json
 from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
@@ -249,7 +251,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
     weights, output head; norms too unless they are trained): only the original attention projections (and trained
     norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
     from .adapters import text_config
-    from .layerwise import open_reader, skeleton
+    from .readers import open_reader, skeleton
     from .weights import check_weights
 
     check_weights(source, config)
@@ -328,9 +330,7 @@ def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
 
 
 def _nll(model, windows: torch.LongTensor, batch_size: int) -> float:
-    """Mean next-token negative log-likelihood over the windows (eval.perplexity's measure)."""
-    from eval.perplexity import perplexity
-
+    """Mean next-token negative log-likelihood over the windows (the measure eval.perplexity reports)."""
     return math.log(perplexity(model, windows, batch_size, desc="val"))
 
 
@@ -409,9 +409,7 @@ def _finetune(converted: Path, out: Path, record: dict, teacher: str, cfg: Recov
     ckpt_dir = ckpt_dir or work_dir(out)
     ckpt_path = ckpt_dir / CKPT_NAME
 
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise MLAError("device cuda was asked for but no CUDA device is available")
+    cuda = resolve_device(cfg.device, "device=").type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
     main = acc.is_main_process
@@ -579,7 +577,8 @@ def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, devi
     """The layer-local stage (``convert.local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
     ``run_id`` (fingerprint, inputs) is that checkpoint's."""
     from .adapters import read_layout, text_config
-    from .layerwise import LayerwiseModel, open_reader
+    from .layerwise import LayerwiseModel
+    from .readers import open_reader
     from .local import LOCAL_CKPT, local_windows, run_local
 
     path = ckpt_dir / LOCAL_CKPT

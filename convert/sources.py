@@ -55,7 +55,7 @@ class Source:
 
 def _fetch_builtin(name: str) -> Path:
     """Download, dequantize and cache a built-in model once; return its HF folder."""
-    from .save import clear_stale, out_lock
+    from .files import clear_stale, out_lock
 
     entry = BUILTIN[name]
     target = cache_dir("models") / name

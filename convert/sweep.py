@@ -25,10 +25,11 @@ from .calibrate import sweep as calibrate
 from .config import ConvertConfig
 from .data import EVALUATION_DEFAULT, load_sources, load_texts, read_budget, source_paths
 from .errors import MLAError
-from .layerwise import LayerwiseModel, Spill, StateDictReader, text_reader
-from .pipeline import (build_config, calibration_windows, check_plan, compute_dtype, export_tensors, layer_converter,
-                       resolve_device)
-from .save import atomic_dir, check_out, out_lock
+from .layerwise import LayerwiseModel, Spill
+from .readers import StateDictReader, text_reader
+from .device import compute_dtype, resolve_device
+from .pipeline import build_config, calibration_windows, check_plan, export_tensors, layer_converter
+from .files import atomic_dir, check_out, out_lock
 from .sources import check_positions, input_paths, load_config, load_model, resolve_source
 
 PRESETS = {

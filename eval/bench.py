@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from convert.config import opt
+from convert.device import auto_dtype, device_name
 from convert.errors import MLAError
 from convert.sources import TRUST_HELP
 
@@ -158,9 +159,7 @@ def _peak_mib(cuda: bool) -> float:
 
 def _device(cfg: BenchConfig) -> str:
     """``--device``, with ``auto`` resolved: cuda when available, else cpu."""
-    import torch
-
-    return cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return device_name(cfg.device)
 
 
 def _load(path: str, cfg: BenchConfig):
@@ -172,7 +171,7 @@ def _load(path: str, cfg: BenchConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = auto_dtype(cfg.dtype, device)
     model, _ = load_model(path, getattr(torch, dtype), trust_remote_code=cfg.trust_remote_code)
     model.config._attn_implementation = cfg.attn
     if cfg.absorbed and hasattr(model.config, "absorbed_attention"):  # our exports only
@@ -464,7 +463,7 @@ def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: 
     """Benchmark ``baseline`` (if any) then ``models`` at every pair (or ``cfg.capacity``: search each one's largest
     batch); print side-by-side tables; optionally write JSON (rewritten after every run, so a cut-short benchmark
     leaves what it measured)."""
-    from convert.save import check_out_file, write_text
+    from convert.files import check_out_file, write_text
     from convert.sources import input_paths
 
     if json_path:  # checked before the benchmark, not after it

@@ -80,8 +80,9 @@ def write_random_checkpoint(shape: str, folder: Path, tokenizer_src: str, seed: 
     """A bf16 checkpoint of ``shape`` with N(0, 0.02) weights (norms 1) in ``folder``, written tensor by tensor."""
     import torch
 
-    from convert.layerwise import ShardWriter, skeleton
-    from convert.save import atomic_dir, out_lock
+    from convert.readers import skeleton
+    from convert.save import ShardWriter
+    from convert.files import atomic_dir, out_lock
     from convert.sources import load_tokenizer, resolve_source
 
     if (folder / "mla_shape.json").is_file():
@@ -163,7 +164,7 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
     ``out`` follows the rules of every command's OUT (a non-empty folder is replaced only with ``overwrite``); the
     default, a folder of the user cache, is this command's own and is replaced each run. ``json_path`` may not be or
     lie inside an input (the tokenizer's model, the random checkpoint) or OUT."""
-    from convert.save import check_out, check_out_file
+    from convert.files import check_out, check_out_file
     from convert.sources import input_paths
 
     if shape not in SHAPES:
@@ -204,7 +205,7 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
         check["cache_ratio"] = check["cache_bytes_per_token"] / check["original_bytes_per_token"]
         result["load_check"] = check
     if json_path:
-        from convert.save import write_text
+        from convert.files import write_text
 
         write_text(json_path, json.dumps(result, indent=2) + "\n")
     log(summary(result))

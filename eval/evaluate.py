@@ -25,11 +25,13 @@ import torch
 
 from convert.config import opt
 from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, source_paths
+from convert.device import device_name
 from convert.errors import MLAError
-from convert.save import atomic_dir, check_out, out_lock
+from convert.files import atomic_dir, check_out, out_lock
+from convert.nll import window_nll
 from convert.sources import TRUST_HELP, input_paths, resolve_source
 from eval.bench import cache_bytes, cache_name
-from eval.perplexity import _vocab_size, check_lengths, eval_windows, load_model, window_nll
+from eval.perplexity import _vocab_size, check_lengths, eval_windows, load_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = "mla_bigbench"
@@ -72,9 +74,7 @@ class EvalConfig:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
     def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return device_name(self.device)
 
 
 def task_manager():

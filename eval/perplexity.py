@@ -8,37 +8,15 @@ Evaluation text must not be calibration or training text (see ``convert.data``).
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, token_windows
 from convert.errors import MLAError, Parser, run_command
+from convert.nll import perplexity
 from convert.sources import check_positions, load_config, load_tokenizer, quiet_library_warnings, resolve_source
 from convert.sources import load_model as load_source
-
-
-def window_nll(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> torch.Tensor:
-    """Mean NLL of tokens 1..T-1 of every window given its own prefix (windows are independent): ``(n,)``."""
-    if windows.shape[-1] < 2:
-        raise MLAError("perplexity needs windows of at least 2 tokens")
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch"):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
-            out.append(nll.mean(1).cpu())
-    return torch.cat(out).double()
-
-
-def perplexity(model, windows: torch.LongTensor, batch_size: int = 4, desc: str = "ppl") -> float:
-    """exp(mean NLL) over all windows (equal lengths, so the mean of the window means)."""
-    return math.exp(window_nll(model, windows, batch_size, desc).mean().item())
 
 
 def load_model(path_or_name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -129,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(a) -> int:
     if a.json:  # checked before the work, not after it
-        from convert.save import check_out_file
+        from convert.files import check_out_file
         from convert.sources import input_paths
 
         a.json = check_out_file(a.json, input_paths(a.model, a.baseline))
     r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device, a.trust_remote_code)
     if a.json:
-        from convert.save import write_text
+        from convert.files import write_text
 
         write_text(a.json, json.dumps(r, indent=2) + "\n")
     rows = [("original", a.baseline, r.get("ppl_original")), ("converted", a.model, r["ppl_converted"])]

@@ -155,9 +155,9 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
 
 def test_a_sharded_export_is_rewritten_whole(tmp_path, monkeypatch):
     """Shards of ~4 KB: the deepseek_v3 rewrite replaces every shard and the index, and the stock model loads it."""
-    import convert.layerwise
+    import convert.save
 
-    monkeypatch.setattr(convert.layerwise.ShardWriter.__init__, "__defaults__", (4096,))
+    monkeypatch.setattr(convert.save.ShardWriter.__init__, "__defaults__", (4096,))
     make_tiny(tmp_path / "src", "llama-gqa")
     convert_tiny(tmp_path / "src", tmp_path / "out", kv_budget=0.3125, format="deepseek_v3")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())

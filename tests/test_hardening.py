@@ -202,7 +202,7 @@ def test_full_disk_json_of_bench_and_perplexity(export, small_disk, capsys):
 
 def test_a_json_that_cannot_be_written_keeps_the_old_file(export, tmp_path, capsys, monkeypatch):
     """The JSON is written whole or not at all: a failure while writing leaves the previous file as it was."""
-    import convert.save
+    import convert.files
 
     target = tmp_path / "b.json"
     target.write_text('{"old": true}\n')
@@ -213,7 +213,7 @@ def test_a_json_that_cannot_be_written_keeps_the_old_file(export, tmp_path, caps
             raise OSError(28, "No space left on device")
         return real(a, b)
 
-    monkeypatch.setattr(convert.save.os, "replace", fail)
+    monkeypatch.setattr(convert.files.os, "replace", fail)
     code = main(["bench", str(export), *BENCH_FAST, "--json", str(target)])
     one_error(code, capsys.readouterr().err, "no space left")
     assert target.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]

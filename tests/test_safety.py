@@ -279,7 +279,7 @@ def test_sweep_default_out_name_and_no_empty_folder_on_error(src, tmp_path, caps
 
 
 def test_a_held_lock_refuses_a_second_convert_and_finetune(src, export, tmp_path):
-    from convert.save import out_lock
+    from convert.files import out_lock
 
     out = tmp_path / "out"
     with out_lock(out):

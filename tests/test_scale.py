@@ -13,7 +13,8 @@ from convert.adapters import read_layout
 from convert.calibrate import sweep
 from convert.cli import main
 from convert.data import load_texts, token_windows
-from convert.layerwise import LayerwiseModel, SafetensorsReader, Spill
+from convert.layerwise import LayerwiseModel, Spill
+from convert.readers import SafetensorsReader
 from conftest import FAST, assert_error
 
 pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
@@ -121,13 +122,13 @@ def test_streamed_export_equals_in_memory_export(tmp_path, settings):
 
 def test_shards_and_spills_change_nothing(tiny_models, tmp_path, monkeypatch):
     """Tiny shards (one tensor each) and everything spilled to disk give the same export as one file in memory."""
-    import convert.layerwise
+    import convert.save
     import convert.pipeline
 
     src = tiny_models["llama-gqa"]
     convert_tiny(src, tmp_path / "one")
     monkeypatch.setattr(convert.pipeline, "SPILL_BYTES", 0)
-    monkeypatch.setattr(convert.layerwise.ShardWriter.__init__, "__defaults__", (1,))
+    monkeypatch.setattr(convert.save.ShardWriter.__init__, "__defaults__", (1,))
     convert_tiny(src, tmp_path / "many")
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
