@@ -30,19 +30,19 @@ $(BIN)/.installed: pyproject.toml
 demo: setup
 	mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $(DEMO_RECIPE) --overwrite
-	$(BIN)/python -m eval.perplexity $(DEMO_OUT) $(EVAL_ARGS)
+	$(BIN)/mla perplexity $(DEMO_OUT) $(EVAL_ARGS)
 
 # Training-free conversion only (a few minutes).
 demo-quick: setup
 	mkdir -p $(dir $(QUICK_OUT))
 	$(BIN)/mla convert smollm2-135m $(QUICK_OUT) --kv-budget $(QUICK_BUDGET) --overwrite
-	$(BIN)/python -m eval.perplexity $(QUICK_OUT) $(EVAL_ARGS)
+	$(BIN)/mla perplexity $(QUICK_OUT) $(EVAL_ARGS)
 
 # The same job written as a stock DeepSeek-V3 checkpoint (--format deepseek_v3; no remote code), then perplexity.
 demo-deepseek: setup
 	mkdir -p $(dir $(DS_OUT))
 	$(BIN)/mla convert smollm2-135m $(DS_OUT) --recipe $(DS_RECIPE) --overwrite
-	$(BIN)/python -m eval.perplexity $(DS_OUT) $(EVAL_ARGS)
+	$(BIN)/mla perplexity $(DS_OUT) $(EVAL_ARGS)
 
 # Side-by-side report (lm-eval tasks, perplexity, KV cache, decode probe) of the exports of make demo / demo-quick.
 eval: setup

@@ -4,7 +4,7 @@ import math
 import os
 import stat
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -356,3 +356,40 @@ def _parse_scalar(raw: str, kinds: tuple):
             except ValueError:
                 pass
     return raw
+
+
+def _arg_type(tp):
+    """bool/int/float/str out of a field annotation such as ``float | None``."""
+    options = typing.get_args(tp) or (tp,)
+    return next((t for t in (bool, int, float, str) if t in options), str)
+
+
+def add_config_args(parser, cls, only=None) -> None:
+    """One ``--flag`` per dataclass field (or per field named in ``only``); the field's help text becomes ``--help``."""
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        helptext = f.metadata.get("help", "")
+        kind = _arg_type(f.type)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=helptext)
+            continue
+        parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                            help=f"{helptext} (default: {default})")
+
+
+def config_from_args(args, cls, recipe_values: dict):
+    """Dataclass defaults, then the recipe, then the flags given on the command line."""
+    flags = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**{**recipe_values, **flags})
+
+
+def keys_epilog(cls) -> str:
+    """The recipe keys of ``cls`` with their defaults and help, for an ``--help`` epilog."""
+    lines = ["recipe keys (recover: section) and key=value overrides:"]
+    for f in fields(cls):
+        default = None if f.default is MISSING else f.default
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

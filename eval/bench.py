@@ -28,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from convert.config import opt
+from convert.config import add_config_args, config_from_args, opt
 from convert.device import auto_dtype, device_name
-from convert.errors import MLAError
+from convert.errors import MLAError, run_command
 from convert.sources import TRUST_HELP
 
 RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib",
@@ -567,11 +567,31 @@ def _worker(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        from convert.errors import run_command
+def add_models_arguments(p) -> None:
+    """MODEL [MODEL ...] and --baseline, shared by mla eval and mla bench."""
+    p.add_argument("models", metavar="MODEL", nargs="+", help="converted model folder(s), Hub id(s) or smollm2-135m")
+    p.add_argument("--baseline", help="the original model, measured first and compared against")
 
-        sys.exit(run_command(_worker, sys.argv[2:]))
-    from convert.cli import main
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+def bench_arguments(p) -> None:
+    p.description = ("Benchmark MODEL(s) (and --baseline) one at a time, each (batch, context) pair in its own "
+                     "process: prefill a random batch x context prompt, then time new-tokens greedy decode steps "
+                     "(median of --runs) and count the kernels of one more step. Prints a table per pair with ratios "
+                     "to the original and, with --json, saves it. --compile: static cache and torch.compile; "
+                     "--capacity: the largest batch that fits. A benchmark: compare models only within one run.")
+    add_models_arguments(p)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    add_config_args(p, BenchConfig)
+
+
+def bench_command(args) -> int:
+    cfg = config_from_args(args, BenchConfig, {})
+    result = bench(args.models, args.baseline, cfg, json_path=args.json)
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":  # a measurement child of mla bench: python -m eval.bench --worker ...
+    if sys.argv[1:2] != ["--worker"]:
+        sys.exit("error: eval.bench runs as a child of mla bench; run mla bench --help")
+    sys.exit(run_command(_worker, sys.argv[2:]))

@@ -22,6 +22,10 @@ from pathlib import Path
 
 from convert.cache import cache_dir
 from convert.errors import MLAError
+from convert.files import atomic_dir, check_out, check_out_file, out_lock, write_text
+from convert.readers import skeleton
+from convert.save import ShardWriter
+from convert.sources import input_paths, load_tokenizer, resolve_source
 
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -80,10 +84,6 @@ def write_random_checkpoint(shape: str, folder: Path, tokenizer_src: str, seed: 
     """A bf16 checkpoint of ``shape`` with N(0, 0.02) weights (norms 1) in ``folder``, written tensor by tensor."""
     import torch
 
-    from convert.readers import skeleton
-    from convert.save import ShardWriter
-    from convert.files import atomic_dir, out_lock
-    from convert.sources import load_tokenizer, resolve_source
 
     if (folder / "mla_shape.json").is_file():
         return folder
@@ -164,9 +164,6 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
     ``out`` follows the rules of every command's OUT (a non-empty folder is replaced only with ``overwrite``); the
     default, a folder of the user cache, is this command's own and is replaced each run. ``json_path`` may not be or
     lie inside an input (the tokenizer's model, the random checkpoint) or OUT."""
-    from convert.files import check_out, check_out_file
-    from convert.sources import input_paths
-
     if shape not in SHAPES:
         raise MLAError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     src = cache_dir("shapes") / shape
@@ -205,7 +202,6 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
         check["cache_ratio"] = check["cache_bytes_per_token"] / check["original_bytes_per_token"]
         result["load_check"] = check
     if json_path:
-        from convert.files import write_text
 
         write_text(json_path, json.dumps(result, indent=2) + "\n")
     log(summary(result))
@@ -227,3 +223,24 @@ def summary(r: dict) -> str:
                      f"{c['cache_bytes_per_token']} bytes/token ({c['cache_ratio']:.1%} of the original), peak RSS "
                      f"{c['peak_rss_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)
+
+
+def bench_convert_arguments(p) -> None:
+    p.usage = ("mla bench-convert SHAPE [--out OUT] [--overwrite] [--tokenizer T] [--load-check] [--json F] "
+               "[-- CONVERT-OPTIONS]")
+    p.description = ("Write (once, into the user cache) a random-weight bf16 checkpoint of SHAPE, run mla convert on "
+                     "it in a child process and report its peak RSS, wall time and stage times. Arguments after -- go "
+                     f"to mla convert (default: {' '.join(DEFAULT_ARGS)}).")
+    p.add_argument("shape", choices=list(SHAPES), help="the real model whose tensor shapes are used")
+    p.add_argument("--out", help="where the export goes (default: the user cache, replaced each run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokenizer the checkpoint gets")
+    p.add_argument("--load-check", action="store_true",
+                   help="then load the export in bf16 with AutoModelForCausalLM and check finite logits")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def bench_convert_command(args) -> int:
+    bench_convert(args.shape, args.convert_args or None, out=args.out, tokenizer=args.tokenizer,
+                  load_check=args.load_check, json_path=args.json, overwrite=args.overwrite)
+    return 0

@@ -16,21 +16,21 @@ Writes ``report.md``, ``results.json`` and ``report.png`` into ``--out`` (atomic
 import json
 import math
 import platform
-import sys
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from convert.config import opt
+from convert.config import add_config_args, config_from_args, opt
 from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, source_paths
 from convert.device import device_name
 from convert.errors import MLAError
 from convert.files import atomic_dir, check_out, out_lock
 from convert.nll import window_nll
 from convert.sources import TRUST_HELP, input_paths, resolve_source
-from eval.bench import cache_bytes, cache_name
+from eval.bench import add_models_arguments, cache_bytes, cache_name
 from eval.perplexity import _vocab_size, check_lengths, eval_windows, load_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -267,7 +267,37 @@ def _environment(cfg: EvalConfig) -> dict:
     return env
 
 
-if __name__ == "__main__":
-    from convert.cli import main
+def eval_arguments(p) -> None:
+    p.description = ("Evaluate MODEL(s) (and --baseline, the original) one after another in one run: lm-eval tasks "
+                     "(local offline ones from eval/tasks or any lm-eval task), held-out perplexity, the KV cache per "
+                     "token (measured) and a short decode-speed probe. Writes report.md, results.json and report.png "
+                     "into --out.")
+    add_models_arguments(p)
+    p.add_argument("--out", required=True, help="report folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    add_config_args(p, EvalConfig)
 
-    sys.exit(main(["eval", *sys.argv[1:]]))
+
+def eval_command(args) -> int:
+    cfg = config_from_args(args, EvalConfig, {})
+    if not args.models:
+        raise MLAError("give at least one MODEL to evaluate")
+    command = "mla eval " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    results = evaluate(args.models, args.baseline, args.out, cfg, overwrite=args.overwrite, command=command)
+    print(eval_summary(results, args.out))
+    return 0
+
+
+def eval_summary(results: dict, out) -> str:
+    """One line: where the report is, and each converted model's perplexity ratio and KV share."""
+    rows = results["models"]
+    base = rows[0] if results["baseline"] else None
+    parts = []
+    for r in rows[1:] if base else rows:
+        bits = [r["name"]]
+        if base and r.get("ppl") and base.get("ppl"):
+            bits.append(f"ppl {r['ppl'] / base['ppl']:.3f}x")
+        if base:
+            bits.append(f"KV {r['kv_bytes_per_token'] / base['kv_bytes_per_token']:.1%}")
+        parts.append(" ".join(bits))
+    return f"evaluated {len(rows)} model(s) in {results['seconds']:.0f} s: {'; '.join(parts)} -> {out}/report.md"

@@ -1,6 +1,7 @@
 """Perplexity of a model (and optionally its original) on the same non-overlapping token windows, in fp32.
 
-    python -m eval.perplexity MODEL [--baseline ORIG] [--text bbc:tech] [--seq-len 512] [--tokens 16384]
+    mla perplexity MODEL [--baseline ORIG] [--text bbc:tech] [--seq-len 512] [--tokens 16384]
+    python -m eval.perplexity MODEL ...      (the same command)
 
 Evaluation text must not be calibration or training text (see ``convert.data``).
 """
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from convert.data import EVALUATION_DEFAULT, load_texts, read_budget, token_windows
+from convert.device import device_name
 from convert.errors import MLAError, Parser, run_command
+from convert.files import check_out_file, write_text
 from convert.nll import perplexity
-from convert.sources import check_positions, load_config, load_tokenizer, quiet_library_warnings, resolve_source
+from convert.sources import (check_positions, input_paths, load_config, load_tokenizer, quiet_library_warnings,
+                             resolve_source)
 from convert.sources import load_model as load_source
 
 
@@ -84,8 +89,8 @@ def summary(r: dict) -> str:
             f"ratio {r['ratio']:.3f}x {where}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m eval.perplexity", description=__doc__.splitlines()[0])
+def perplexity_arguments(p) -> None:
+    p.description = __doc__.splitlines()[0]
     p.add_argument("model", help="converted (or any) model: folder, Hub id or built-in source name")
     p.add_argument("--baseline", help="original model to compare with, on the same tokens")
     p.add_argument("--text", default=EVALUATION_DEFAULT,
@@ -96,25 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate (windows = tokens // seq-len)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... ('auto': cuda when available)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code of models whose config asks for it (only for models you trust)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eval.perplexity ...``: the same command as ``mla perplexity ...``."""
+    p = Parser(prog="python -m eval.perplexity")
+    perplexity_arguments(p)
     a = p.parse_args(argv)
     quiet_library_warnings()
-    return run_command(_main, a)
+    return run_command(perplexity_command, a)
 
 
-def _main(a) -> int:
+def perplexity_command(a) -> int:
     if a.json:  # checked before the work, not after it
-        from convert.files import check_out_file
-        from convert.sources import input_paths
-
         a.json = check_out_file(a.json, input_paths(a.model, a.baseline))
-    r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, a.device, a.trust_remote_code)
+    r = run(a.model, a.baseline, a.text, a.seq_len, a.tokens, a.batch_size, a.seed, device_name(a.device), a.trust_remote_code)
     if a.json:
-        from convert.files import write_text
-
         write_text(a.json, json.dumps(r, indent=2) + "\n")
     rows = [("original", a.baseline, r.get("ppl_original")), ("converted", a.model, r["ppl_converted"])]
     print(f"{'model':<10} {'ppl':>10}  path")
@@ -130,8 +136,6 @@ def _main(a) -> int:
 
 def _kv_line(model_path: str) -> str | None:
     """The KV saving recorded by ``mla convert`` in the export, if MODEL is one."""
-    from pathlib import Path
-
     record = Path(model_path) / "mla_conversion.json"
     if not record.is_file():
         return None

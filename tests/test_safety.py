@@ -261,7 +261,7 @@ def test_sweep_default_out_from_inside_the_model_folder(src, tmp_path, capsys, m
 
 
 def test_sweep_default_out_name_and_no_empty_folder_on_error(src, tmp_path, capsys, monkeypatch):
-    from convert.sweep import default_out
+    from eval.sweep import default_out
 
     monkeypatch.chdir(tmp_path)
     assert default_out("..") == Path("sweeps") / tmp_path.parent.name

@@ -20,17 +20,19 @@ from pathlib import Path
 
 import torch
 
-from .adapters import read_layout, text_config
-from .calibrate import sweep as calibrate
-from .config import ConvertConfig
-from .data import EVALUATION_DEFAULT, load_sources, load_texts, read_budget, source_paths
-from .errors import MLAError
-from .layerwise import LayerwiseModel, Spill
-from .readers import StateDictReader, text_reader
-from .device import compute_dtype, resolve_device
-from .pipeline import build_config, calibration_windows, check_plan, export_tensors, layer_converter
-from .files import atomic_dir, check_out, out_lock
-from .sources import check_positions, input_paths, load_config, load_model, resolve_source
+from convert.adapters import read_layout, text_config
+from convert.calibrate import sweep as calibrate
+from convert.config import ConvertConfig, add_config_args, config_from_args
+from convert.data import EVALUATION_DEFAULT, load_sources, load_texts, read_budget, source_paths
+from convert.device import compute_dtype, resolve_device
+from convert.errors import MLAError
+from convert.files import atomic_dir, check_out, out_lock
+from convert.layerwise import LayerwiseModel, Spill
+from convert.nll import perplexity
+from convert.pipeline import build_config, calibration_windows, check_plan, export_tensors, layer_converter
+from convert.readers import StateDictReader, text_reader
+from convert.sources import check_positions, input_paths, load_config, load_model, resolve_source
+from eval.perplexity import check_eval_size, eval_windows
 
 PRESETS = {
     "default": ({}, "rotate (loss-scored) + fisher latent + per-layer allocation (the default)"),
@@ -110,8 +112,6 @@ def sweep(src: str, out: str | Path | None, budgets: list[float], methods: list[
           text: str = EVALUATION_DEFAULT, tokens: int = 16384, seq_len: int = 512, overwrite: bool = False,
           plot: bool = True, log=print) -> dict:
     """Sweep into ``out`` (default ``sweeps/<source name>``, its parent created only when the results are written)."""
-    from eval.perplexity import check_eval_size
-
     make_parent = out is None
     out = default_out(src) if out is None else out
     unknown = [m for m in methods if m not in PRESETS]
@@ -138,8 +138,6 @@ def sweep(src: str, out: str | Path | None, budgets: list[float], methods: list[
 
 def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: dict, text: str, tokens: int,
            seq_len: int, overwrite: bool, plot: bool, log) -> dict:
-    from eval.perplexity import eval_windows, perplexity
-
     started = time.time()
     source = resolve_source(src)
     full_config = load_config(source)
@@ -219,3 +217,27 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
     log(f"swept {len(methods)} methods x {len(budgets)} budgets on {src} -> {out} in {time.time() - started:.0f}s"
         + (f"; best ratio {best['ratio']:.2f}x ({best['method']} at {best['budget']:g})" if best else ""))
     return result
+
+
+def sweep_arguments(p) -> None:
+    p.description = ("Convert SRC in memory at each budget with each method and measure held-out perplexity against "
+                     "the original in the same run. Writes sweep.json/.csv/.md/.png into --out.")
+    methods = "; ".join(f"{name}: {text}" for name, (_, text) in PRESETS.items())
+    p.add_argument("src", metavar="SRC", help="model folder, Hugging Face Hub id, .gguf file, or smollm2-135m")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated KV budgets (default: {DEFAULT_BUDGETS})")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated presets (default: {DEFAULT_METHODS}). {methods}")
+    p.add_argument("--text", default=EVALUATION_DEFAULT, help=f"held-out evaluation text (default: {EVALUATION_DEFAULT})")
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default: 16384)")
+    p.add_argument("--seq-len", type=int, default=512, help="evaluation window length (default: 512)")
+    p.add_argument("--out", help="output folder (default: sweeps/<source name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    add_config_args(p, ConvertConfig, only={"calib", "calib_seqs", "calib_len", "seed", "batch_size", "device"})
+
+
+def sweep_command(args) -> int:
+    base = config_from_args(args, ConvertConfig, {})
+    sweep(args.src, args.out, parse_list(args.budgets, float, "budgets"), parse_list(args.methods, str, "methods"), base,
+          text=args.text, tokens=args.tokens, seq_len=args.seq_len, overwrite=bool(args.overwrite), plot=not args.no_plot)
+    return 0
