@@ -38,6 +38,29 @@ REFUSED = {
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
+# Tensor names every supported family shares (the Hugging Face decoder layout). A family's own names (fused
+# projections, QK-norms, a multimodal wrapper's prefixes) live in its Layout entry below; nothing outside this file
+# spells a source tensor's name.
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+# Where the text model of a multimodal checkpoint keeps its tensors (transformers 5 names, then the older ones).
+TEXT_PREFIXES = ({"model.": "model.language_model.", "lm_head.": "lm_head."},
+                 {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."})
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def attention_prefix(i: int) -> str:
+    return f"model.layers.{i}.self_attn."
+
+
+def is_attention(name: str) -> bool:
+    return ".self_attn." in name
+
+
 @dataclass(frozen=True)
 class Layout:
     """What the conversion needs to know about a source model (``text`` the config of its text model)."""
@@ -84,6 +107,32 @@ class Layout:
         """Rows of q, k and v in a fused q|k|v projection (Phi-3)."""
         nq, nk = self.num_heads * self.head_dim, self.kv_dim
         return {"q": slice(0, nq), "k": slice(nq, nq + nk), "v": slice(nq + nk, nq + 2 * nk)}
+
+    def attention_tensors(self, reader, i: int) -> dict:
+        """Layer ``i``'s attention tensors from a ``readers.TensorReader`` under the short names ``q_proj.weight``,
+        ``k_proj.bias``, ``o_proj.weight``, ``q_norm.weight``, ... (a fused q|k|v projection split into q, k, v)."""
+        p = attention_prefix(i)
+        names = reader.names()
+        mods = [self.fused_qkv] if self.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+        mods += ["o_proj"] + (["q_norm", "k_norm"] if self.qk_norm else [])
+        want = [p + f"{m}.{t}" for m in mods for t in ("weight", "bias") if p + f"{m}.{t}" in names]
+        w = {n[len(p):]: t for n, t in reader.get(want).items()}
+        if self.fused_qkv:
+            fused_w, fused_b = w.pop(f"{self.fused_qkv}.weight"), w.pop(f"{self.fused_qkv}.bias", None)
+            for name, rows in self.qkv_slices().items():
+                w[f"{name}_proj.weight"] = fused_w[rows]
+                if fused_b is not None:
+                    w[f"{name}_proj.bias"] = fused_b[rows]
+        return w
+
+    def export_tensors(self, name: str, t) -> list[tuple]:
+        """A source tensor outside the attention under its export name(s): a fused gate|up projection (Phi-3, gate
+        rows first) becomes ``gate_proj`` and ``up_proj``; every other tensor is kept as it is."""
+        fused = f".mlp.{self.fused_mlp}." if self.fused_mlp else None
+        if fused and fused in name:
+            gate, up = t.chunk(2, dim=0)  # (I, d) each
+            return [(name.replace(fused, ".mlp.gate_proj."), gate), (name.replace(fused, ".mlp.up_proj."), up)]
+        return [(name, t)]
 
     def layer_rotary_dim(self, i: int) -> int:
         """Dims of each head that RoPE rotates in layer ``i`` (0 for a layer without RoPE)."""
@@ -340,6 +389,29 @@ def read_layout(config) -> Layout:
     return FAMILIES[model_type](config)
 
 
-# Where the text model of a multimodal checkpoint keeps its tensors (transformers 5 names, then the older ones).
-TEXT_PREFIXES = ({"model.": "model.language_model.", "lm_head.": "lm_head."},
-                 {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."})
+def expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor shapes every family with separate q/k/v and gate/up projections has, implied by the config's
+    dimensions ``c`` (``weights._dims``)."""
+    want = {EMBED: (c["V"], c["d"])}
+    if not c["tied"]:
+        want[HEAD] = (c["V"], c["d"])
+    for i in range(c["L"]):
+        p = layer_prefix(i)
+        want[p + "self_attn.q_proj.weight"] = (c["H"] * c["dh"], c["d"])
+        want[p + "self_attn.k_proj.weight"] = (c["g"] * c["dh"], c["d"])
+        want[p + "self_attn.v_proj.weight"] = (c["g"] * c["dh"], c["d"])
+        want[p + "self_attn.o_proj.weight"] = (c["d"], c["H"] * c["dh"])
+        if c["I"]:
+            want[p + "mlp.gate_proj.weight"] = (c["I"], c["d"])
+            want[p + "mlp.down_proj.weight"] = (c["d"], c["I"])
+    return want
+
+
+def gguf_expected_sizes(c: dict) -> dict[str, int]:
+    """Values per tensor a GGUF file of a llama-like model holds under llama.cpp's names, implied by ``c``."""
+    want = {"token_embd.weight": c["V"] * c["d"]}
+    for i in range(c["L"]):
+        want[f"blk.{i}.attn_q.weight"] = c["H"] * c["dh"] * c["d"]
+        want[f"blk.{i}.attn_k.weight"] = c["g"] * c["dh"] * c["d"]
+        want[f"blk.{i}.attn_v.weight"] = c["g"] * c["dh"] * c["d"]
+    return want

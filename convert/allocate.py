@@ -28,6 +28,7 @@ from .errors import MLAError
 from .ropesplit import strided_pairs
 
 MIN_RANK = 4
+DEFAULT_BUDGET = 0.3125  # --kv-budget when neither it nor explicit ranks are given
 
 
 def budget_totals(layout: Layout, cfg, budget: float) -> tuple[int, int]:
@@ -229,3 +230,68 @@ class LayerConverter:
             dec = self._decompose(i, w, stats, r, self.factor_method, self.scored[i], stride=stride)
             self._emit(i, w, dec, rank, stats)
 
+
+
+def requested_budget(cfg) -> float | None:
+    """The budget asked for: --kv-budget, else the default unless explicit ranks were given."""
+    if cfg.kv_budget is not None:
+        return cfg.kv_budget
+    return None if cfg.kv_lora_rank is not None or cfg.rope_dim is not None else DEFAULT_BUDGET
+
+
+def check_plan(layout: Layout, cfg) -> list[LayerPlan] | None:
+    """Validate the requested ranks before any work: the final uniform plans, or None when they need calibration."""
+    kv_dim = layout.num_kv_heads * layout.head_dim
+    if cfg.kv_lora_rank is not None or cfg.rope_dim is not None:
+        if cfg.kv_lora_rank is None or cfg.rope_dim is None:
+            raise MLAError("give both --kv-lora-rank and --rope-dim (or --kv-budget)")
+        return uniform_plans(layout, cfg.kv_lora_rank, cfg.rope_dim)
+    budget = requested_budget(cfg)
+    if round(budget * 2 * kv_dim) >= 2 * kv_dim:
+        return lossless_plans(layout)  # all of RoPE kept, the latent is V (and any never-rotated key dims)
+    total, d_rope = budget_totals(layout, cfg, budget)
+    return uniform_plans(layout, total - d_rope, d_rope) if cfg.rank_alloc == "uniform" else None
+
+
+def strided_plan(layout: Layout, cfg, eligible: set[int]) -> Strided:
+    """The deepseek_v3 format's plan: cached values per layer and the RoPE widths to choose from (explicit ranks:
+    exactly those; with rotate + fisher, every multiple of 8 up to ``head_dim``, chosen by estimated loss; otherwise
+    ``rope_share`` of the budget)."""
+    if cfg.kv_lora_rank is not None:  # check_plan validated them
+        if not 2 <= cfg.rope_dim <= layout.rotary_dim:
+            raise MLAError(f"--format deepseek_v3 needs --rope-dim between 2 and head_dim {layout.rotary_dim}")
+        return Strided(cfg.kv_lora_rank + cfg.rope_dim, [cfg.rope_dim], eligible)
+    budget = requested_budget(cfg)
+    total = round(budget * 2 * layout.kv_dim)
+    if total < 3:
+        raise MLAError(f"--kv-budget {budget} leaves no room for a latent and a RoPE key ({total} values per token "
+                       "per layer)")
+    top = min(layout.rotary_dim, total - MIN_RANK)
+    ropes = list(range(8, top + 1, 8)) if cfg.rope_method == "rotate" and cfg.factor_method == "fisher" else []
+    if not ropes:
+        share = 2 * round(cfg.rope_share * total / 2)
+        ropes = [max(2, min(share, layout.rotary_dim, 2 * ((total - 1) // 2)))]
+    return Strided(total, ropes, eligible)
+
+
+def is_lossless(layout: Layout, plans: list[LayerPlan] | None) -> bool:
+    return plans is not None and plans == lossless_plans(layout)
+
+
+def needs_gradients(layout: Layout, cfg, plans: list[LayerPlan] | None) -> bool:
+    if is_lossless(layout, plans):
+        return False
+    return plans is None or cfg.rope_method == "rotate" or cfg.factor_method == "fisher"
+
+
+def needs_statistics(layout: Layout, cfg, plans: list[LayerPlan] | None) -> bool:
+    return not is_lossless(layout, plans)
+
+
+def layer_converter(layout: Layout, cfg, plans, reader, sink, store, strided: Strided | None = None):
+    """The LayerConverter for ``cfg`` (plans None: fisher allocation under the budget's totals, or the deepseek_v3
+    format's ``strided`` plan)."""
+    if strided is not None:
+        return LayerConverter(layout, cfg, None, reader, sink, store, strided=strided)
+    totals = None if plans is not None else budget_totals(layout, cfg, requested_budget(cfg))
+    return LayerConverter(layout, cfg, plans, reader, sink, store, totals, is_lossless(layout, plans))

@@ -55,19 +55,8 @@ def _aug(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 
 def read_attention(reader, i: int, layout) -> AttentionWeights:
-    """Layer ``i``'s attention tensors from a ``layerwise.TensorReader`` (a fused q|k|v projection split)."""
-    p = f"model.layers.{i}.self_attn."
-    names = reader.names()
-    mods = [layout.fused_qkv] if layout.fused_qkv else ["q_proj", "k_proj", "v_proj"]
-    mods += ["o_proj"] + (["q_norm", "k_norm"] if layout.qk_norm else [])
-    want = [p + f"{m}.{t}" for m in mods for t in ("weight", "bias") if p + f"{m}.{t}" in names]
-    w = {n[len(p):]: t for n, t in reader.get(want).items()}
-    if layout.fused_qkv:
-        fused_w, fused_b = w.pop(f"{layout.fused_qkv}.weight"), w.pop(f"{layout.fused_qkv}.bias", None)
-        for name, rows in layout.qkv_slices().items():
-            w[f"{name}_proj.weight"] = fused_w[rows]
-            if fused_b is not None:
-                w[f"{name}_proj.bias"] = fused_b[rows]
+    """Layer ``i``'s attention weights (float64, biases as an extra column) from a ``readers.TensorReader``."""
+    w = layout.attention_tensors(reader, i)
     q_gain = k_norm = None
     if layout.qk_norm:
         q_gain = w["q_norm.weight"].to(torch.float64)

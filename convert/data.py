@@ -478,3 +478,14 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, n_seqs: int | None,
     if bos_id is not None:
         windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.long), windows], dim=1)
     return windows.contiguous()
+
+
+def calibration_windows(tokenizer, sources, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(calibration, verification)`` token windows of ``sources`` (``load_sources``: one document list per source of
+    the mix); verification windows are at most 256 tokens."""
+    windows = mixed_windows(tokenizer, sources, cfg.calib_len, cfg.calib_seqs + cfg.verify_seqs, seed=cfg.seed)
+    n_verify = min(cfg.verify_seqs, max(len(windows) - 1, 0))
+    calib, verify = windows[: len(windows) - n_verify], windows[len(windows) - n_verify :]
+    if n_verify == 0:
+        verify = windows[:1]
+    return calib, verify[:, : min(256, verify.shape[1])]

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import torch
 
+from mla_modeling.configuration_mla import MLAConfig
+from mla_modeling.modeling_mla import MLAForCausalLM, MLARotaryEmbedding
+
 from .errors import MLAError
+from .readers import SafetensorsReader
+from .save import REMOTE_CODE_FILES, ShardWriter
 
 FORMATS = ("mla", "deepseek_v3")
 ROPE_METHODS = ("rotate", "rotate-norm")  # a rotated component per frequency: the best one is kept
@@ -139,8 +144,6 @@ def check_deepseek_v3(config) -> tuple[int, int, float]:
     params = sets.get(None)
     if params is None or float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise MLAError(f"the deepseek_v3 format needs one full rotary embedding; this model has {config.rope_parameters}")
-    from mla_modeling.modeling_mla import MLARotaryEmbedding
-
     inv_freq, scaling = MLARotaryEmbedding(config)._frequencies()[None]
     eligible = plain_frequencies([float(f) for f in inv_freq], float(scaling), params, config.head_dim)
     if not set(want) <= eligible:
@@ -219,10 +222,6 @@ def write_deepseek_v3(folder: Path, config) -> dict:
     as a stock ``deepseek_v3`` checkpoint in place: permuted RoPE rows, an explicit ``lm_head``, DeepSeek's
     ``config.json``, no remote code and no ``auto_map``; tensor names and shapes are checked against the stock model.
     Returns what the record keeps (theta', stride)."""
-    from .readers import SafetensorsReader
-    from .save import ShardWriter
-    from .save import REMOTE_CODE_FILES
-
     folder = Path(folder)
     ds = deepseek_v3_config(config)
     args = (ds.kv_lora_rank, ds.qk_rope_head_dim, ds.num_attention_heads, ds.qk_nope_head_dim, _interleave)
@@ -254,8 +253,6 @@ def check_stock(folder: Path) -> None:
     its ``config.json`` (on the meta device: no memory), and the config has no ``auto_map``."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from .readers import SafetensorsReader
-
     raw = json.loads((Path(folder) / "config.json").read_text())
     if "auto_map" in raw or raw.get("model_type") != "deepseek_v3":
         raise MLAError(f"internal error: {folder}/config.json is not a stock deepseek_v3 config")
@@ -280,8 +277,6 @@ def mla_config_from_deepseek(ds):
     """Our ``MLAConfig`` of a stock DeepSeek-V3 checkpoint written by ``write_deepseek_v3`` (dense, no query
     compression, no biases): frequencies ``theta'^(-2j/r)`` are the first ``r/2`` of a ``d_h``-wide table with
     ``theta = theta'^(d_h/r)``."""
-    from mla_modeling.configuration_mla import MLAConfig
-
     n = ds.num_hidden_layers
     params = dict(ds.rope_parameters or {})
     problems = {
@@ -313,10 +308,6 @@ def load_mla(folder, dtype=torch.float32):
     """Our ``MLAForCausalLM`` from an export in either format (a deepseek_v3 one with its RoPE rows de-interleaved:
     the same model); MLAError naming the first missing or unexpected weight."""
     from transformers import DeepseekV3Config
-
-    from mla_modeling.modeling_mla import MLAForCausalLM, MLARotaryEmbedding
-
-    from .readers import SafetensorsReader
 
     folder = Path(folder)
     if not is_deepseek_v3(folder):

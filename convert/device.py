@@ -52,3 +52,8 @@ def auto_dtype(name: str, device: str) -> str:
     if name != "auto":
         return name
     return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def export_dtype(name: str, src_config) -> torch.dtype:
+    """``--dtype`` of the export: ``auto`` is the source's own dtype."""
+    return DTYPES[name] if name != "auto" else source_dtype(src_config)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MLAError
+from .files import clear_stale
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ def fetch(art: Artifact, dest: Path, log=None) -> Path:
         return target
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"downloading {art.what}: {art.source} ({_mb(art.size)}, sha256 {art.sha256[:12]}...) into {dest} (once)")
-    from .files import clear_stale
-
     clear_stale(target)  # work folders of a download that was killed
     work = Path(tempfile.mkdtemp(prefix=f".{art.filename}.tmp-{os.getpid()}-", dir=dest))
     try:

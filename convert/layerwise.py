@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .readers import TensorReader, skeleton
+from .adapters import EMBED, FINAL_NORM, HEAD, layer_prefix
 from .files import write_error
 
 VOCAB_CHUNK = 16384  # output-head rows cast to float32 at a time
@@ -50,16 +51,16 @@ class LayerwiseModel:
         self.rotary.to(self.device)
         self.per_type_rope = isinstance(getattr(self.rotary, "rope_type", None), dict)  # Gemma 3: one per layer type
         names = reader.names()
-        self.head_name = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
+        self.head_name = HEAD if HEAD in names else EMBED
         self._norm = None
 
     # --- tensors -------------------------------------------------------------------------------------------------
     def layer_names(self, i: int) -> list[str]:
-        return [f"model.layers.{i}.{k}" for k in self.base.layers[i].state_dict()]
+        return [layer_prefix(i) + k for k in self.base.layers[i].state_dict()]
 
     def load(self, i: int) -> torch.nn.Module:
         """Materialise decoder layer ``i`` (its weights in ``dtype`` on ``device``) and return it."""
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         tensors = self.reader.get(self.layer_names(i))
         layer = self.base.layers[i]
         layer.load_state_dict({n[len(prefix):]: t.to(self.device, self.dtype) for n, t in tensors.items()},
@@ -72,7 +73,7 @@ class LayerwiseModel:
 
     # --- running -------------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.reader.get(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        table = self.reader.get([EMBED])[EMBED]
         h = table[ids].to(self.device, self.dtype)  # (B, T, d)
         if self.embedding_multiplier != 1.0:  # Gemma, Granite: the scale in the embedding dtype
             h = h * torch.tensor(self.embedding_multiplier, dtype=self.dtype)
@@ -92,7 +93,7 @@ class LayerwiseModel:
 
     def norm(self) -> torch.nn.Module:
         if self._norm is None:
-            w = self.reader.get(["model.norm.weight"])["model.norm.weight"]
+            w = self.reader.get([FINAL_NORM])[FINAL_NORM]
             self.base.norm.load_state_dict({"weight": w.to(self.device, self.dtype)}, assign=True)
             self.base.norm.requires_grad_(False)
             self._norm = self.base.norm

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import TEXT_PREFIXES
+from .adapters import EMBED, HEAD, TEXT_PREFIXES
 from .errors import MLAError
 from .sources import load_model
 from .weights import safetensors_files, safetensors_header
@@ -125,12 +125,12 @@ class RenamedReader(TensorReader):
 
 
 def text_reader(reader: TensorReader) -> TensorReader:
-    """``reader`` itself when it holds ``model.embed_tokens.weight``, else its text model's tensors renamed."""
+    """``reader`` itself when it holds the embedding, else its text model's tensors renamed."""
     names = reader.names()
-    if "model.embed_tokens.weight" in names:
+    if EMBED in names:
         return reader
     for prefixes in TEXT_PREFIXES:
-        if prefixes["model."] + "embed_tokens.weight" in names:
+        if prefixes["model."] + EMBED[len("model."):] in names:
             return RenamedReader(reader, prefixes)
     return reader
 
@@ -145,7 +145,7 @@ def open_reader(source, config, log=None) -> TensorReader:
 
         if safetensors_files(local, source.spec) is not None:
             reader = text_reader(SafetensorsReader(local))
-            need = [n for n in skeleton(config).state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
+            need = [n for n in skeleton(config).state_dict() if n != HEAD or not config.tie_word_embeddings]
             if set(need) <= reader.names():
                 return reader
     if log is not None:

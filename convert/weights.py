@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+from .adapters import EMBED, expected_shapes, gguf_expected_sizes, read_layout
 from .errors import MLAError, quote
 
 MAX_HEADER = 100 * 2**20  # a safetensors JSON header larger than this is corrupt
@@ -315,7 +316,7 @@ def _local_tensors(source) -> tuple[dict[str, int], dict[str, tuple[int, ...]] |
 
 def _check_embedding(vocab, hidden, shapes: dict[str, tuple[int, ...]] | None, spec: str) -> None:
     """MLAError when the embedding's shape is not (vocab_size, hidden_size): the clearest sign of a foreign config."""
-    name = "model.embed_tokens.weight"
+    name = EMBED
     if shapes and name in shapes and _positive_int(vocab) and _positive_int(hidden) and \
             shapes[name] != (vocab, hidden):
         raise MLAError(f"weights of {spec} do not match its config.json: {name} is {list(shapes[name])}, the config "
@@ -385,32 +386,6 @@ def _dims(config) -> dict:
             "tied": bool(getattr(text, "tie_word_embeddings", False)), "model_type": getattr(text, "model_type", "")}
 
 
-def _expected(c: dict) -> dict[str, tuple[int, ...]]:
-    """HF tensor shapes every supported family (llama, mistral, qwen2) has, implied by the config."""
-    want = {"model.embed_tokens.weight": (c["V"], c["d"])}
-    if not c["tied"]:
-        want["lm_head.weight"] = (c["V"], c["d"])
-    for i in range(c["L"]):
-        p = f"model.layers.{i}."
-        want[p + "self_attn.q_proj.weight"] = (c["H"] * c["dh"], c["d"])
-        want[p + "self_attn.k_proj.weight"] = (c["g"] * c["dh"], c["d"])
-        want[p + "self_attn.v_proj.weight"] = (c["g"] * c["dh"], c["d"])
-        want[p + "self_attn.o_proj.weight"] = (c["d"], c["H"] * c["dh"])
-        if c["I"]:
-            want[p + "mlp.gate_proj.weight"] = (c["I"], c["d"])
-            want[p + "mlp.down_proj.weight"] = (c["d"], c["I"])
-    return want
-
-
-def _gguf_expected(c: dict) -> dict[str, int]:
-    want = {"token_embd.weight": c["V"] * c["d"]}
-    for i in range(c["L"]):
-        want[f"blk.{i}.attn_q.weight"] = c["H"] * c["dh"] * c["d"]
-        want[f"blk.{i}.attn_k.weight"] = c["g"] * c["dh"] * c["d"]
-        want[f"blk.{i}.attn_v.weight"] = c["g"] * c["dh"] * c["d"]
-    return want
-
-
 def _check_layers(found: set[int], n_layers: int | None, spec: str) -> None:
     if n_layers is None or not found:
         return
@@ -445,8 +420,6 @@ def check_weights(source, config) -> None:
     Hub ids are not checked here (transformers downloads and verifies them). Nothing here allocates or loops in
     proportion to a size the config claims before that size is compared with what the files hold.
     """
-    from .adapters import read_layout
-
     check_config(config, source.spec)
     local = source.local
     if local is None:
@@ -476,7 +449,7 @@ def check_weights(source, config) -> None:
 
 
 def _check_gguf(c: dict, counts: dict[str, int], full: bool, spec: str) -> None:
-    want = _gguf_expected(c) if full else {}
+    want = gguf_expected_sizes(c) if full else {}
     for name, n in want.items():
         if name in counts and counts[name] != n:
             raise MLAError(f"weights of {spec} do not match its metadata: {name} has {counts[name]} "
@@ -488,7 +461,7 @@ def _check_gguf(c: dict, counts: dict[str, int], full: bool, spec: str) -> None:
 
 
 def _check_safetensors(c: dict, shapes: dict[str, tuple[int, ...]], full: bool, spec: str) -> None:
-    want = _expected(c) if full else ({"model.embed_tokens.weight": (c["V"], c["d"])} if c["V"] and c["d"] else {})
+    want = expected_shapes(c) if full else ({EMBED: (c["V"], c["d"])} if c["V"] and c["d"] else {})
     for name, shape in want.items():
         if name in shapes and shapes[name] != shape:
             raise MLAError(f"weights of {spec} do not match its config.json: {name} is {list(shapes[name])}, "

@@ -31,7 +31,10 @@ from pathlib import Path
 from convert.config import add_config_args, config_from_args, opt
 from convert.device import auto_dtype, device_name
 from convert.errors import MLAError, run_command
-from convert.sources import TRUST_HELP
+from convert.files import check_out_file, write_text
+from convert.sources import TRUST_HELP, input_paths
+from eval.kernels import count_kernels
+from eval.perplexity import load_model
 
 RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib",
               "kernels_per_step", "kernels_per_layer")
@@ -166,8 +169,6 @@ def _load(path: str, cfg: BenchConfig):
     """(model on its device, device, dtype name) with ``cfg.attn`` attention."""
     import torch
 
-    from eval.perplexity import load_model
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
@@ -235,8 +236,6 @@ def _decode_runs(step, first, cache, cfg: BenchConfig, sync) -> tuple[list[float
 def _count_step(model, step, first, new_tokens: int, cache) -> int:
     """Kernels of a decode step in the steady state: the second step after the prompt (the first one after a crop
     may rebuild a cache buffer), or the first when there is room for one only."""
-    from eval.kernels import count_kernels
-
     token, done = first, min(1, new_tokens - 1)
     for i in range(done):
         token = step(token, i).logits[:, -1].argmax(-1, keepdim=True)
@@ -463,9 +462,6 @@ def bench(models: list[str], baseline: str | None, cfg: BenchConfig, json_path: 
     """Benchmark ``baseline`` (if any) then ``models`` at every pair (or ``cfg.capacity``: search each one's largest
     batch); print side-by-side tables; optionally write JSON (rewritten after every run, so a cut-short benchmark
     leaves what it measured)."""
-    from convert.files import check_out_file, write_text
-    from convert.sources import input_paths
-
     if json_path:  # checked before the benchmark, not after it
         json_path = check_out_file(json_path, input_paths(baseline, *models))
     entries = ([("original", baseline)] if baseline else []) + [(Path(m.rstrip("/")).name or m, m) for m in models]

@@ -29,9 +29,10 @@ from convert.device import device_name
 from convert.errors import MLAError
 from convert.files import atomic_dir, check_out, out_lock
 from convert.nll import window_nll
-from convert.sources import TRUST_HELP, input_paths, resolve_source
+from convert.sources import TRUST_HELP, input_paths, load_tokenizer, resolve_source
 from eval.bench import add_models_arguments, cache_bytes, cache_name
-from eval.perplexity import _vocab_size, check_lengths, eval_windows, load_model
+from eval.perplexity import _vocab_size, check_eval_size, check_lengths, eval_windows, load_model
+from eval.report import write_report
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = "mla_bigbench"
@@ -65,8 +66,6 @@ class EvalConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise MLAError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.ppl_text:
-            from eval.perplexity import check_eval_size
-
             check_eval_size(self.ppl_seq_len, self.ppl_tokens)
 
     @property
@@ -212,8 +211,6 @@ def evaluate(models: list[str], baseline: str | None, out: str | Path, cfg: Eval
 
 def _evaluate(models: list[str], baseline: str | None, out: Path, cfg: EvalConfig, overwrite: bool,
               command: str | None, log) -> dict:
-    from eval.report import write_report
-
     check_tasks(cfg.task_list)
     entries = ([("original", baseline)] if baseline else [])
     taken = {"original"}
@@ -226,8 +223,6 @@ def _evaluate(models: list[str], baseline: str | None, out: Path, cfg: EvalConfi
         raise MLAError(f"the models have different vocabulary sizes ({vocab}): perplexities are not comparable")
     windows = None
     if cfg.ppl_text:
-        from convert.sources import load_tokenizer
-
         tokenizer = load_tokenizer(resolve_source(entries[0][1]), trust_remote_code=cfg.trust_remote_code)
         texts = load_texts(cfg.ppl_text, read_budget(cfg.ppl_tokens))  # a long file: only what the windows use
         windows = eval_windows(tokenizer, texts, cfg.ppl_seq_len, cfg.ppl_tokens, cfg.seed)

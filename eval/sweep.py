@@ -20,16 +20,19 @@ from pathlib import Path
 
 import torch
 
-from convert.adapters import read_layout, text_config
+from mla_modeling.modeling_mla import MLAForCausalLM
+
+from convert.adapters import HEAD, attention_prefix, is_attention, read_layout, text_config
+from convert.allocate import check_plan, layer_converter
 from convert.calibrate import sweep as calibrate
 from convert.config import ConvertConfig, add_config_args, config_from_args
-from convert.data import EVALUATION_DEFAULT, load_sources, load_texts, read_budget, source_paths
+from convert.data import EVALUATION_DEFAULT, calibration_windows, load_sources, load_texts, read_budget, source_paths
 from convert.device import compute_dtype, resolve_device
 from convert.errors import MLAError
+from convert.export import build_config
 from convert.files import atomic_dir, check_out, out_lock
 from convert.layerwise import LayerwiseModel, Spill
 from convert.nll import perplexity
-from convert.pipeline import build_config, calibration_windows, check_plan, export_tensors, layer_converter
 from convert.readers import StateDictReader, text_reader
 from convert.sources import check_positions, input_paths, load_config, load_model, resolve_source
 from eval.perplexity import check_eval_size, eval_windows
@@ -59,11 +62,9 @@ def parse_list(text: str, kind, what: str) -> list:
 
 
 def _in_memory(state: dict, config):
-    from mla_modeling.modeling_mla import MLAForCausalLM
-
     model = MLAForCausalLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
+    if unexpected or any(k != HEAD for k in missing):
         raise MLAError(f"internal error: converted weights do not fit the MLA model ({(unexpected or missing)[0]})")
     model.tie_weights()
     return model.eval()
@@ -173,11 +174,11 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
         for budget in budgets:
             t0 = time.time()
             cfg = replace(configs[method], kv_budget=budget)
-            state = dict(part for n in reader.names() if ".self_attn." not in n
-                         for part in export_tensors(n, reader.get([n])[n], layout))
+            state = dict(part for n in reader.names() if not is_attention(n)
+                         for part in layout.export_tensors(n, reader.get([n])[n]))
 
             def sink(i, tensors, freq_index, state=state):
-                state.update({f"model.layers.{i}.self_attn.{n}": t.float() for n, t in tensors.items()})
+                state.update({attention_prefix(i) + n: t.float() for n, t in tensors.items()})
 
             converter = layer_converter(layout, cfg, check_plan(layout, cfg), reader, sink,
                                         Spill(out.parent, float("inf")))

@@ -113,7 +113,7 @@ def ds_exports(tmp_path_factory):
 def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name):
     from convert.config import ConvertConfig
     from convert.data import load_sources
-    from convert.pipeline import calibration_windows
+    from convert.data import calibration_windows
     from convert.sources import load_tokenizer, resolve_source
 
     src, out = ds_exports[name]

@@ -15,7 +15,7 @@ from convert.data import load_texts, token_windows
 from convert.factorize import FACTOR_METHODS, LatentStats, joint_latent
 from convert.layerwise import LayerwiseModel, Spill
 from convert.readers import SafetensorsReader
-from convert.pipeline import check_plan, layer_converter
+from convert.allocate import check_plan, layer_converter
 from convert.ropesplit import ROPE_METHODS, rope_split
 
 

@@ -42,7 +42,7 @@ def test_smollm2_as_stock_deepseek_v3(tmp_path):
     from convert.config import ConvertConfig
     from convert.data import load_sources
     from convert.deepseek import load_mla
-    from convert.pipeline import calibration_windows
+    from convert.data import calibration_windows
     from convert.sources import load_model, load_tokenizer, resolve_source
 
     out = tmp_path / "smollm2-ds"
