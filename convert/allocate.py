@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 
 from .adapters import Layout
 from .assemble import LayerPlan, assemble, decompose, read_attention, rope_scores
-from .deepseek import strides as deepseek_strides
+from .calibrate import sweep
+from .deepseek import check_layout, strides as deepseek_strides
 from .errors import MLAError
+from .layerwise import Spill, run_layers
 from .ropesplit import strided_pairs
 
 MIN_RANK = 4
@@ -295,3 +297,36 @@ def layer_converter(layout: Layout, cfg, plans, reader, sink, store, strided: St
         return LayerConverter(layout, cfg, None, reader, sink, store, strided=strided)
     totals = None if plans is not None else budget_totals(layout, cfg, requested_budget(cfg))
     return LayerConverter(layout, cfg, plans, reader, sink, store, totals, is_lossless(layout, plans))
+
+
+def plan(layout: Layout, cfg) -> tuple[list[LayerPlan] | None, Strided | None]:
+    """Before any work: ``(plans, None)`` for ``--format mla`` (plans None: chosen after calibration) or ``(None,
+    strided plan)`` for ``--format deepseek_v3``; the ranks / budget are validated in every format."""
+    plans = check_plan(layout, cfg)
+    if cfg.format == "deepseek_v3":
+        return None, strided_plan(layout, cfg, check_layout(layout, cfg))
+    return plans, None
+
+
+def convert_layers(lw, layout: Layout, cfg, plans, strided, calib, verify, sink, store: Spill, clock,
+                   samples: int = 0):
+    """Calibrate ``lw`` (a ``LayerwiseModel``) on ``calib`` and convert every layer into ``sink`` (closed at the
+    end); return ``(plans, freq_index, the final hidden states of ``verify`` through the source, the
+    LayerConverter)``. ``store`` keeps what does not fit in memory and is emptied at the end; ``clock`` times the
+    stages ``calibrate`` and ``convert``; ``samples``: attention inputs kept per layer (deepseek_v3's latent norm)."""
+    try:
+        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store, strided)
+        if needs_statistics(layout, cfg, plans):
+            ref_h = sweep(lw, layout, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add,
+                          store, extra=verify, samples=samples)
+        else:
+            ref_h = run_layers(lw, verify, "reference")
+            for i in range(layout.num_layers):
+                converter.add(i, None)
+        clock.lap("calibrate")
+        plans, freq_index = converter.finish()
+        sink.close()
+        clock.lap("convert")
+    finally:
+        store.close()
+    return plans, freq_index, ref_h, converter

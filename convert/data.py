@@ -489,3 +489,15 @@ def calibration_windows(tokenizer, sources, cfg) -> tuple[torch.Tensor, torch.Te
     if n_verify == 0:
         verify = windows[:1]
     return calib, verify[:, : min(256, verify.shape[1])]
+
+
+def calibration_data(tokenizer, cfg, vocab_size: int, src: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(calibration, verification)`` windows of ``cfg.calib`` (``calibration_windows``), read within the budget
+    the command needs; MLAError when the tokenizer gives ids beyond the model's vocabulary."""
+    texts = load_sources(cfg.calib, read_budget((cfg.calib_seqs + cfg.verify_seqs) * cfg.calib_len))
+    calib, verify = calibration_windows(tokenizer, texts, cfg)
+    top = int(max(calib.max(), verify.max()))
+    if top >= vocab_size:
+        raise MLAError(f"the tokenizer of {src} gives token ids up to {top}, beyond the model's vocabulary "
+                       f"({vocab_size})")
+    return calib, verify

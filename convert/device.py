@@ -1,6 +1,8 @@
-"""Where and in which precision a command computes: the one resolution of ``--device`` and ``--dtype``."""
+"""Where, in which precision and at what cost a command computes: the one resolution of ``--device`` and
+``--dtype``, peak memory and stage times."""
 
 import resource
+import time
 
 import torch
 
@@ -57,3 +59,19 @@ def auto_dtype(name: str, device: str) -> str:
 def export_dtype(name: str, src_config) -> torch.dtype:
     """``--dtype`` of the export: ``auto`` is the source's own dtype."""
     return DTYPES[name] if name != "auto" else source_dtype(src_config)
+
+
+class StageClock:
+    """Seconds per named stage of one run (``lap`` adds the time since the previous lap to a stage)."""
+
+    def __init__(self):
+        self.started = self.last = time.time()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.stages[name] = round(self.stages.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.started, 1)

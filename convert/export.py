@@ -13,7 +13,9 @@ from .adapters import EMBED, FINAL_NORM, HEAD, Layout, attention_prefix, is_atte
 from .allocate import is_lossless, requested_budget
 from .assemble import LayerPlan
 from .layerwise import LayerwiseModel
-from .save import AUTO_MAP, ShardWriter
+from .device import peak_memory
+from .files import write_error
+from .save import AUTO_MAP, ShardWriter, copy_remote_code, write_json
 
 
 def build_config(src_config, layout: Layout, plans: list[LayerPlan], freq_index: list[list[int]], dtype: torch.dtype,
@@ -74,8 +76,8 @@ class ExportSink:
     """Writes each converted layer (its new attention plus its other tensors, in the export dtype) into shards; a
     fused gate|up projection (Phi-3) is written as ``gate_proj`` and ``up_proj``."""
 
-    def __init__(self, writer: ShardWriter, lw: LayerwiseModel, dtype: torch.dtype, layout: Layout):
-        self.writer, self.lw, self.dtype, self.layout = writer, lw, dtype, layout
+    def __init__(self, folder: Path, lw: LayerwiseModel, dtype: torch.dtype, layout: Layout):
+        self.folder, self.writer, self.lw, self.dtype, self.layout = folder, ShardWriter(folder), lw, dtype, layout
 
     def __call__(self, i: int, tensors: dict, freq_index) -> None:
         for name, t in tensors.items():
@@ -91,6 +93,14 @@ class ExportSink:
             names.append(HEAD)
         for name in names:
             self.writer.add(name, self.lw.reader.get([name])[name].to(self.dtype))
+
+    def close(self) -> None:
+        """The embedding, final norm and head, then the last shard and the index."""
+        self.globals()
+        try:
+            self.writer.close()
+        except OSError as err:
+            raise write_error(err, self.folder) from None
 
 
 def folder_bytes(path) -> int | None:
@@ -173,3 +183,34 @@ def conversion_record(src, source, cfg, layout: Layout, plans, freq_index, dtype
             "python": platform.python_version(),
         },
     }
+
+
+def write_export_files(folder: Path, config, tokenizer, source):
+    """Beside the weights: the config, the remote code, the tokenizer and the source's generation config."""
+    try:
+        config.save_pretrained(folder)
+        copy_remote_code(folder)
+        tokenizer.save_pretrained(folder)
+        save_generation_config(source, folder)
+    except OSError as err:
+        raise write_error(err, folder) from None
+    return config
+
+
+def write_record(folder: Path, record: dict, verify: dict, deepseek: dict | None, run: dict) -> dict:
+    """``mla_conversion.json``: ``record`` (``conversion_record``), the verification, the deepseek_v3 rewrite (if
+    any), the run's time and profile (``run``: device, compute dtype, clock, converter, source, number of layers)."""
+    record["verify"] = verify
+    if deepseek is not None:
+        record["deepseek_v3"] = deepseek
+    converter, device = run["converter"], run["device"]
+    record["elapsed_s"] = run["clock"].elapsed()
+    record["profile"] = {
+        "device": str(device), "compute_dtype": str(run["compute_dtype"]).replace("torch.", ""),
+        **peak_memory(device), "stage_s": run["clock"].stages,
+        "layer_maths_s": {k: round(v, 2) for k, v in converter.seconds.items()},
+        "layer_maths_s_per_layer": round(sum(converter.seconds.values()) / run["num_layers"], 3),
+        "source_bytes": folder_bytes(run["source"].local), "export_bytes": folder_bytes(folder),
+    }
+    write_json(folder / "mla_conversion.json", record)
+    return record

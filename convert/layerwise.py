@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .readers import TensorReader, skeleton
 from .adapters import EMBED, FINAL_NORM, HEAD, layer_prefix
@@ -205,3 +206,12 @@ class Spill:
         return obj
 
 
+def run_layers(lw: LayerwiseModel, windows: torch.Tensor, desc: str) -> torch.Tensor:
+    """Final hidden states of ``windows`` through every layer of ``lw``, one layer at a time."""
+    with torch.no_grad():
+        h = lw.embed(windows)
+        for i in tqdm(range(lw.num_layers), desc=desc, unit="layer"):
+            lw.load(i)
+            h = lw.run(i, h)
+            lw.release(i)
+    return h

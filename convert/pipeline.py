@@ -11,27 +11,22 @@ as our MLA model, then the folder is rewritten as a stock DeepSeek-V3 checkpoint
 """
 
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from .adapters import read_layout, text_config
-from .allocate import check_plan, layer_converter, needs_gradients, needs_statistics, strided_plan
-from .calibrate import sweep
+from .allocate import convert_layers, plan
 from .config import ConvertConfig
-from .data import calibration_windows, load_sources, read_budget, source_paths
-from .deepseek import check_layout, write_deepseek_v3
-from .device import compute_dtype, export_dtype, peak_memory, resolve_device
-from .errors import MLAError
-from .export import ExportSink, build_config, conversion_record, export_io, folder_bytes, save_generation_config
-from .files import atomic_dir, check_out, out_lock, write_error
+from .data import calibration_data, source_paths
+from .deepseek import write_deepseek_v3
+from .device import StageClock, compute_dtype, export_dtype, resolve_device
+from .export import ExportSink, build_config, conversion_record, write_export_files, write_record
+from .files import atomic_dir, check_out, out_lock
 from .layerwise import LayerwiseModel, Spill
-from .readers import SafetensorsReader, open_reader
-from .save import ShardWriter, copy_remote_code, write_json
-from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
-from .verify import compare, run_layers
-from .weights import check_weights
+from .readers import open_reader
+from .sources import input_paths, load_tokenizer, open_source
+from .verify import verify_export
 
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.33 MLA head sizes (docs/deepseek-v3-serving-research.md)
 NORM_SAMPLES = 4096  # calibration tokens per layer on which the deepseek_v3 format's latent norm is fitted
@@ -50,100 +45,40 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
 
 
 def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
-    started = time.time()
-    stages: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> float:
-        now = time.time()
-        stages[name] = round(stages.get(name, 0.0) + now - t0, 2)
-        return now
-
+    """The stages in order; each call below goes to the file that owns that stage."""
+    clock = StageClock()
     device = resolve_device(cfg.device)
-    source = resolve_source(src)
-    full_config = load_config(source)
-    layout = read_layout(full_config)
+    source, full_config = open_source(src, {"--calib-len": cfg.calib_len})  # sources, weights
+    tokenizer = load_tokenizer(source)
+    layout = read_layout(full_config)  # adapters
     src_config = text_config(full_config)  # the model that is converted (a multimodal checkpoint's text model)
+    _announce(source, layout, device, log)
+    plans, strided = plan(layout, cfg)  # allocate: validates the ranks / budget before any work
     deepseek = cfg.format == "deepseek_v3"
-    plans = check_plan(layout, cfg)  # validates the ranks / budget in every format
-    strided = strided_plan(layout, cfg, check_layout(layout, cfg)) if deepseek else None
-    plans = None if deepseek else plans
-    check_weights(source, full_config)  # before the text download and any allocation
-    check_positions(full_config, cfg.calib_len, "--calib-len", src)
-    texts = load_sources(cfg.calib, read_budget((cfg.calib_seqs + cfg.verify_seqs) * cfg.calib_len))
     dtype, work_dtype = export_dtype(cfg.dtype, full_config), compute_dtype(device, full_config)
     torch.manual_seed(cfg.seed)
-
-    log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
-        f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers) on {device}")
-    if layout.text_of:
-        log(f"{layout.text_of} checkpoint: converting its text model ({layout.model_type}); the vision tower and "
-            "projector are not part of the export")
-    tokenizer = load_tokenizer(source)
-    calib, verify = calibration_windows(tokenizer, texts, cfg)
-    if int(max(calib.max(), verify.max())) >= src_config.vocab_size:
-        raise MLAError(f"the tokenizer of {src} gives token ids up to {int(max(calib.max(), verify.max()))}, beyond "
-                       f"the model's vocabulary ({src_config.vocab_size})")
+    calib, verify = calibration_data(tokenizer, cfg, src_config.vocab_size, src)  # data
     lw = LayerwiseModel(src_config, open_reader(source, src_config, log), device, work_dtype, layout.layer_types,
-                        layout.decoder)
-    t0 = lap("load", started)
+                        layout.decoder)  # readers, layerwise
+    clock.lap("load")
 
     with atomic_dir(out, cfg.overwrite) as tmp:
-        store = Spill(tmp / ".work", SPILL_BYTES)
-        writer = ShardWriter(tmp)
-        sink = ExportSink(writer, lw, dtype, layout)
-        converter = layer_converter(layout, cfg, plans, lw.reader, sink, store, strided)
-        if needs_statistics(layout, cfg, plans):
-            ref_h = sweep(lw, layout, calib, cfg.batch_size, needs_gradients(layout, cfg, plans), converter.add, store,
-                          extra=verify, samples=NORM_SAMPLES if deepseek else 0)
-        else:
-            ref_h = run_layers(lw, verify, "reference")
-            for i in range(layout.num_layers):
-                converter.add(i, None)
-        t0 = lap("calibrate", t0)
-        plans, freq_index = converter.finish()
-        sink.globals()
-        try:
-            writer.close()
-        except OSError as err:
-            raise write_error(err, tmp) from None
-        t0 = lap("convert", t0)
-
+        store = Spill(tmp / ".work", SPILL_BYTES)  # layerwise: boundary states and statistics beyond memory
+        sink = ExportSink(tmp, lw, dtype, layout)  # export: the tensors, shard by shard, as layers are converted
+        plans, freq_index, ref_h, converter = convert_layers(lw, layout, cfg, plans, strided, calib, verify, sink,
+                                                             store, clock, NORM_SAMPLES if deepseek else 0)
         config = build_config(src_config, layout, plans, freq_index, dtype, latent_norm=deepseek)
-        try:
-            config.save_pretrained(tmp)
-            copy_remote_code(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_generation_config(source, tmp)
-        except OSError as err:
-            raise write_error(err, tmp) from None
-        exported = LayerwiseModel(config, SafetensorsReader(tmp), device, work_dtype, config.layer_types,
-                                  export_io(config))
-        verify_result = compare(lw, exported, ref_h, run_layers(exported, verify, "verify"))
-        t0 = lap("verify", t0)
-        record = conversion_record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
-        record["verify"] = verify_result
+        write_export_files(tmp, config, tokenizer, source)
+        verify_result = verify_export(lw, tmp, config, ref_h, verify)  # verify
+        clock.lap("verify")
+        written = None
         if deepseek:  # the verified MLA model, rewritten as the stock format (the same model)
-            fits = [converter.norm_fits[i] for i in range(layout.num_layers)]
-            record["deepseek_v3"] = {**write_deepseek_v3(tmp, config), "rope_search": converter.search,
-                                     "latent_norm": {"samples_per_layer": fits[0]["samples"],
-                                                     **{k: [f[k] for f in fits] for k in
-                                                        ("error", "error_plain", "condition")}}}
-            t0 = lap("write deepseek_v3", t0)
-            width = record["deepseek_v3"]["kv_lora_rank"] + record["deepseek_v3"]["qk_rope_head_dim"]
-            if width not in VLLM_MLA_WIDTHS:
-                log(f"note: vLLM's MLA attention takes kv_lora_rank + qk_rope_head_dim of {VLLM_MLA_WIDTHS} only; "
-                    f"this export's {width} runs there with VLLM_MLA_DISABLE=1 (no latent cache) or in SGLang "
-                    "(--attention-backend triton); see README")
-        record["elapsed_s"] = round(time.time() - started, 1)
-        record["profile"] = {
-            "device": str(device), "compute_dtype": str(work_dtype).replace("torch.", ""), **peak_memory(device),
-            "stage_s": stages,
-            "layer_maths_s": {k: round(v, 2) for k, v in converter.seconds.items()},
-            "layer_maths_s_per_layer": round(sum(converter.seconds.values()) / layout.num_layers, 3),
-            "source_bytes": folder_bytes(source.local), "export_bytes": folder_bytes(tmp),
-        }
-        store.close()
-        write_json(tmp / "mla_conversion.json", record)
+            written = _write_deepseek(tmp, config, converter, layout, log)
+            clock.lap("write deepseek_v3")
+        run = {"converter": converter, "device": device, "compute_dtype": work_dtype, "clock": clock,
+               "source": source, "num_layers": layout.num_layers}
+        record = conversion_record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
+        write_record(tmp, record, verify_result, written, run)
     kv = record["kv_cache"]
     prof = record["profile"]
     fmt = " (stock deepseek_v3)" if cfg.format == "deepseek_v3" else ""
@@ -154,3 +89,23 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     return record
 
 
+def _announce(source, layout, device, log) -> None:
+    log(f"loading {source.description} ({layout.model_type}, {layout.kind}: {layout.num_heads} query / "
+        f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}, {layout.num_layers} layers) on {device}")
+    if layout.text_of:
+        log(f"{layout.text_of} checkpoint: converting its text model ({layout.model_type}); the vision tower and "
+            "projector are not part of the export")
+
+
+def _write_deepseek(folder: Path, config, converter, layout, log) -> dict:
+    """The export rewritten as a stock DeepSeek-V3 checkpoint; its record (RoPE search, latent-norm fits)."""
+    fits = [converter.norm_fits[i] for i in range(layout.num_layers)]
+    written = {**write_deepseek_v3(folder, config), "rope_search": converter.search,
+               "latent_norm": {"samples_per_layer": fits[0]["samples"],
+                               **{k: [f[k] for f in fits] for k in ("error", "error_plain", "condition")}}}
+    width = written["kv_lora_rank"] + written["qk_rope_head_dim"]
+    if width not in VLLM_MLA_WIDTHS:
+        log(f"note: vLLM's MLA attention takes kv_lora_rank + qk_rope_head_dim of {VLLM_MLA_WIDTHS} only; "
+            f"this export's {width} runs there with VLLM_MLA_DISABLE=1 (no latent cache) or in SGLang "
+            "(--attention-backend triton); see README")
+    return written

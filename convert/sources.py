@@ -240,3 +240,15 @@ def check_positions(config, length: int, what: str, name: str) -> None:
     limit = getattr(text, "max_position_embeddings", None)
     if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < length:
         raise MLAError(f"{what} needs {length} positions, more than {name} has (max_position_embeddings {limit})")
+
+
+def open_source(spec: str, positions: dict[str, int]) -> tuple[Source, object]:
+    """``spec`` resolved and its config read, its local weights checked against the config and each length of
+    ``positions`` ({option: length}) against its ``max_position_embeddings``: what fails about a source, before any
+    work."""
+    source = resolve_source(spec)
+    config = load_config(source)
+    check_weights(source, config)  # before the text download and any allocation
+    for what, length in positions.items():
+        check_positions(config, length, what, spec)
+    return source, config

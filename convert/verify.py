@@ -1,9 +1,12 @@
 """Stage 6, verify: the export against the source, layer by layer, on held-out verification windows."""
 
-import torch
-from tqdm.auto import tqdm
+from pathlib import Path
 
-from .layerwise import LayerwiseModel
+import torch
+
+from .export import export_io
+from .layerwise import LayerwiseModel, run_layers
+from .readers import SafetensorsReader
 
 
 def compare(ref: LayerwiseModel, new: LayerwiseModel, ref_h: torch.Tensor, new_h: torch.Tensor,
@@ -24,12 +27,9 @@ def compare(ref: LayerwiseModel, new: LayerwiseModel, ref_h: torch.Tensor, new_h
             "tokens": tokens}
 
 
-def run_layers(lw: LayerwiseModel, windows: torch.Tensor, desc: str) -> torch.Tensor:
-    """Final hidden states of ``windows`` through every layer of ``lw``, one layer at a time."""
-    with torch.no_grad():
-        h = lw.embed(windows)
-        for i in tqdm(range(lw.num_layers), desc=desc, unit="layer"):
-            lw.load(i)
-            h = lw.run(i, h)
-            lw.release(i)
-    return h
+def verify_export(source: LayerwiseModel, folder: Path, config, ref_h: torch.Tensor, windows: torch.Tensor) -> dict:
+    """The export in ``folder`` (its ``config``) run layer by layer on ``windows`` beside the source's final hidden
+    states ``ref_h`` of the same windows: logit agreement (``compare``)."""
+    exported = LayerwiseModel(config, SafetensorsReader(folder), source.device, source.dtype, config.layer_types,
+                              export_io(config))
+    return compare(source, exported, ref_h, run_layers(exported, windows, "verify"))

@@ -305,17 +305,17 @@ def test_two_concurrent_converts_into_one_out(src, tmp_path):
 
 
 def test_out_created_by_someone_else_meanwhile_is_not_replaced(src, tmp_path, capsys, monkeypatch):
-    import convert.pipeline
+    import convert.export
 
     out = tmp_path / "out"
-    real = convert.pipeline.write_json
+    real = convert.export.write_json
 
     def meanwhile(*args, **kwargs):
         out.mkdir()
         (out / "theirs.txt").write_text("not ours to replace")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert.pipeline, "write_json", meanwhile)
+    monkeypatch.setattr(convert.export, "write_json", meanwhile)
     code = main(["convert", str(src), str(out), *FAST])
     one_error(code, capsys.readouterr().err, "someone else")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and leftovers(out) == []

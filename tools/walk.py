@@ -16,23 +16,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("convert", "eval", "mla_modeling")
 BASE = {"convert/errors.py", "convert/cache.py", "convert/files.py", "convert/device.py"}
+ORCHESTRATOR = "convert/pipeline.py"
+ENTRY = {"convert/cli.py", "convert/commands.py"}
 SKIP = {"<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>", "<lambda>", "<module>"}
 
 
-def record(argv: list[str]) -> list[str]:
-    files = []
+def record(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(every visit, the orchestrator's calls, the calls back into the orchestrator): project files in call order."""
+    files, orchestrated, callbacks = [], [], []
     prefix = str(ROOT) + "/"
 
+    def project_file(frame):
+        while frame is not None and frame.f_code.co_name in SKIP:
+            frame = frame.f_back
+        if frame is None or not frame.f_code.co_filename.startswith(prefix):
+            return None
+        rel = frame.f_code.co_filename[len(prefix):]
+        return rel if rel.split("/", 1)[0] in PACKAGES else None
+
     def profile(frame, event, arg):
-        if event != "call":
+        if event != "call" or frame.f_code.co_name in SKIP:
             return
-        code = frame.f_code
-        name = code.co_filename
-        if not name.startswith(prefix) or code.co_name in SKIP:
+        rel = project_file(frame)
+        if rel is None:
             return
-        rel = name[len(prefix):]
-        if rel.split("/", 1)[0] in PACKAGES and (not files or files[-1] != rel):
+        if not files or files[-1] != rel:
             files.append(rel)
+        caller = project_file(frame.f_back)
+        if caller == ORCHESTRATOR and rel != ORCHESTRATOR:
+            orchestrated.append(rel)
+        elif rel == ORCHESTRATOR and caller not in (None, ORCHESTRATOR) and caller not in ENTRY:
+            callbacks.append(f"{caller} -> {frame.f_code.co_name}")
 
     from convert.cli import main
 
@@ -43,7 +57,7 @@ def record(argv: list[str]) -> list[str]:
         sys.setprofile(None)
     if code:
         raise SystemExit(f"mla {' '.join(argv)} exited with {code}")
-    return files
+    return files, orchestrated, callbacks
 
 
 def summary(visits: list[str]) -> dict:
@@ -70,11 +84,14 @@ def main():
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mla command line")
     a = parser.parse_args()
     argv = a.args[1:] if a.args[:1] == ["--"] else a.args
-    visits = record(argv)
-    result = {"all": summary(visits), "stages": summary(collapse([f for f in visits if f not in BASE]))}
-    for key, r in result.items():
-        print(f"{key}: {r['files']} files, {r['visits']} visits, {r['returns']} returns "
-              f"{r['returns_by_file']}")
+    visits, orchestrated, callbacks = record(argv)
+    result = {"all": summary(visits), "orchestrator": summary(collapse([f for f in orchestrated if f not in BASE])),
+              "callbacks_into_orchestrator": callbacks}
+    for key in ("all", "orchestrator"):
+        r = result[key]
+        print(f"{key}: {r['files']} files, {r['visits']} visits, {r['returns']} returns {r['returns_by_file']}")
+    print("orchestrator walk:", " > ".join(Path(f).stem for f in result["orchestrator"]["walk"]))
+    print(f"calls back into {ORCHESTRATOR}: {len(callbacks)} {sorted(set(callbacks))}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
 
