@@ -1,18 +1,4 @@
-"""Stage 8, recover: LoRA + distillation from the original model (``mla finetune``).
-
-    mla finetune CONVERTED OUT --recipe recipes/smollm2-135m.yaml [key=value ...]
-
-The student is the MLA export CONVERTED; the teacher is the model it was converted from (recorded in its
-``mla_conversion.json``), run alongside. Per token, loss = kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight *
-cross-entropy (+ hidden_weight * relative error of every layer's hidden states). LoRA adapters (peft) go on
-``lora_targets``; ``full_targets`` are trained as full parameters (peft ``modules_to_save``). Everything else is
-frozen.
-
-Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` steps (and on Ctrl-C); re-running the
-same command resumes from it and ends with the same weights as an uninterrupted run. A non-finite loss or gradient
-stops the run with an error. The export holds merged weights (loads without peft) and the adapter in peft format under
-``adapter/``; ``mla_conversion.json`` gains a ``recovery`` record (data, tokens, losses, the validation curve).
-"""
+"""The recovery run of ``mla finetune`` (being split into the modules of this package)."""
 
 from __future__ import annotations
 
@@ -32,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
-from .data import load_sources, load_texts, mixed_windows, read_budget, source_paths, split_sources, token_windows
-from .deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
-from .device import resolve_device
-from .errors import MLAError, quote
-from .nll import perplexity
-from .files import atomic_dir, check_out, out_lock
-from .save import AUTO_MAP, copy_remote_code, save_checkpoint, save_state_dict, write_json
-from .sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
+from ..config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
+from ..data import load_sources, load_texts, mixed_windows, read_budget, source_paths, split_sources, token_windows
+from ..deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
+from ..device import resolve_device
+from ..errors import MLAError, quote
+from ..nll import perplexity
+from ..files import atomic_dir, check_out, out_lock
+from ..save import AUTO_MAP, copy_remote_code, save_checkpoint, save_state_dict, write_json
+from ..sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
@@ -203,7 +189,7 @@ def check_teacher(teacher: str, config, student_config, record: dict) -> None:
     """MLAError unless the teacher has the architecture the export was converted from: the shape recorded in
     ``mla_conversion.json`` (family, layers, heads, head width) and the student's vocabulary and hidden size. An edited
     ``source`` (or ``teacher=``) naming another model would otherwise teach the student a model it never was."""
-    from .adapters import read_layout
+    from ..adapters import read_layout
 
     layout = read_layout(config)
     found = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_attention_heads": layout.num_heads,
@@ -250,9 +236,9 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
     """The teacher, sharing every frozen student tensor that holds exactly its own values (embeddings, MLP base
     weights, output head; norms too unless they are trained): only the original attention projections (and trained
     norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
-    from .adapters import text_config
-    from .readers import open_reader, skeleton
-    from .weights import check_weights
+    from ..adapters import text_config
+    from ..readers import open_reader, skeleton
+    from ..weights import check_weights
 
     check_weights(source, config)
     config = text_config(config)  # a multimodal checkpoint teaches with its text model
@@ -576,9 +562,9 @@ def _local_stage(student, source, config, windows, val, cfg: RecoverConfig, devi
                  restart: bool, main: bool, say) -> dict:
     """The layer-local stage (``convert.local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
     ``run_id`` (fingerprint, inputs) is that checkpoint's."""
-    from .adapters import read_layout, text_config
-    from .layerwise import LayerwiseModel
-    from .readers import open_reader
+    from ..adapters import read_layout, text_config
+    from ..layerwise import LayerwiseModel
+    from ..readers import open_reader
     from .local import LOCAL_CKPT, local_windows, run_local
 
     path = ckpt_dir / LOCAL_CKPT
@@ -734,7 +720,7 @@ def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, re
 
 
 def _convert_and_recover(src: str, out: Path, ccfg, rcfg: RecoverConfig, restart: bool, log) -> dict:
-    from .pipeline import convert
+    from ..pipeline import convert
 
     work = work_dir(out)
     converted = work / "converted"

@@ -1,0 +1,21 @@
+"""Stage 8, recover: LoRA + distillation from the original model (``mla finetune``).
+
+    mla finetune CONVERTED OUT --recipe recipes/smollm2-135m.yaml [key=value ...]
+
+The student is the MLA export CONVERTED; the teacher is the model it was converted from (recorded in its
+``mla_conversion.json``), run alongside. Per token, loss = kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight *
+cross-entropy (+ hidden_weight * relative error of every layer's hidden states). LoRA adapters (peft) go on
+``lora_targets``; ``full_targets`` are trained as full parameters (peft ``modules_to_save``). Everything else is
+frozen.
+
+Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` steps (and on Ctrl-C); re-running the
+same command resumes from it and ends with the same weights as an uninterrupted run. A non-finite loss or gradient
+stops the run with an error. The export holds merged weights (loads without peft) and the adapter in peft format under
+``adapter/``; ``mla_conversion.json`` gains a ``recovery`` record (data, tokens, losses, the validation curve).
+"""
+
+from .local import LOCAL_CKPT, local_windows, trained_params
+from .recipe import CKPT_NAME, batch_rows, convert_and_recover, finetune, load_teacher, lr_at, work_dir, wrap_peft
+
+__all__ = ["CKPT_NAME", "LOCAL_CKPT", "batch_rows", "convert_and_recover", "finetune", "load_teacher", "local_windows",
+           "lr_at", "trained_params", "work_dir", "wrap_peft"]
