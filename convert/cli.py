@@ -8,8 +8,9 @@ import typing
 from pathlib import Path
 from dataclasses import MISSING, fields
 
-from .config import ConvertConfig, RecoverConfig, has_section, load_recipe, parse_overrides
+from .config import ConvertConfig, has_section, load_recipe, parse_overrides
 from .errors import MLAError, Parser, run_command
+from .recover.config import RecoverConfig
 from .sources import quiet_library_warnings
 
 

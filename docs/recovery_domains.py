@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, '.')
 from convert.cache import cache_dir
-from convert.config import RecoverConfig, load_recipe
+from convert.config import load_recipe
 from convert.data import load_sources, load_texts, mixed_windows, token_windows
+from convert.recover.config import RecoverConfig
 from eval.perplexity import load_model, perplexity
 
 parser = argparse.ArgumentParser()

@@ -253,7 +253,7 @@ def test_finetune_trains_the_latent_norm_and_writes_deepseek_v3(ds_exports, loss
     import pydoc_data.topics
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
+    from convert.recover.config import RecoverConfig
     from convert.recover import finetune
 
     topics = list(pydoc_data.topics.topics.values())

@@ -215,7 +215,7 @@ def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
     import pydoc_data.topics
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
+    from convert.recover.config import RecoverConfig
     from convert.recover import finetune
 
     (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
@@ -247,7 +247,7 @@ def test_layer_local_stage_matches_each_familys_attention(name, lossless, lowran
 
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
+    from convert.recover.config import RecoverConfig
     from convert.recover import finetune
 
     (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import convert_tiny, make_tiny
-from convert.config import RecoverConfig
 from convert.errors import MLAError
 from convert.recover.local import LOCAL_CKPT, trained_params
 from convert.recover import finetune, work_dir
+from convert.recover.config import RecoverConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4

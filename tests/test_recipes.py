@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.config import ConvertConfig, RecoverConfig, has_section, load_recipe, read_recipe
+from convert.config import ConvertConfig, has_section, load_recipe, read_recipe
+from convert.recover.config import RecoverConfig
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

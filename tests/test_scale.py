@@ -238,7 +238,7 @@ def test_real_shapes_are_the_published_ones():
 def test_teacher_shares_frozen_weights_with_the_student(tiny_models, tmp_path):
     """mla finetune's teacher reuses the student's frozen tensors (embeddings, MLP base weights) and still computes
     exactly the original model's logits."""
-    from convert.config import RecoverConfig
+    from convert.recover.config import RecoverConfig
     from convert.recover.recipe import _load_student, load_teacher, wrap_peft
     from convert.sources import load_config, load_model, resolve_source
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RecoverConfig, split_list
+from ..config import split_list
 from ..errors import MLAError
 from ..layerwise import causal_mask
 from ..save import save_checkpoint
+from .config import RecoverConfig
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import FULL_DEFAULT_TARGETS, RecoverConfig, split_list
+from ..config import split_list
 from ..data import load_sources, load_texts, mixed_windows, read_budget, source_paths, split_sources, token_windows
 from ..deepseek import check_deepseek_v3, is_deepseek_v3, load_mla, write_deepseek_v3
 from ..device import resolve_device
@@ -27,6 +27,7 @@ from ..nll import perplexity
 from ..files import atomic_dir, check_out, out_lock
 from ..save import AUTO_MAP, copy_remote_code, save_checkpoint, save_state_dict, write_json
 from ..sources import check_positions, input_paths, load_config, load_tokenizer, resolve_source
+from .config import FULL_DEFAULT_TARGETS, RecoverConfig
 
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
