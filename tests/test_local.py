@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import convert_tiny, make_tiny
 from convert.errors import MLAError
-from convert.recover.local import LOCAL_CKPT, trained_params
 from convert.recover import finetune, work_dir
 from convert.recover.config import RecoverConfig
+from convert.recover.local import LOCAL_CKPT, trained_params
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
@@ -92,7 +92,7 @@ def _stage_only(setup, out: Path, **extra) -> dict:
 def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     from convert.deepseek import load_mla
     from convert.recover.local import local_windows
-    from convert.recover.recipe import _val_windows, _windows
+    from convert.recover.windows import _val_windows, _windows
     from convert.sources import load_tokenizer, resolve_source
 
     out = setup / "stage"

@@ -14,8 +14,14 @@ stops the run with an error. The export holds merged weights (loads without peft
 ``adapter/``; ``mla_conversion.json`` gains a ``recovery`` record (data, tokens, losses, the validation curve).
 """
 
+from .checkpoint import CKPT_NAME, work_dir
+from .commands import convert_and_recover, finetune
+from .config import FULL_DEFAULT_TARGETS, LORA_DEFAULT_TARGETS, RecoverConfig
 from .local import LOCAL_CKPT, local_windows, trained_params
-from .recipe import CKPT_NAME, batch_rows, convert_and_recover, finetune, load_teacher, lr_at, work_dir, wrap_peft
+from .losses import lr_at
+from .models import load_teacher, wrap_peft
+from .windows import batch_rows
 
-__all__ = ["CKPT_NAME", "LOCAL_CKPT", "batch_rows", "convert_and_recover", "finetune", "load_teacher", "local_windows",
-           "lr_at", "trained_params", "work_dir", "wrap_peft"]
+__all__ = ["CKPT_NAME", "FULL_DEFAULT_TARGETS", "LOCAL_CKPT", "LORA_DEFAULT_TARGETS", "RecoverConfig", "batch_rows",
+           "convert_and_recover", "finetune", "load_teacher", "local_windows", "lr_at", "trained_params", "work_dir",
+           "wrap_peft"]

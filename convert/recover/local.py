@@ -25,11 +25,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import read_layout, text_config
 from ..config import split_list
 from ..errors import MLAError
-from ..layerwise import causal_mask
+from ..layerwise import LayerwiseModel, causal_mask
+from ..readers import open_reader
 from ..save import save_checkpoint
+from .checkpoint import _read_checkpoint, _settings
 from .config import RecoverConfig
+from .losses import _nll
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward
@@ -205,3 +209,28 @@ def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor,
             part = slice(j, j + CHUNK)
             total += float(_error(runner.attention(i, x[part]), target[part], scale)) * len(x[part])
     return total / len(x)
+
+
+def local_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
+                 restart: bool, main: bool, say) -> dict:
+    """The layer-local stage (``run_local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
+    ``run_id`` (fingerprint, inputs) is that checkpoint's."""
+    path = ckpt_dir / LOCAL_CKPT
+    fingerprint, inputs = run_id
+    resume = _read_checkpoint(path, fingerprint, cfg, inputs, restart)
+    student.requires_grad_(False)
+    student.to(device)
+    extra = {"settings": _settings(cfg), "inputs": inputs}
+    if resume is None and val is not None:  # the starting point, for the record
+        extra["val_nll_before"] = _nll(student, val, cfg.micro_batch or cfg.batch_size)
+    ids = local_windows(windows, cfg)
+    if resume is not None:
+        say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
+    layout = read_layout(config)
+    text = text_config(config)
+    lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra)
+    del lw
+    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")} | {"windows": len(ids)}
