@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MLAError
+from ..save import save_checkpoint
 from .config import RecoverConfig
 
 
@@ -113,6 +114,17 @@ def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: d
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def write_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str], step: int, model,
+                     optimizer, history: list[dict], evals: list[dict], teacher_nll: float | None) -> None:
+    """The distillation's state after ``step`` steps to ``path`` (atomically; ``_read_checkpoint`` reads it back): what
+    identifies the run, ``model``'s trained tensors, the optimizer, the logs so far and the RNG state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {
+        "fingerprint": fingerprint, "settings": _settings(cfg), "inputs": inputs,
+        "step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+        "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
 
 
 class _StopFlag:

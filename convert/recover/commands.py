@@ -20,7 +20,7 @@ from ..sources import input_paths
 from .checkpoint import work_dir
 from .config import RecoverConfig
 from .models import _read_record, output_format
-from .recipe import _finetune
+from .recipe import Recovery
 from .windows import data_inputs
 
 
@@ -53,7 +53,7 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     lock = out_lock(out) if _is_main_launch_process() else contextlib.nullcontext()
     with lock:
         try:
-            return _finetune(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log)
+            return Recovery(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log).run()
         except BaseException:  # checkpoints stay for the next run to resume from; an empty folder does not
             with contextlib.suppress(OSError):
                 (ckpt_dir or work_dir(out)).rmdir()

@@ -211,8 +211,8 @@ def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor,
     return total / len(x)
 
 
-def local_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
-                 restart: bool, main: bool, say) -> dict:
+def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
+              restart: bool, main: bool, say) -> dict:
     """The layer-local stage (``run_local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
     ``run_id`` (fingerprint, inputs) is that checkpoint's."""
     path = ckpt_dir / LOCAL_CKPT
