@@ -32,64 +32,20 @@ def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
 def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
             local: dict | None = None) -> dict:
+    """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
+    checking the reloaded export against the trained model on ``val``) and the plot. Returns the new record."""
     fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        adapter_cfg = tmp / ADAPTER_DIR / "adapter_config.json"
-        meta = json.loads(adapter_cfg.read_text())
-        meta["base_model_name_or_path"] = str(converted) if converted.parent != ckpt_dir else None
-        write_json(adapter_cfg, meta)
-        merged = model.merge_and_unload()
-        state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
-        if merged.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_state_dict(state, tmp)
-        config = merged.config
-        config.dtype = dtype
-        del state, merged
-        for item in converted.iterdir():
-            if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
-                shutil.copyfile(item, tmp / item.name)
-        if fmt == "deepseek_v3":
-            write_deepseek_v3(tmp, config)
-        elif is_deepseek_v3(converted):  # read from deepseek_v3, written as our own format
-            config.architectures, config.auto_map = ["MLAForCausalLM"], dict(AUTO_MAP)
-            config.save_pretrained(tmp)
-            copy_remote_code(tmp)
-        final = evals[-1] if evals else None
-        verify = None
-        if val is not None:
-            model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
-            reloaded = load_mla(tmp).to(acc.device)
-            nll = _nll(reloaded, val, micro)
-            del reloaded
-            verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
-            if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
-                raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
-                               f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
-        steps = history[-1]["step"] if history else 0
+        _save_adapter(model, tmp, converted, ckpt_dir)
+        config = _save_merged(model, tmp, dtype)
+        _copy_files(converted, tmp, fmt, config)
+        verify = None if val is None else _verify(model, tmp, val, micro, acc.device, evals, dtype)
         record = dict(record)
         record["format"] = fmt
-        record["recovery"] = {
-            "teacher": teacher,
-            "data": cfg.data,
-            "steps": steps,
-            "tokens_seen": steps * cfg.batch_size * cfg.seq_len,
-            "settings": asdict(cfg),
-            "trainable_parameters": n_train,
-            "processes": acc.num_processes,
-            "final_loss": _final_loss(history, "loss"),
-            "final_kl": _final_loss(history, "kl"),
-            "final_ce": _final_loss(history, "ce"),
-            "val": evals,
-            "local": _local_record(local, evals),
-            "verify": verify,
-            "adapter": ADAPTER_DIR,
-            "elapsed_s": round(time.time() - started, 1),
-            "history": history,
-        }
+        record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
+                                              started)
         write_json(tmp / "mla_conversion.json", record)
         _plot(evals, tmp / "recovery.png")
     rec = record["recovery"]
@@ -97,6 +53,79 @@ def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig,
     print(f"recovered {converted.name} -> {out}: {rec['tokens_seen']} tokens in {rec['steps']} steps, final KL "
           f"{rec['final_kl']:.4f}{ratio}; {rec['elapsed_s']:.0f}s")
     return record
+
+
+def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
+    """The adapter in peft format under ``folder/adapter``, its base named when it outlives the run."""
+    model.save_pretrained(folder / ADAPTER_DIR)
+    adapter_cfg = folder / ADAPTER_DIR / "adapter_config.json"
+    meta = json.loads(adapter_cfg.read_text())
+    meta["base_model_name_or_path"] = str(converted) if converted.parent != ckpt_dir else None
+    write_json(adapter_cfg, meta)
+
+
+def _save_merged(model, folder: Path, dtype: torch.dtype):
+    """The weights with the adapter merged in (they load without peft), in ``dtype``; returns their config."""
+    merged = model.merge_and_unload()
+    state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
+    if merged.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_state_dict(state, folder)
+    config = merged.config
+    config.dtype = dtype
+    return config
+
+
+def _copy_files(converted: Path, folder: Path, fmt: str, config) -> None:
+    """The converted model's other files (tokenizer, remote code), and the config in the output format."""
+    for item in converted.iterdir():
+        if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
+            shutil.copyfile(item, folder / item.name)
+    if fmt == "deepseek_v3":
+        write_deepseek_v3(folder, config)
+    elif is_deepseek_v3(converted):  # read from deepseek_v3, written as our own format
+        config.architectures, config.auto_map = ["MLAForCausalLM"], dict(AUTO_MAP)
+        config.save_pretrained(folder)
+        copy_remote_code(folder)
+
+
+def _verify(model, folder: Path, val: torch.LongTensor, micro: int, device, evals: list[dict],
+            dtype: torch.dtype) -> dict:
+    """The export in ``folder`` reloaded in place of ``model``: MLAError unless it reproduces the last validation."""
+    final = evals[-1] if evals else None
+    model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
+    reloaded = load_mla(folder).to(device)
+    nll = _nll(reloaded, val, micro)
+    del reloaded
+    verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
+    if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
+        raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
+                       f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
+    return verify
+
+
+def _recovery_record(cfg: RecoverConfig, teacher: str, history: list[dict], evals: list[dict], n_train: int,
+                     processes: int, local: dict | None, verify: dict | None, started: float) -> dict:
+    """The ``recovery`` entry of the export's mla_conversion.json."""
+    steps = history[-1]["step"] if history else 0
+    return {
+        "teacher": teacher,
+        "data": cfg.data,
+        "steps": steps,
+        "tokens_seen": steps * cfg.batch_size * cfg.seq_len,
+        "settings": asdict(cfg),
+        "trainable_parameters": n_train,
+        "processes": processes,
+        "final_loss": _final_loss(history, "loss"),
+        "final_kl": _final_loss(history, "kl"),
+        "final_ce": _final_loss(history, "ce"),
+        "val": evals,
+        "local": _local_record(local, evals),
+        "verify": verify,
+        "adapter": ADAPTER_DIR,
+        "elapsed_s": round(time.time() - started, 1),
+        "history": history,
+    }
 
 
 def _local_record(local: dict | None, evals: list[dict]) -> dict | None:
