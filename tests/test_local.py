@@ -1,4 +1,4 @@
-"""The layer-local recovery stage (convert/local.py) and text mixes (convert/data.py: load_sources, mixed_windows)."""
+"""The layer-local recovery stage (convert/recover/local.py) and text mixes (convert/data.py: load_sources, mixed_windows)."""
 
 import json
 import os

@@ -12,6 +12,17 @@ Long runs: a checkpoint is written to ``OUT.ckpt/`` every ``checkpoint_every`` s
 same command resumes from it and ends with the same weights as an uninterrupted run. A non-finite loss or gradient
 stops the run with an error. The export holds merged weights (loads without peft) and the adapter in peft format under
 ``adapter/``; ``mla_conversion.json`` gains a ``recovery`` record (data, tokens, losses, the validation curve).
+
+Where things are (imports flow down this list, never up):
+
+- ``commands.py``: ``finetune`` (``mla finetune``) and ``convert_and_recover`` (``mla convert --recipe`` with a
+  ``recover:`` section): check the inputs and OUT, lock it, run the recipe;
+- ``recipe.py``: ``Recovery``, the run as named phases (setup, load_models, load_data, local_stage, wrap_student,
+  resume, prepare, train, evaluate, checkpoint, export);
+- ``local.py``: the layer-local stage; ``export.py``: the merged export, the adapter and the recovery record;
+- ``models.py``: student, teacher, peft; ``windows.py``: the training and validation text; ``losses.py``: the loss,
+  the learning-rate schedule, the held-out NLL; ``checkpoint.py``: what identifies a run, ``checkpoint.pt``, Ctrl-C;
+- ``config.py``: ``RecoverConfig``, the settings.
 """
 
 from .checkpoint import CKPT_NAME, work_dir
