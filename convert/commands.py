@@ -6,11 +6,12 @@
 import argparse
 from pathlib import Path
 
-from .config import (ConvertConfig, RecoverConfig, add_config_args, config_from_args, has_section, keys_epilog,
-                     load_recipe, parse_overrides)
+from .config import (ConvertConfig, add_config_args, config_from_args, has_section, keys_epilog, load_recipe,
+                     parse_overrides)
 from .errors import MLAError
 from .pipeline import convert
 from .recover import convert_and_recover, finetune
+from .recover.config import RecoverConfig
 
 SOURCE_HELP = "model folder, Hugging Face Hub id, .gguf file, or smollm2-135m"
 
@@ -36,7 +37,7 @@ def convert_command(args) -> int:
     cfg = config_from_args(args, ConvertConfig, recipe)
     inputs = _recipe_inputs(args.recipe)
     if args.recipe and has_section(args.recipe, "recover"):
-        rcfg = RecoverConfig(**load_recipe(args.recipe, "recover"))
+        rcfg = RecoverConfig(**load_recipe(args.recipe, "recover", RecoverConfig))
         convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart, inputs=inputs)
         return 0
     if args.restart:
@@ -60,7 +61,7 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finetune_command(args) -> int:
-    values = load_recipe(args.recipe, "recover") if args.recipe else {}
+    values = load_recipe(args.recipe, "recover", RecoverConfig) if args.recipe else {}
     values.update(parse_overrides(args.overrides, RecoverConfig))
     finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart,
              inputs=_recipe_inputs(args.recipe))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import CALIBRATION_DEFAULT, split_sources
+from .data import CALIBRATION_DEFAULT
 from .deepseek import FORMATS
 from .errors import MLAError, quote
 from .factorize import FACTOR_METHODS
@@ -105,123 +105,6 @@ class ConvertConfig:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-LORA_DEFAULT_TARGETS = "gate_proj,up_proj,down_proj"
-# Every module the conversion writes or re-derives (k_a_proj: the normalized keys' latent with QK-norm) and the
-# norms (a family without one of them, e.g. OLMo 2's input_layernorm, simply has none to train).
-FULL_DEFAULT_TARGETS = "q_proj,kv_a_proj_with_mqa,k_a_proj,kv_b_proj,o_proj,input_layernorm,post_attention_layernorm,norm"
-
-
-@dataclass
-class RecoverConfig:
-    """Recovery fine-tuning (``mla finetune``, and the ``recover:`` section of a recipe)."""
-
-    data: str = opt(
-        "brown",
-        "Training text: comma-separated sources, each in the forms --calib takes (brown[:genres], pydoc, bbc[:cat], a "
-        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN], file:PATH). A mix takes as many windows from each "
-        "source as the smallest has; each is read up to 16 bytes per training token. Must not include val_data.",
-    )
-    tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
-    seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
-    batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
-    micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
-    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
-    schedule: str = opt("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
-    warmup_steps: int = opt(5, "Linear warm-up steps.")
-    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine and linear).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
-    lora_r: int = opt(16, "LoRA rank.")
-    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r).")
-    lora_dropout: float = opt(0.0, "LoRA dropout.")
-    lora_targets: str = opt(LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters ('' for none).")
-    full_targets: str = opt(
-        FULL_DEFAULT_TARGETS,
-        "Comma-separated module names trained as full parameters (peft modules_to_save; matched as suffixes of module "
-        "paths, so 'norm' also matches every *_layernorm and QK-norm). Default: the MLA attention projections and the "
-        "norms the model has ('' for none).",
-    )
-    kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
-    ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")
-    temperature: float = opt(1.0, "Distillation temperature (the KL is scaled by its square).")
-    hidden_weight: float = opt(
-        0.0, "Weight of an extra loss on every layer's output hidden states: mean over layers and tokens of "
-        "|h_student - h_teacher|^2 / |h_teacher|^2.")
-    local_tokens: int = opt(
-        0, "Layer-local stage before the distillation (0: none): tokens of the training text on which every layer's "
-        "attention (its full_targets) learns, one layer at a time, to reproduce the original attention's output on "
-        "the original model's hidden states. A step runs one attention block, not the whole model.")
-    local_epochs: float = opt(2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / batch_size).")
-    local_lr: float = opt(1e-3, "Peak learning rate of the layer-local stage (Adam, cosine to 0 within each layer).")
-    local_inputs: str = opt(
-        "teacher", "Hidden states the layer-local stage feeds each attention: teacher (the original model's) or "
-        "student (the student's own, through the layers trained before it; the target then also cancels their drift).")
-    teacher: str | None = opt(None, "Teacher model; default: the source recorded in the converted model's mla_conversion.json.")
-    val_data: str = opt("bbc:tech", "Held-out text for the perplexity-ratio curve logged during training ('' for none).")
-    val_tokens: int = opt(4096, "Tokens of val_data evaluated (in seq_len windows).")
-    eval_every: int = opt(20, "Evaluate on val_data every this many steps (and at the start and the end).")
-    checkpoint_every: int = opt(10, "Write a resumable checkpoint every this many steps.")
-    seed: int = opt(0, "Seed for data order, LoRA initialisation and dropout.")
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu or cuda; accelerate launch sets it per process.")
-    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
-    gradient_checkpointing: bool = opt(
-        False, "Recompute each decoder layer's activations in the backward pass instead of storing them (less memory "
-        "for big models and long sequences, about a third more compute; the same losses).")
-    format: str | None = opt(
-        None, "Output format: mla or deepseek_v3 (a stock DeepseekV3ForCausalLM checkpoint; the converted model must "
-        "meet its constraints, i.e. come from mla convert --format deepseek_v3). Default: the converted model's own "
-        "format. Training always runs with the latent norm in place.")
-
-    def validate(self) -> None:
-        check_finite(self, flags=False)
-        for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise MLAError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise MLAError(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
-            raise MLAError(f"micro_batch must be in [1, batch_size={self.batch_size}], got {self.micro_batch}")
-        for name in ("warmup_steps", "val_tokens", "weight_decay", "grad_clip", "kd_weight", "ce_weight",
-                     "lora_dropout", "hidden_weight"):
-            if getattr(self, name) < 0:
-                raise MLAError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.local_tokens < 0 or self.local_epochs < 0:
-            raise MLAError(f"local_tokens and local_epochs must be >= 0, got {self.local_tokens} and {self.local_epochs}")
-        if self.local_tokens and not (self.local_epochs > 0 and self.local_lr > 0):
-            raise MLAError(f"local_epochs and local_lr must be > 0 with local_tokens, got {self.local_epochs} and "
-                           f"{self.local_lr}")
-        if self.local_tokens and not split_list(self.full_targets):
-            raise MLAError("local_tokens needs full_targets: the layer-local stage trains the attention modules named there")
-        if not self.lr > 0:
-            raise MLAError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise MLAError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lora_r < 1 or self.lora_alpha <= 0:
-            raise MLAError(f"lora_r must be >= 1 and lora_alpha > 0, got {self.lora_r} and {self.lora_alpha}")
-        if self.temperature <= 0:
-            raise MLAError(f"temperature must be > 0, got {self.temperature}")
-        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
-            raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
-        choices = {"schedule": ("cosine", "linear", "constant"), "local_inputs": ("teacher", "student"),
-                   "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise MLAError(f"{name} must be one of {', '.join(allowed)}, got {quote(getattr(self, name))}")
-        if not split_list(self.lora_targets) and not split_list(self.full_targets):
-            raise MLAError("lora_targets and full_targets are both empty: nothing to train")
-        if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):
-            raise MLAError("a module cannot be in both lora_targets and full_targets")
-        if not split_sources(self.data or ""):
-            raise MLAError("data is empty: give at least one training text source")
-        if self.format is not None and self.format not in FORMATS:
-            raise MLAError(f"format must be one of {', '.join(FORMATS)}, got {quote(self.format)}")
-        if self.val_data and self.val_data.strip() in split_sources(self.data):
-            raise MLAError(f"val_data {quote(self.val_data)} is also training data; evaluate on held-out text")
-        if self.val_data and self.val_tokens and self.val_tokens < self.seq_len:
-            raise MLAError(f"val_tokens ({self.val_tokens}) must be 0 or >= seq_len ({self.seq_len})")
-
-
 def split_list(value: str) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
@@ -242,9 +125,6 @@ def check_value(cls, key: str, value, where: str):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise MLAError(f"{where}: {key} must be {names}, got {quote(value)}")
     return value
-
-
-SECTIONS = {"convert": ConvertConfig, "recover": RecoverConfig}
 
 
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few hundred bytes; a larger file is not one
@@ -311,16 +191,17 @@ def read_recipe(path: str | Path) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, section: str = "convert") -> dict:
-    """Read the ``section`` of a recipe YAML as config overrides; unknown keys are an error naming them."""
+def load_recipe(path: str | Path, section: str = "convert", cls=ConvertConfig) -> dict:
+    """Read the ``section`` of a recipe YAML as overrides of the config class ``cls`` (``RecoverConfig`` for the
+    ``recover`` section); unknown keys are an error naming them."""
     data = read_recipe(path)
     values = data.get(section) or {}
     if not isinstance(values, dict):
         raise MLAError(f"recipe {path}: '{section}' must be a mapping")
     for key, value in values.items():
-        if key not in {f.name for f in config_fields(SECTIONS[section])}:
+        if key not in {f.name for f in config_fields(cls)}:
             raise MLAError(f"recipe {path}: unknown key {section}.{quote(key)}")
-        check_value(SECTIONS[section], key, value, f"recipe {path}: {section}")
+        check_value(cls, key, value, f"recipe {path}: {section}")
     return values
 
 

@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, '.')
 from convert.cache import cache_dir
-from convert.config import RecoverConfig, load_recipe
+from convert.config import load_recipe
 from convert.data import load_sources, load_texts, mixed_windows, token_windows
+from convert.recover.config import RecoverConfig
 from eval.perplexity import load_model, perplexity
 
 parser = argparse.ArgumentParser()
@@ -37,7 +38,7 @@ def python_docs() -> list[str]:
 
 
 teacher, tok = load_model('smollm2-135m')
-recover = RecoverConfig(**load_recipe(args.recipe, 'recover'))
+recover = RecoverConfig(**load_recipe(args.recipe, 'recover', RecoverConfig))
 n = args.windows
 brown = token_windows(tok, load_texts('brown'), 512, None, seed=0)
 trained = mixed_windows(tok, load_sources(recover.data), recover.seq_len, None, seed=recover.seed)

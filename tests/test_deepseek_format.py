@@ -253,8 +253,8 @@ def test_finetune_trains_the_latent_norm_and_writes_deepseek_v3(ds_exports, loss
     import pydoc_data.topics
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
     from convert.recover import finetune
+    from convert.recover.config import RecoverConfig
 
     topics = list(pydoc_data.topics.topics.values())
     (tmp_path / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))

@@ -215,8 +215,8 @@ def test_finetune_trains_each_familys_attention(name, lowrank, tmp_path):
     import pydoc_data.topics
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
     from convert.recover import finetune
+    from convert.recover.config import RecoverConfig
 
     (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
     cfg = RecoverConfig(data=str(tmp_path / "train.txt"), val_data="", seq_len=32, batch_size=2, tokens=32 * 2 * 4,
@@ -247,8 +247,8 @@ def test_layer_local_stage_matches_each_familys_attention(name, lossless, lowran
 
     from safetensors.torch import load_file
 
-    from convert.config import RecoverConfig
     from convert.recover import finetune
+    from convert.recover.config import RecoverConfig
 
     (tmp_path / "train.txt").write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
     cfg = RecoverConfig(data=str(tmp_path / "train.txt"), val_data="", seq_len=32, batch_size=2, tokens=32 * 2,

@@ -279,19 +279,19 @@ def test_resume_checks_the_training_text_and_the_teacher(export, tmp_path, capsy
     args = [str(export), str(tmp_path / "ft"), f"data={train}", "val_data=", "tokens=4096", "seq_len=32",
             "batch_size=2", "local_tokens=0", "checkpoint_every=1", f"teacher={teacher}"]
     ckpt = tmp_path / "ft.ckpt" / CKPT_NAME
-    import convert.recover
+    import convert.recover.checkpoint
 
-    real = convert.recover.save_checkpoint
+    real = convert.recover.checkpoint.save_checkpoint
 
     def stop_after_first(path, state):
         real(path, state)
         raise KeyboardInterrupt
 
-    convert.recover.save_checkpoint = stop_after_first
+    convert.recover.checkpoint.save_checkpoint = stop_after_first
     try:
         assert main(["finetune", *args]) == 130 and ckpt.exists()
     finally:
-        convert.recover.save_checkpoint = real
+        convert.recover.checkpoint.save_checkpoint = real
     capsys.readouterr()
     train.write_text("Another text entirely, of the same length and more or less the same words. " * 120)
     one_error(main(["finetune", *args]), capsys.readouterr().err, "different run", "changed: the training text")

@@ -1,4 +1,4 @@
-"""The layer-local recovery stage (convert/local.py) and text mixes (convert/data.py: load_sources, mixed_windows)."""
+"""The layer-local recovery stage (convert/recover/local.py) and text mixes (convert/data.py: load_sources, mixed_windows)."""
 
 import json
 import os
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import convert_tiny, make_tiny
-from convert.config import RecoverConfig
 from convert.errors import MLAError
-from convert.local import LOCAL_CKPT, trained_params
 from convert.recover import finetune, work_dir
+from convert.recover.config import RecoverConfig
+from convert.recover.local import LOCAL_CKPT, trained_params
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
@@ -91,8 +91,8 @@ def _stage_only(setup, out: Path, **extra) -> dict:
 
 def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     from convert.deepseek import load_mla
-    from convert.local import local_windows
-    from convert.recover import _val_windows, _windows
+    from convert.recover.local import local_windows
+    from convert.recover.windows import _val_windows, _windows
     from convert.sources import load_tokenizer, resolve_source
 
     out = setup / "stage"

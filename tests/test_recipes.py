@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.config import ConvertConfig, RecoverConfig, has_section, load_recipe, read_recipe
+from convert.config import ConvertConfig, has_section, load_recipe, read_recipe
+from convert.recover.config import RecoverConfig
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -18,7 +19,7 @@ def test_there_are_recipes():
 def test_recipe_is_valid(path):
     ConvertConfig(**load_recipe(path)).validate()
     if has_section(path, "recover"):
-        cfg = RecoverConfig(**load_recipe(path, "recover"))
+        cfg = RecoverConfig(**load_recipe(path, "recover", RecoverConfig))
         cfg.validate()
         # evaluation text is never training text
         assert cfg.val_data not in cfg.data.split(",")
@@ -34,7 +35,7 @@ def test_unknown_recover_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("recover:\n  lr: 0.001\n  lora_rank: 8\n")
     with pytest.raises(MLAError, match=r"unknown key recover.'lora_rank'"):
-        load_recipe(bad, "recover")
+        load_recipe(bad, "recover", RecoverConfig)
     bad.write_text("recover:\n  tokens: many\n")
     with pytest.raises(MLAError, match="recover: tokens must be int"):
-        load_recipe(bad, "recover")
+        load_recipe(bad, "recover", RecoverConfig)

@@ -14,9 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import convert_tiny
-from convert.config import RecoverConfig, parse_overrides
+from convert.config import parse_overrides
 from convert.errors import MLAError
-from convert.recover import CKPT_NAME, batch_rows, finetune, lr_at, work_dir
+from convert.recover import CKPT_NAME, finetune, work_dir
+from convert.recover.config import RecoverConfig
+from convert.recover.losses import lr_at
+from convert.recover.windows import batch_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

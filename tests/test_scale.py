@@ -238,8 +238,8 @@ def test_real_shapes_are_the_published_ones():
 def test_teacher_shares_frozen_weights_with_the_student(tiny_models, tmp_path):
     """mla finetune's teacher reuses the student's frozen tensors (embeddings, MLP base weights) and still computes
     exactly the original model's logits."""
-    from convert.config import RecoverConfig
-    from convert.recover import _load_student, load_teacher, wrap_peft
+    from convert.recover.config import RecoverConfig
+    from convert.recover.models import _load_student, load_teacher, wrap_peft
     from convert.sources import load_config, load_model, resolve_source
 
     src = tiny_models["qwen2"]  # untied head: embeddings and lm_head both shared

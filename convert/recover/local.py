@@ -25,10 +25,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import RecoverConfig, split_list
-from .errors import MLAError
-from .layerwise import causal_mask
-from .save import save_checkpoint
+from ..adapters import read_layout, text_config
+from ..config import split_list
+from ..errors import MLAError
+from ..layerwise import LayerwiseModel, causal_mask
+from ..readers import open_reader
+from ..save import save_checkpoint
+from .checkpoint import _read_checkpoint, _settings
+from .config import RecoverConfig
+from .losses import _nll
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward
@@ -66,7 +71,7 @@ class _Student:
     """The student's RoPE tables and masks at positions 0..T-1, for running single decoder layers."""
 
     def __init__(self, student, seq_len: int, device):
-        self.model = student
+        self.model, self.device = student, device
         self.pos = torch.arange(seq_len, device=device)[None]
         probe = torch.zeros(1, seq_len, student.config.hidden_size, device=device)
         rope = student.model.rotary_emb.all(probe, self.pos)
@@ -117,13 +122,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     n_layers = len(student.model.layers)
     state = resume or {"fingerprint": fingerprint, "done": 0, "tensors": {}, "layers": [], "elapsed_s": 0.0,
                        **(extra or {})}
-    with torch.no_grad():  # what the finished layers learned
-        own = {n: p for i in range(state["done"]) for n, p in trained_params(student, i, cfg).items()}
-        for name, t in state["tensors"].items():
-            if name not in own:
-                raise MLAError(f"checkpoint {ckpt_path} holds {name}, which this run does not train; "
-                               "re-run with --restart")
-            own[name].copy_(t)
+    _restore(student, state, cfg, ckpt_path)
     if state["done"] >= n_layers:
         return state
     started = time.time() - state["elapsed_s"]
@@ -140,53 +139,15 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
         lw.release(i)
         if i + 1 < n_layers:
             lw.load(i + 1)
-        layer = student.model.layers[i]
         if i >= state["done"]:
-            x_in = x_t if x_s is None else x_s
-            if x_s is not None and layer.layout == "pre":  # also cancel the drift of the student's own stream
-                target = target + (x_t - x_s) / layer.residual_multiplier
-            scale = target.pow(2).sum(-1).mean().clamp_min(1e-12)
-            params = trained_params(student, i, cfg)
-            for p in params.values():
-                p.requires_grad_(True)
-            before = _eval_error(runner, i, x_in, target, scale)
-            initial = {name: p.detach().clone() for name, p in params.items()}
-            optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-            layer.train()
-            order = torch.empty(0, dtype=torch.long)
-            for step in range(steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.local_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                if len(order) < cfg.batch_size:
-                    order = torch.cat([order, torch.randperm(n, generator=gen)])
-                rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise MLAError(f"layer-local stage: the loss of layer {i} became {value}; lower local_lr (now "
-                                   f"{cfg.local_lr:g})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            layer.eval()
-            for p in params.values():
-                p.requires_grad_(False)
-            after = _eval_error(runner, i, x_in, target, scale)
-            kept = after < before
-            if not kept:  # training did not help this layer (e.g. it was already exact): keep its weights
-                with torch.no_grad():
-                    for name, p in params.items():
-                        p.copy_(initial[name])
-                after = before
-            del initial
-            state["layers"].append({"layer": i, "error_before": before, "error_after": after, "trained": kept})
+            entry, params = _train_layer(runner, i, x_t, x_s, target, cfg, steps)
+            state["layers"].append(entry)
             state["tensors"].update({name: p.detach().cpu().clone() for name, p in params.items()})
             state["done"] = i + 1
             state["elapsed_s"] = time.time() - started
             if main:
                 save_checkpoint(ckpt_path, state)
-            bar.set_postfix(error=f"{before:.3f}->{after:.3f}")
+            bar.set_postfix(error=f"{entry['error_before']:.3f}->{entry['error_after']:.3f}")
         if x_s is not None:
             x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s)
         x_t = nxt
@@ -197,6 +158,72 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     return state
 
 
+def _restore(student, state: dict, cfg: RecoverConfig, ckpt_path: Path) -> None:
+    """Put what the finished layers of ``state`` learned back into ``student``."""
+    with torch.no_grad():
+        own = {n: p for i in range(state["done"]) for n, p in trained_params(student, i, cfg).items()}
+        for name, t in state["tensors"].items():
+            if name not in own:
+                raise MLAError(f"checkpoint {ckpt_path} holds {name}, which this run does not train; "
+                               "re-run with --restart")
+            own[name].copy_(t)
+
+
+def _train_layer(runner: _Student, i: int, x_t: torch.Tensor, x_s: torch.Tensor | None, target: torch.Tensor,
+                 cfg: RecoverConfig, steps: int) -> tuple[dict, dict[str, torch.nn.Parameter]]:
+    """Train layer ``i``'s attention on its inputs (the original's ``x_t``, or the student's own ``x_s``) towards
+    ``target``, the original attention's output (N, T, d); keep the old weights unless the error falls. Returns the
+    layer's record and its trained parameters."""
+    layer = runner.model.model.layers[i]
+    x_in = x_t if x_s is None else x_s
+    if x_s is not None and layer.layout == "pre":  # also cancel the drift of the student's own stream
+        target = target + (x_t - x_s) / layer.residual_multiplier
+    scale = target.pow(2).sum(-1).mean().clamp_min(1e-12)
+    params = trained_params(runner.model, i, cfg)
+    for p in params.values():
+        p.requires_grad_(True)
+    before = _eval_error(runner, i, x_in, target, scale)
+    initial = {name: p.detach().clone() for name, p in params.items()}
+    layer.train()
+    _fit(runner, i, x_in, target, scale, params, cfg, steps)
+    layer.eval()
+    for p in params.values():
+        p.requires_grad_(False)
+    after = _eval_error(runner, i, x_in, target, scale)
+    kept = after < before
+    if not kept:  # training did not help this layer (e.g. it was already exact): keep its weights
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(initial[name])
+        after = before
+    del initial
+    return {"layer": i, "error_before": before, "error_after": after, "trained": kept}, params
+
+
+def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+         params: dict[str, torch.nn.Parameter], cfg: RecoverConfig, steps: int) -> None:
+    """``steps`` Adam steps on ``params`` over batches of ``x_in`` rows (a seeded order per layer, reshuffled when
+    used up), the learning rate cosine from ``local_lr`` to 0."""
+    device, n = runner.device, len(x_in)
+    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+    order = torch.empty(0, dtype=torch.long)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.local_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if len(order) < cfg.batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise MLAError(f"layer-local stage: the loss of layer {i} became {value}; lower local_lr (now "
+                           f"{cfg.local_lr:g})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
 def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> float:
     total = 0.0
     with torch.no_grad():
@@ -204,3 +231,28 @@ def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor,
             part = slice(j, j + CHUNK)
             total += float(_error(runner.attention(i, x[part]), target[part], scale)) * len(x[part])
     return total / len(x)
+
+
+def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
+              restart: bool, main: bool, say) -> dict:
+    """The layer-local stage (``run_local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
+    ``run_id`` (fingerprint, inputs) is that checkpoint's."""
+    path = ckpt_dir / LOCAL_CKPT
+    fingerprint, inputs = run_id
+    resume = _read_checkpoint(path, fingerprint, cfg, inputs, restart)
+    student.requires_grad_(False)
+    student.to(device)
+    extra = {"settings": _settings(cfg), "inputs": inputs}
+    if resume is None and val is not None:  # the starting point, for the record
+        extra["val_nll_before"] = _nll(student, val, cfg.micro_batch or cfg.batch_size)
+    ids = local_windows(windows, cfg)
+    if resume is not None:
+        say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
+    layout = read_layout(config)
+    text = text_config(config)
+    lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra)
+    del lw
+    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")} | {"windows": len(ids)}

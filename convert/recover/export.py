@@ -1,0 +1,162 @@
+"""The end of a run: the merged weights and the peft adapter written atomically to OUT and checked by reloading, with
+the ``recovery`` record in ``mla_conversion.json`` and the validation curve in ``recovery.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..deepseek import is_deepseek_v3, load_mla, write_deepseek_v3
+from ..errors import MLAError
+from ..files import atomic_dir
+from ..save import AUTO_MAP, copy_remote_code, save_state_dict, write_json
+from .config import RecoverConfig
+from .losses import _nll
+from .models import output_format
+
+
+ADAPTER_DIR = "adapter"
+
+
+def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
+    tail = [h[key] for h in history[-last:]]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
+            n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
+            local: dict | None = None) -> dict:
+    """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
+    checking the reloaded export against the trained model on ``val``) and the plot. Returns the new record."""
+    fmt = output_format(converted, cfg)
+    model.eval()
+    dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
+    with atomic_dir(out, overwrite) as tmp:
+        _save_adapter(model, tmp, converted, ckpt_dir)
+        config = _save_merged(model, tmp, dtype)
+        _copy_files(converted, tmp, fmt, config)
+        verify = None if val is None else _verify(model, tmp, val, micro, acc.device, evals, dtype)
+        record = dict(record)
+        record["format"] = fmt
+        record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
+                                              started)
+        write_json(tmp / "mla_conversion.json", record)
+        _plot(evals, tmp / "recovery.png")
+    rec = record["recovery"]
+    ratio = f"; val perplexity {evals[0]['ratio']:.3f}x -> {evals[-1]['ratio']:.3f}x the teacher's" if evals else ""
+    print(f"recovered {converted.name} -> {out}: {rec['tokens_seen']} tokens in {rec['steps']} steps, final KL "
+          f"{rec['final_kl']:.4f}{ratio}; {rec['elapsed_s']:.0f}s")
+    return record
+
+
+def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
+    """The adapter in peft format under ``folder/adapter``, its base named when it outlives the run."""
+    model.save_pretrained(folder / ADAPTER_DIR)
+    adapter_cfg = folder / ADAPTER_DIR / "adapter_config.json"
+    meta = json.loads(adapter_cfg.read_text())
+    meta["base_model_name_or_path"] = str(converted) if converted.parent != ckpt_dir else None
+    write_json(adapter_cfg, meta)
+
+
+def _save_merged(model, folder: Path, dtype: torch.dtype):
+    """The weights with the adapter merged in (they load without peft), in ``dtype``; returns their config."""
+    merged = model.merge_and_unload()
+    state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
+    if merged.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_state_dict(state, folder)
+    config = merged.config
+    config.dtype = dtype
+    return config
+
+
+def _copy_files(converted: Path, folder: Path, fmt: str, config) -> None:
+    """The converted model's other files (tokenizer, remote code), and the config in the output format."""
+    for item in converted.iterdir():
+        if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
+            shutil.copyfile(item, folder / item.name)
+    if fmt == "deepseek_v3":
+        write_deepseek_v3(folder, config)
+    elif is_deepseek_v3(converted):  # read from deepseek_v3, written as our own format
+        config.architectures, config.auto_map = ["MLAForCausalLM"], dict(AUTO_MAP)
+        config.save_pretrained(folder)
+        copy_remote_code(folder)
+
+
+def _verify(model, folder: Path, val: torch.LongTensor, micro: int, device, evals: list[dict],
+            dtype: torch.dtype) -> dict:
+    """The export in ``folder`` reloaded in place of ``model``: MLAError unless it reproduces the last validation."""
+    final = evals[-1] if evals else None
+    model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
+    reloaded = load_mla(folder).to(device)
+    nll = _nll(reloaded, val, micro)
+    del reloaded
+    verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
+    if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
+        raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
+                       f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
+    return verify
+
+
+def _recovery_record(cfg: RecoverConfig, teacher: str, history: list[dict], evals: list[dict], n_train: int,
+                     processes: int, local: dict | None, verify: dict | None, started: float) -> dict:
+    """The ``recovery`` entry of the export's mla_conversion.json."""
+    steps = history[-1]["step"] if history else 0
+    return {
+        "teacher": teacher,
+        "data": cfg.data,
+        "steps": steps,
+        "tokens_seen": steps * cfg.batch_size * cfg.seq_len,
+        "settings": asdict(cfg),
+        "trainable_parameters": n_train,
+        "processes": processes,
+        "final_loss": _final_loss(history, "loss"),
+        "final_kl": _final_loss(history, "kl"),
+        "final_ce": _final_loss(history, "ce"),
+        "val": evals,
+        "local": _local_record(local, evals),
+        "verify": verify,
+        "adapter": ADAPTER_DIR,
+        "elapsed_s": round(time.time() - started, 1),
+        "history": history,
+    }
+
+
+def _local_record(local: dict | None, evals: list[dict]) -> dict | None:
+    """The layer-local stage's record, with the validation ratio before it (after it: ``val[0]``)."""
+    if local is None:
+        return None
+    local = dict(local)
+    nll = local.pop("val_nll_before", None)
+    if nll is not None and evals:
+        local["val_ratio_before"] = math.exp(nll) / evals[0]["teacher_val_ppl"]
+    return local
+
+
+def _plot(evals: list[dict], path: Path) -> None:
+    """recovery.png: validation perplexity ratio vs training tokens (skipped without matplotlib)."""
+    if len(evals) < 2:
+        return
+    try:
+        import matplotlib  # optional: the plot is skipped without it
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([e["tokens"] for e in evals], [e["ratio"] for e in evals], marker="o")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("val perplexity / teacher's")
+    ax.set_title("Recovery by distillation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

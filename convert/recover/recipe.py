@@ -1,0 +1,264 @@
+"""The recovery run of ``mla finetune`` as a recipe: one ``Recovery`` whose named phases ``run`` calls in order.
+
+    setup -> load_models -> load_data -> local_stage -> wrap_student -> resume -> prepare -> train -> export
+
+``train`` calls ``train_step`` per optimizer step, ``evaluate(step)`` every ``eval_every`` steps and at both ends, and
+``checkpoint(step)`` every ``checkpoint_every`` steps and on Ctrl-C. What a phase makes (the models, the windows, the
+optimizer, the logs) stays on the instance for the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..device import resolve_device
+from ..errors import MLAError
+from ..sources import check_positions, load_config, load_tokenizer, resolve_source
+from .checkpoint import CKPT_NAME, _fingerprint, _read_checkpoint, _StopFlag, run_inputs, work_dir, write_checkpoint
+from .config import RecoverConfig
+from .export import _export
+from .local import LOCAL_CKPT, run_stage
+from .losses import _nll, distill_loss, lr_at
+from .models import _load_student, _param_bytes, check_teacher, load_teacher, wrap_peft
+from .windows import _val_windows, _windows, batch_rows
+
+
+class Recovery:
+    """Recover the converted model ``converted`` (its ``record``: its mla_conversion.json) into ``out`` by
+    distillation from ``teacher``; checkpoints in ``ckpt_dir`` (default OUT.ckpt)."""
+
+    def __init__(self, converted: Path, out: Path, record: dict, teacher: str, cfg: RecoverConfig, overwrite: bool,
+                 restart: bool, ckpt_dir: Path | None, log):
+        self.started = time.time()
+        self.converted, self.out, self.record, self.teacher, self.cfg = converted, out, record, teacher, cfg
+        self.overwrite, self.restart, self.log = overwrite, restart, log
+        self.ckpt_dir = ckpt_dir or work_dir(out)
+        self.ckpt_path = self.ckpt_dir / CKPT_NAME
+        self.local_record = None  # the layer-local stage's, when it runs
+        self.start_step, self.history, self.evals, self.teacher_nll = 0, [], [], None
+
+    def run(self) -> dict | None:
+        """Every phase in order; the export's record (None in the processes other than the main one)."""
+        self.setup()
+        self.load_models()
+        self.load_data()
+        if self.cfg.local_tokens:
+            self.local_stage()
+        self.wrap_student()
+        self.resume()
+        self.prepare()
+        self.train()
+        return self.export()
+
+    def setup(self) -> None:
+        """The accelerator (CPU or CUDA, bf16 autocast or not), this process's share of a batch, the logger."""
+        from accelerate import Accelerator  # accelerate: heavy, only for training
+
+        cfg = self.cfg
+        cuda = resolve_device(cfg.device, "device=").type == "cuda"
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.acc = acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+        self.main = acc.is_main_process
+        # tqdm.write keeps messages off the progress bar's line
+        self.say = (tqdm.write if self.log is print else self.log) if self.main else (lambda *_: None)
+        if cfg.batch_size % acc.num_processes:
+            raise MLAError(f"batch_size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
+        self.local_batch = cfg.batch_size // acc.num_processes
+        self.micro = min(cfg.micro_batch or self.local_batch, self.local_batch)
+
+    def load_models(self) -> None:
+        """The student (the converted model) and the teacher's source and config, checked against the export."""
+        self.student = _load_student(self.converted)
+        self.say(f"teacher: {self.teacher}")
+        self.teacher_source = resolve_source(self.teacher)
+        self.teacher_config = load_config(self.teacher_source)
+        check_teacher(self.teacher, self.teacher_config, self.student.config, self.record)
+        check_positions(self.teacher_config, self.cfg.seq_len, "seq_len", self.teacher)
+
+    def load_data(self) -> None:
+        """The training and validation windows, what identifies the run, and its checkpoint (if any) to resume."""
+        cfg, acc = self.cfg, self.acc
+        tokenizer = load_tokenizer(self.teacher_source)
+        self.windows = _windows(tokenizer, cfg)  # (N, seq_len) token ids
+        self.val = _val_windows(tokenizer, cfg)  # (val_tokens // seq_len, seq_len) or None
+        self.inputs = run_inputs(self.converted, self.teacher_source, self.windows, self.val)
+        self.fingerprint = _fingerprint(cfg, self.inputs)
+        self.saved = _read_checkpoint(self.ckpt_path, self.fingerprint, cfg, self.inputs, self.restart)
+        self.total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+        self.say(f"training text: {cfg.data} ({len(self.windows)} windows of {cfg.seq_len}); {self.total_steps} steps "
+                 f"of {cfg.batch_size} x {cfg.seq_len} tokens"
+                 f"{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
+
+    def local_stage(self) -> None:
+        """The layer-local stage (``local.py``) on the student, in place."""
+        self.local_record = run_stage(self.student, self.teacher_source, self.teacher_config, self.windows, self.val,
+                                      self.cfg, self.acc.device, self.ckpt_dir, (self.fingerprint, self.inputs),
+                                      self.restart, self.main, self.say)
+
+    def wrap_student(self) -> None:
+        """LoRA and trainable copies on the student (peft), gradient checkpointing if asked, the optimizer."""
+        cfg = self.cfg
+        if cfg.gradient_checkpointing:
+            if hasattr(self.student, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+                self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = wrap_peft(self.student, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_train = sum(p.numel() for p in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    def resume(self) -> None:
+        """The trained tensors, optimizer, logs and RNG of this run's checkpoint; else a fresh seed."""
+        saved = self.saved
+        if saved is None:
+            torch.manual_seed(self.cfg.seed)
+            return
+        missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(saved["trainable"])
+        if missing:
+            raise MLAError(f"checkpoint {self.ckpt_path} lacks {len(missing)} trained tensors; re-run with --restart")
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in saved["trainable"]:
+                    p.copy_(saved["trainable"][name])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.start_step, self.history, self.evals = saved["step"], saved["history"], saved["evals"]
+        self.teacher_nll = saved.get("teacher_nll")
+        torch.set_rng_state(saved["rng"])
+        self.say(f"resuming from {self.ckpt_path} at step {self.start_step}/{self.total_steps}")
+
+    def prepare(self) -> None:
+        """The student and optimizer handed to accelerate; the teacher's weights loaded beside the student."""
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.inner = self.acc.unwrap_model(self.model)
+        self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device)
+        self.say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
+                 f"its own {(_param_bytes(self.teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
+
+    def train(self) -> None:
+        """Distillation from ``start_step`` to the last step; on Ctrl-C a checkpoint, then KeyboardInterrupt."""
+        cfg, total = self.cfg, self.total_steps
+        if self.start_step == 0 and not self.evals:
+            self.evaluate(0)
+        self.model.train()
+        bar = tqdm(range(self.start_step, total), desc="recover", unit="step", initial=self.start_step, total=total,
+                   disable=not self.main)
+        self.t_run, self.steps_run = time.time(), 0
+        with _StopFlag() as stop:
+            for step in bar:
+                self.train_step(step, bar)
+                done = step + 1
+                if done % cfg.eval_every == 0 and done < total:
+                    self.evaluate(done)
+                if done % cfg.checkpoint_every == 0 or stop.set:
+                    self.checkpoint(done)
+                if stop.set and done < total:
+                    bar.close()
+                    self.say(f"interrupted: checkpoint at step {done}/{total} in {self.ckpt_dir}; re-run the same "
+                             "command to resume")
+                    raise KeyboardInterrupt
+        bar.close()
+        if not self.evals or self.evals[-1]["step"] != total:
+            self.evaluate(total)
+            self.checkpoint(total)
+
+    def train_step(self, step: int, bar) -> None:
+        """One optimizer step on this process's rows of the step's batch; MLAError on a non-finite loss or gradient."""
+        cfg, acc = self.cfg, self.acc
+        lr = lr_at(step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rows = batch_rows(step, cfg.batch_size, len(self.windows), cfg.seed)
+        local = rows[acc.process_index * self.local_batch:(acc.process_index + 1) * self.local_batch]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, kl_sum, ce_sum, hid_sum = self._accumulate(local)
+        if acc.num_processes > 1:  # log the global batch's losses, and stop on every process together
+            sums = acc.reduce(torch.tensor([loss_sum, kl_sum, ce_sum, hid_sum], device=acc.device), reduction="mean")
+            loss_sum, kl_sum, ce_sum, hid_sum = (float(v) for v in sums)
+        if not math.isfinite(loss_sum):
+            raise MLAError(_nonfinite("loss", loss_sum, step, cfg, self.ckpt_path))
+        params = self.params
+        grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
+                          torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if not math.isfinite(grad_norm):
+            raise MLAError(_nonfinite("gradient norm", grad_norm, step, cfg, self.ckpt_path))
+        self.optimizer.step()
+        self.steps_run += 1
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.history.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_sum, "kl": kl_sum,
+                             "ce": ce_sum, "hidden": hid_sum, "lr": lr, "grad_norm": grad_norm})
+        rate = self.steps_run * tokens_per_step / (time.time() - self.t_run)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+
+    def _accumulate(self, local: torch.LongTensor) -> tuple[float, float, float, float]:
+        """Forward and backward over ``local`` (row indices) in micro-batches: the (loss, kl, ce, hidden) means."""
+        cfg, acc = self.cfg, self.acc
+        kl_sum = ce_sum = loss_sum = hid_sum = 0.0
+        for part in local.split(self.micro):
+            ids = self.windows[part].to(acc.device)  # (micro, seq_len)
+            hidden_states = cfg.hidden_weight > 0
+            with torch.no_grad(), acc.autocast():
+                t_out = self.teacher_model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+            with acc.autocast():
+                s_out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+            loss, kl, ce, hid = distill_loss(s_out, t_out, ids, cfg)
+            weight = len(part) / len(local)
+            acc.backward(loss * weight)
+            loss_sum += float(loss.detach()) * weight
+            kl_sum += float(kl) * weight
+            ce_sum += float(ce) * weight
+            hid_sum += float(hid) * weight
+            del t_out, s_out, loss
+        return loss_sum, kl_sum, ce_sum, hid_sum
+
+    def evaluate(self, step: int) -> None:
+        """Validation perplexity after ``step`` steps, and its ratio to the teacher's (no-op without val_data)."""
+        if self.val is None:
+            return
+        cfg = self.cfg
+        if self.teacher_nll is None:
+            self.teacher_nll = _nll(self.teacher_model, self.val, self.micro)
+        self.inner.eval()
+        nll = _nll(self.inner, self.val, self.micro)
+        self.inner.train()
+        teacher_nll = self.teacher_nll
+        self.evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "val_ppl": math.exp(nll),
+                           "teacher_val_ppl": math.exp(teacher_nll), "ratio": math.exp(nll - teacher_nll)})
+        self.say(f"step {step}: val perplexity {math.exp(nll):.2f} ({math.exp(nll - teacher_nll):.3f}x the teacher's)")
+
+    def checkpoint(self, step: int) -> None:
+        """The run's state after ``step`` steps to ``OUT.ckpt/checkpoint.pt`` (by the main process)."""
+        if self.main:
+            write_checkpoint(self.ckpt_path, self.fingerprint, self.cfg, self.inputs, step, self.inner, self.optimizer,
+                             self.history, self.evals, self.teacher_nll)
+        self.acc.wait_for_everyone()
+
+    def export(self) -> dict | None:
+        """OUT written (``export.py``) by the main process; then the checkpoints are removed."""
+        result = None
+        self.optimizer.zero_grad(set_to_none=True)
+        del self.optimizer, self.teacher_model  # the export needs neither: free their memory first
+        if self.main:
+            result = _export(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
+                             self.evals, self.n_train, self.overwrite, self.val, self.micro, self.acc, self.started,
+                             self.ckpt_dir, self.local_record)
+        self.acc.wait_for_everyone()
+        if self.main:
+            for path in (self.ckpt_path, self.ckpt_dir / LOCAL_CKPT):
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # a save cut short by a kill
+            with contextlib.suppress(OSError):
+                self.ckpt_dir.rmdir()
+        return result
+
+
+def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:
+    kept = f"the last checkpoint ({ckpt_path}) is kept" if ckpt_path.exists() else "no checkpoint was written"
+    return (f"{what} became {value} at step {step + 1}; stopped ({kept}). Lower lr (now {cfg.lr:g}) or check the "
+            "converted weights and the training text")

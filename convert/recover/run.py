@@ -1,0 +1,99 @@
+"""The entry points of the stage: ``finetune`` (``mla finetune CONVERTED OUT``) and ``convert_and_recover`` (``mla
+convert SRC OUT --recipe FILE`` with a ``recover:`` section). They check the settings, the inputs and OUT, lock OUT and
+run the recipe (``recipe.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..data import source_paths
+from ..errors import MLAError, quote
+from ..files import check_out, out_lock
+from ..pipeline import convert
+from ..save import write_json
+from ..sources import input_paths
+from .checkpoint import work_dir
+from .config import RecoverConfig
+from .models import _read_record, output_format
+from .recipe import Recovery
+from .windows import data_inputs
+
+
+def _is_main_launch_process() -> bool:
+    """False in the non-zero ranks of torchrun / accelerate launch (only rank 0 locks and writes OUT)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
+             ckpt_dir: Path | None = None, teacher: str | None = None, log=print, inputs=()) -> dict:
+    """Recover CONVERTED by distillation into OUT (atomic); resumable from ``ckpt_dir`` (default OUT.ckpt).
+
+    ``inputs``: more local paths the command reads (a recipe) that OUT must not replace.
+    """
+    cfg.validate()
+    converted = Path(converted).expanduser().resolve()
+    record = _read_record(converted)
+    recorded = record.get("source", {})
+    teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
+    if teacher and not isinstance(teacher, str):
+        raise MLAError(f"{converted}/mla_conversion.json is malformed: its source names {quote(teacher)}, not a "
+                       "model; set teacher=...")
+    if not teacher:
+        raise MLAError(f"no teacher: {converted}/mla_conversion.json names no source; set teacher=...")
+    output_format(converted, cfg)
+    readers = [converted, *input_paths(teacher), *data_inputs(cfg), *inputs]
+    out = check_out(out, overwrite, readers)
+    if ckpt_dir is None:
+        check_out(work_dir(out), True, readers, what="the checkpoint folder")
+    lock = out_lock(out) if _is_main_launch_process() else contextlib.nullcontext()
+    with lock:
+        try:
+            return Recovery(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log).run()
+        except BaseException:  # checkpoints stay for the next run to resume from; an empty folder does not
+            with contextlib.suppress(OSError):
+                (ckpt_dir or work_dir(out)).rmdir()
+            raise
+
+
+def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print,
+                        inputs=()) -> dict:
+    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go.
+
+    The training-free conversion is kept in ``OUT.ckpt/converted`` (with the training checkpoints) until OUT is
+    written, so re-running the same command after a kill resumes instead of converting again.
+    """
+    rcfg.validate()
+    ccfg.validate()
+    readers = [*input_paths(src), *source_paths(ccfg.calib), *data_inputs(rcfg), *inputs]
+    out = check_out(out, ccfg.overwrite, readers)
+    check_out(work_dir(out), True, readers, what="the checkpoint folder")
+    with out_lock(out):
+        return _convert_and_recover(src, out, ccfg, rcfg, restart, log)
+
+
+def _convert_and_recover(src: str, out: Path, ccfg, rcfg: RecoverConfig, restart: bool, log) -> dict:
+    work = work_dir(out)
+    converted = work / "converted"
+    settings_path = work / "convert_settings.json"
+    settings = {"src": src, **asdict(replace(ccfg, overwrite=False))}
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if (converted / "mla_conversion.json").exists():
+        old = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise MLAError(f"{work} holds a conversion with other settings (changed: {', '.join(changed)}); "
+                           "re-run with --restart to discard it")
+        log(f"reusing the conversion in {converted}")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        convert(src, converted, replace(ccfg, overwrite=True), log=log)
+        write_json(settings_path, settings)
+    record = finetune(converted, out, rcfg, overwrite=ccfg.overwrite, ckpt_dir=work, teacher=src, log=log)
+    shutil.rmtree(work, ignore_errors=True)
+    return record
