@@ -36,9 +36,23 @@ def compute_dtype(device: torch.device, src_config) -> torch.dtype:
     return src if device.type == "cuda" and src in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory, in bytes: ``VmHWM`` of ``/proc/self/status`` (its address space since
+    it started), else ``getrusage``. On Linux ``ru_maxrss`` of a child started with vfork/posix_spawn (as Python's
+    ``subprocess`` does) starts from its parent's peak, which would overstate a small child's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process so far (and of the GPU when used), in bytes."""
-    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import read_layout, text_config
+from .adapters import text_config
 from .allocate import convert_layers, plan
 from .config import ConvertConfig
 from .data import calibration_data, source_paths
@@ -48,10 +48,9 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     """The stages in order; each call below goes to the file that owns that stage."""
     clock = StageClock()
     device = resolve_device(cfg.device)
-    source, full_config = open_source(src, {"--calib-len": cfg.calib_len})  # sources, weights
+    source, full_config, layout = open_source(src, {"--calib-len": cfg.calib_len})  # sources, adapters, weights
     tokenizer = load_tokenizer(source)
-    layout = read_layout(full_config)  # adapters
-    src_config = text_config(full_config)  # the model that is converted (a multimodal checkpoint's text model)
+    src_config = text_config(full_config)  # adapters: the model converted (a multimodal checkpoint's text model)
     _announce(source, layout, device, log)
     plans, strided = plan(layout, cfg)  # allocate: validates the ranks / budget before any work
     deepseek = cfg.format == "deepseek_v3"

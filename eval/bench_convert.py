@@ -5,8 +5,8 @@
 
 No real 1B+ model can be had here, so this writes (once, into the user cache) a bf16 checkpoint of the named shape
 with random weights, tensor by tensor (never the whole model in memory), and the SmolLM2 tokenizer (or
-``--tokenizer``). Then ``mla convert`` runs on it in a child process; its peak RSS (from the kernel, ``wait4``), wall
-time and the per-stage times it records in ``mla_conversion.json`` are reported. ``--load-check`` then loads the export
+``--tokenizer``). Then ``mla convert`` runs on it in a child process; its own peak RSS (``VmHWM``, which the child
+records), wall time and the per-stage times it records in ``mla_conversion.json`` are reported. ``--load-check`` then loads the export
 with ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True, dtype=torch.bfloat16)`` in another child and
 checks finite logits. The perplexity of random weights means nothing: exactness is tested on tiny models and SmolLM2.
 """
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from convert.adapters import HEAD
 from convert.cache import cache_dir
 from convert.errors import MLAError
 from convert.files import atomic_dir, check_out, check_out_file, out_lock, write_text
@@ -99,7 +100,7 @@ def write_random_checkpoint(shape: str, folder: Path, tokenizer_src: str, seed: 
             from tqdm.auto import tqdm
 
             for name, meta in tqdm(names.items(), desc=f"write random {shape}", unit="tensor"):
-                if name == "lm_head.weight" and config.tie_word_embeddings:
+                if name == HEAD and config.tie_word_embeddings:
                     continue
                 if name.endswith("norm.weight"):
                     t = torch.ones(meta.shape, dtype=torch.bfloat16)
@@ -118,14 +119,15 @@ def write_random_checkpoint(shape: str, folder: Path, tokenizer_src: str, seed: 
 
 
 def _child(cmd: list[str]) -> tuple[int, float, int, str]:
-    """Run ``cmd``; return (exit code, wall seconds, its peak RSS in bytes from the kernel, output tail)."""
+    """Run ``cmd``; return (exit code, wall seconds, output tail). Peaks come from the child itself (VmHWM): the
+    kernel's ``wait4`` figure of a vfork/posix_spawn child starts from this process's own peak."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as log:
         started = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status = os.waitpid(proc.pid, 0)
         except BaseException:  # Ctrl-C, SIGTERM: the child goes too (and cleans up after itself)
             proc.terminate()
             proc.wait()
@@ -134,12 +136,13 @@ def _child(cmd: list[str]) -> tuple[int, float, int, str]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         tail = log.read()[-4000:]
-    return proc.returncode, wall, usage.ru_maxrss * 1024, tail
+    return proc.returncode, wall, tail
 
 
 _LOAD_CHECK = """
-import json, sys, resource, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
+from convert.device import peak_rss_bytes
 out = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
 ids = torch.randint(3, min(1000, model.config.vocab_size), (1, 16), generator=torch.Generator().manual_seed(0))
@@ -152,7 +155,7 @@ per_token = sum(t.numel() * t.element_size() for layer in cache.layers for t in 
 print(json.dumps({"model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype), "finite": bool(torch.isfinite(logits).all()),
                   "cache_bytes_per_token": per_token,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
@@ -178,11 +181,12 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
     cmd = [sys.executable, "-m", "convert.cli", "convert", str(src), str(out), *(["--overwrite"] if overwrite else []),
            *args]
     log("running: " + " ".join(cmd[2:]))
-    code, wall, rss, tail = _child(cmd)
+    code, wall, tail = _child(cmd)
     if code != 0:
         raise MLAError(f"mla convert failed on {shape} (exit {code}): {tail.strip().splitlines()[-1] if tail else ''}")
     record = json.loads((out / "mla_conversion.json").read_text())
     prof = record["profile"]
+    rss = prof["peak_rss_bytes"]  # the child's own peak (VmHWM), recorded by mla convert at its end
     result = {
         "shape": shape, "source": str(src), "out": str(out), "convert_args": args,
         "source_bytes": prof["source_bytes"], "export_bytes": prof["export_bytes"],
@@ -194,7 +198,7 @@ def bench_convert(shape: str, convert_args: list[str] | None = None, out: str | 
         "cpu_count": os.cpu_count(),
     }
     if load_check:
-        code, _, lrss, tail = _child([sys.executable, "-c", _LOAD_CHECK, str(out)])
+        code, _, tail = _child([sys.executable, "-c", _LOAD_CHECK, str(out)])
         if code != 0:
             raise MLAError(f"the export of {shape} did not load: {tail.strip().splitlines()[-1] if tail else ''}")
         check = json.loads(tail.strip().splitlines()[-1])

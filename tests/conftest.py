@@ -218,10 +218,10 @@ def _no_progress_output(monkeypatch):
     """Progress bars (ours and transformers') and transformers' load report are not error output: silence them."""
     import convert.allocate
     import convert.calibrate
-    import convert.pipeline
+    import convert.layerwise
     from transformers.utils import logging as hf_logging
 
-    for module in (convert.pipeline, convert.calibrate, convert.allocate):
+    for module in (convert.layerwise, convert.calibrate, convert.allocate):
         monkeypatch.setattr(module, "tqdm", lambda iterable, **kwargs: iterable)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -290,7 +290,7 @@ def _edit_config(src: Path, folder: Path, **changes) -> Path:
 
 def _paused_convert(src: Path, out: Path, seconds: float, *flags) -> subprocess.Popen:
     """``mla convert`` in a subprocess that pauses ``seconds`` once its export is complete in the temporary folder."""
-    code = ("import time, convert.pipeline as p; real = p.write_json; "
+    code = ("import time, convert.export as p; real = p.write_json; "
             "p.write_json = lambda *a, **k: (real(*a, **k), time.sleep(%r)); "
             "from convert.cli import main; raise SystemExit(main(['convert', %r, %r, *%r]))"
             % (seconds, str(src), str(out), [*FAST, *flags]))

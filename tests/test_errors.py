@@ -235,12 +235,12 @@ def test_out_is_a_file(src, tmp_path, capsys):
 @pytest.mark.parametrize("late_step", ["write_json", "copy_remote_code"])
 def test_interrupt_leaves_nothing(late_step, existing, src, tmp_path, capsys, monkeypatch):
     """Ctrl-C late in the pipeline: exit 130, one line, no new OUT, no temp sibling, an old OUT intact."""
-    import convert.pipeline
+    import convert.export
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.pipeline, late_step, interrupt)
+    monkeypatch.setattr(convert.export, late_step, interrupt)
     out = tmp_path / "out"
     if existing:
         out.mkdir()

@@ -63,6 +63,7 @@ def _owner(name: str) -> str:
 
 
 def graph():
+    """({module: modules it imports}, [(file, line, text) of each project import inside a function])."""
     edges = {}
     lazy = []
     for package in PACKAGES:
@@ -70,9 +71,8 @@ def graph():
             here = module_name(path)
             edges.setdefault(here, set())
             for target, line, inner, text in imports(path):
-                if target != here and not target.startswith(here + ".") or path.name != "__init__.py":
-                    if target != here:
-                        edges[here].add(target)
+                if target != here:
+                    edges[here].add(target)
                 if inner:
                     lazy.append((path.relative_to(ROOT), line, text))
     return edges, lazy

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import HEAD
 from ..deepseek import is_deepseek_v3, load_mla, write_deepseek_v3
 from ..errors import MLAError
 from ..files import atomic_dir
@@ -69,7 +70,7 @@ def _save_merged(model, folder: Path, dtype: torch.dtype):
     merged = model.merge_and_unload()
     state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
     if merged.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        state.pop(HEAD, None)
     save_state_dict(state, folder)
     config = merged.config
     config.dtype = dtype

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import read_layout, text_config
+from ..adapters import attention_prefix, read_layout, text_config
 from ..config import split_list
 from ..errors import MLAError
 from ..layerwise import LayerwiseModel, causal_mask
@@ -50,7 +50,7 @@ def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Pa
     """The parameters of layer ``i``'s attention that the stage trains: those of its modules in ``full_targets``
     (matched as suffixes of module paths, as peft's ``modules_to_save``)."""
     targets = split_list(cfg.full_targets)
-    prefix = f"model.layers.{i}.self_attn"
+    prefix = attention_prefix(i).rstrip(".")
     att = student.model.layers[i].self_attn
     out = {}
     for name, module in att.named_modules():

@@ -11,7 +11,7 @@ import torch
 
 from mla_modeling.configuration_mla import MLAConfig
 
-from ..adapters import read_layout, text_config
+from ..adapters import HEAD, read_layout, text_config
 from ..config import split_list
 from ..deepseek import check_deepseek_v3, is_deepseek_v3, load_mla
 from ..errors import MLAError, quote
@@ -92,7 +92,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
         frozen[key] = p
     model = skeleton(config)
-    names = [n for n in model.state_dict() if n != "lm_head.weight" or not config.tie_word_embeddings]
+    names = [n for n in model.state_dict() if n != HEAD or not config.tie_word_embeddings]
     reader = open_reader(source, config)  # a GGUF, .bin or Hub id is loaded whole: its shared copies are then freed
     state, shared = {}, 0
     for name in names:
@@ -104,7 +104,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
         state[name] = t
     del reader
     result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys or [k for k in result.missing_keys if k != "lm_head.weight"]:
+    if result.unexpected_keys or [k for k in result.missing_keys if k != HEAD]:
         raise MLAError(f"internal error: the teacher's weights do not fit its architecture ({result})")
     with torch.device(device):
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
