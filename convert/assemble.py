@@ -130,19 +130,9 @@ def _q_scale(layout, d_rope: int) -> float:
     return layout.attention_scale * math.sqrt(layout.head_dim + d_rope)
 
 
-def assemble(w: AttentionWeights, dec: Decomposition, layout, rank: int, rope_scaling: float = 1.0,
-             rotary_dim: int | None = None, norm_samples: tuple | None = None, report: dict | None = None):
-    """Return the new attention tensors of one layer (float64, names relative to ``self_attn``).
-
-    ``rope_scaling``: the RoPE's attention scaling (YaRN, LongRoPE), which the source applies to the cos/sin of its
-    first ``rotary_dim`` dims: the no-RoPE query rows of those dims carry its square.
-    ``norm_samples``: ``(x~ (M, d+1), w_k, w_v)`` calibration tokens: the latent is normalised (``kv_a_layernorm``,
-    DeepSeek's latent RMSNorm, gain 1) and the up-projection fitted on them (``factorize.normalised_latent``);
-    ``report`` receives the fit (relative errors with and without the norm)."""
-    g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
-    group = n_h // g
-    d_rope = dec.split.d_rope
-    r_pe, r_nope = dec.split.rotation[:d_rope], dec.split.rotation[d_rope:]  # (d_rope, g*d_h), (D_n, g*d_h)
+def _latent(dec: Decomposition, layout, rank: int, norm_samples: tuple | None, report: dict | None):
+    """``(down (r, d+1), up_k (D_n, r), up_v (g*d_h, r), the latent norm's gain or None)``: the joint K/V latent of
+    rank ``rank``, normalised and refitted on ``norm_samples`` when given (see ``assemble``)."""
     n_key = dec.n_key
     down, up = joint_latent(dec.z_aug, n_key, rank, dec.method, dec.stats, dec.spectrum)
     latent_gain = None  # the latent norm's gain (kv_a_layernorm), when the latent is normalised
@@ -156,7 +146,23 @@ def assemble(w: AttentionWeights, dec: Decomposition, layout, rank: int, rope_sc
         latent_gain = torch.ones(rank, dtype=torch.float64)
         if report is not None:
             report.update(fit)
-    up_k, up_v = up[:n_key], up[n_key:]  # (D_n, r), (g*d_h, r)
+    return down, up[:n_key], up[n_key:], latent_gain
+
+
+def assemble(w: AttentionWeights, dec: Decomposition, layout, rank: int, rope_scaling: float = 1.0,
+             rotary_dim: int | None = None, norm_samples: tuple | None = None, report: dict | None = None):
+    """Return the new attention tensors of one layer (float64, names relative to ``self_attn``).
+
+    ``rope_scaling``: the RoPE's attention scaling (YaRN, LongRoPE), which the source applies to the cos/sin of its
+    first ``rotary_dim`` dims: the no-RoPE query rows of those dims carry its square.
+    ``norm_samples``: ``(x~ (M, d+1), w_k, w_v)`` calibration tokens: the latent is normalised (``kv_a_layernorm``,
+    DeepSeek's latent RMSNorm, gain 1) and the up-projection fitted on them (``factorize.normalised_latent``);
+    ``report`` receives the fit (relative errors with and without the norm)."""
+    g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
+    group = n_h // g
+    d_rope = dec.split.d_rope
+    r_pe, r_nope = dec.split.rotation[:d_rope], dec.split.rotation[d_rope:]  # (d_rope, g*d_h), (D_n, g*d_h)
+    down, up_k, up_v, latent_gain = _latent(dec, layout, rank, norm_samples, report)
 
     scale = _q_scale(layout, d_rope)
     rotary_dim = d_h if rotary_dim is None else rotary_dim

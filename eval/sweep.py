@@ -137,6 +137,60 @@ def sweep(src: str, out: str | Path | None, budgets: list[float], methods: list[
         return _sweep(src, out, budgets, methods, base, configs, text, tokens, seq_len, overwrite, plot, log)
 
 
+def _usable_methods(layout, methods: list[str], configs: dict, log) -> list[str]:
+    """``methods`` without those a source with QK-norm cannot use (the weight-only SVD cannot see the key norm)."""
+    if not layout.qk_norm:
+        return methods
+    dropped = [m for m in methods if configs[m].factor_method == "svd"]
+    kept = [m for m in methods if m not in dropped]
+    if not kept:
+        raise MLAError(f"{', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}; "
+                       "choose other --methods")
+    if dropped:
+        log(f"skipping {', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}")
+    return kept
+
+
+def _point(method: str, budget: float, cfg: ConvertConfig, setup: dict, original: float, log) -> dict:
+    """One (method, budget) point: every layer converted from the statistics in memory, then its perplexity."""
+    t0 = time.time()
+    layout, reader, src_config, device, out = (setup[k] for k in ("layout", "reader", "src_config", "device", "out"))
+    state = dict(part for n in reader.names() if not is_attention(n)
+                 for part in layout.export_tensors(n, reader.get([n])[n]))
+
+    def sink(i, tensors, freq_index, state=state):
+        state.update({attention_prefix(i) + n: t.float() for n, t in tensors.items()})
+
+    converter = layer_converter(layout, cfg, check_plan(layout, cfg), reader, sink, Spill(out.parent, float("inf")))
+    for i, st in enumerate(setup["stats"]):
+        converter.add(i, st)
+    plans, freqs = converter.finish()
+    mla = _in_memory(state, build_config(src_config, layout, plans, freqs, torch.float32)).to(device)
+    ppl = perplexity(mla, setup["windows"], cfg.batch_size, desc=f"ppl {method} {budget:g}")
+    del mla, state
+    values = sum(p.rank + p.d_rope for p in plans) / layout.num_layers
+    log(f"{method:>10} budget {budget:<7g} ppl {ppl:9.2f}  ratio {ppl / original:7.2f}x")
+    return {"method": method, "budget": budget, "achieved_budget": values / layout.kv_values_per_token_layer,
+            "values_per_layer": values, "perplexity": ppl, "ratio": ppl / original,
+            "seconds": round(time.time() - t0, 1), "kv_lora_rank": [p.rank for p in plans],
+            "qk_rope_head_dim": [p.d_rope for p in plans]}
+
+
+def _write(out: Path, overwrite: bool, result: dict, table: str, plot_title: str | None) -> None:
+    """sweep.json, .md, .csv (and .png) into ``out``, atomically."""
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "sweep.md").write_text(table + "\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["method", "budget", "achieved_budget", "values_per_layer",
+                                                 "perplexity", "ratio", "seconds"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["rows"])
+        (tmp / "sweep.csv").write_text(buf.getvalue())
+        if plot_title is not None:
+            _plot(result["rows"], tmp / "sweep.png", plot_title)
+
+
 def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: dict, text: str, tokens: int,
            seq_len: int, overwrite: bool, plot: bool, log) -> dict:
     started = time.time()
@@ -146,14 +200,7 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
     src_config = text_config(full_config)
     check_positions(full_config, base.calib_len, "--calib-len", src)
     check_positions(full_config, seq_len, "--seq-len", src)
-    if layout.qk_norm:  # the weight-only SVD cannot see the key norm
-        dropped = [m for m in methods if configs[m].factor_method == "svd"]
-        methods = [m for m in methods if m not in dropped]
-        if not methods:
-            raise MLAError(f"{', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}; "
-                           "choose other --methods")
-        if dropped:
-            log(f"skipping {', '.join(dropped)}: a weight-only SVD cannot see the key norm of {layout.model_type}")
+    methods = _usable_methods(layout, methods, configs, log)
     calib_texts = load_sources(base.calib, read_budget((base.calib_seqs + base.verify_seqs) * base.calib_len))
     eval_texts = load_texts(text, read_budget(tokens))  # a long file: only what the windows use
     torch.manual_seed(base.seed)
@@ -168,32 +215,10 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
                         layout.decoder)
     stats = [None] * layout.num_layers
     calibrate(lw, layout, calib, base.batch_size, True, stats.__setitem__, Spill(out.parent, float("inf")))
-    full = layout.kv_values_per_token_layer
-    rows = []
-    for method in methods:
-        for budget in budgets:
-            t0 = time.time()
-            cfg = replace(configs[method], kv_budget=budget)
-            state = dict(part for n in reader.names() if not is_attention(n)
-                         for part in layout.export_tensors(n, reader.get([n])[n]))
-
-            def sink(i, tensors, freq_index, state=state):
-                state.update({attention_prefix(i) + n: t.float() for n, t in tensors.items()})
-
-            converter = layer_converter(layout, cfg, check_plan(layout, cfg), reader, sink,
-                                        Spill(out.parent, float("inf")))
-            for i, st in enumerate(stats):
-                converter.add(i, st)
-            plans, freqs = converter.finish()
-            mla = _in_memory(state, build_config(src_config, layout, plans, freqs, torch.float32)).to(device)
-            ppl = perplexity(mla, windows, base.batch_size, desc=f"ppl {method} {budget:g}")
-            del mla, state
-            values = sum(p.rank + p.d_rope for p in plans) / layout.num_layers
-            row = {"method": method, "budget": budget, "achieved_budget": values / full, "values_per_layer": values,
-                   "perplexity": ppl, "ratio": ppl / original, "seconds": round(time.time() - t0, 1),
-                   "kv_lora_rank": [p.rank for p in plans], "qk_rope_head_dim": [p.d_rope for p in plans]}
-            rows.append(row)
-            log(f"{method:>10} budget {budget:<7g} ppl {ppl:9.2f}  ratio {ppl / original:7.2f}x")
+    setup = {"layout": layout, "reader": reader, "src_config": src_config, "device": device, "out": out,
+             "stats": stats, "windows": windows}
+    rows = [_point(method, budget, replace(configs[method], kv_budget=budget), setup, original, log)
+            for method in methods for budget in budgets]
     table = _table(rows, original)
     result = {
         "source": src, "text": text, "tokens": int(windows.numel()), "seq_len": seq_len,
@@ -202,17 +227,8 @@ def _sweep(src: str, out: Path, budgets, methods, base: ConvertConfig, configs: 
         "original_perplexity": original, "methods": {m: PRESETS[m][1] for m in methods}, "rows": rows,
         "elapsed_s": round(time.time() - started, 1),
     }
-    with atomic_dir(out, overwrite) as tmp:
-        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "sweep.md").write_text(table + "\n")
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["method", "budget", "achieved_budget", "values_per_layer",
-                                                 "perplexity", "ratio", "seconds"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "sweep.csv").write_text(buf.getvalue())
-        if plot:
-            _plot(rows, tmp / "sweep.png", f"{src}: held-out {text}, {windows.numel()} tokens, no fine-tuning")
+    title = f"{src}: held-out {text}, {windows.numel()} tokens, no fine-tuning"
+    _write(out, overwrite, result, table, title if plot else None)
     log(table)
     best = min((r for r in rows if not math.isnan(r["ratio"])), key=lambda r: r["ratio"], default=None)
     log(f"swept {len(methods)} methods x {len(budgets)} budgets on {src} -> {out} in {time.time() - started:.0f}s"
