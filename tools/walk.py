@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("convert", "eval", "mla_modeling")
 BASE = {"convert/errors.py", "convert/cache.py", "convert/files.py", "convert/device.py"}
 ORCHESTRATOR = "convert/pipeline.py"
-ENTRY = {"convert/cli.py", "convert/commands.py"}
+ENTRY = {"convert/cli.py", "convert/commands.py", "convert/recover/run.py"}  # the doors that call an orchestrator
 SKIP = {"<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>", "<lambda>", "<module>"}
 
 
-def record(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+def record(argv: list[str], orchestrator: str = ORCHESTRATOR) -> tuple[list[str], list[str], list[str]]:
     """(every visit, the orchestrator's calls, the calls back into the orchestrator): project files in call order."""
     files, orchestrated, callbacks = [], [], []
     prefix = str(ROOT) + "/"
@@ -43,9 +43,9 @@ def record(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
         if not files or files[-1] != rel:
             files.append(rel)
         caller = project_file(frame.f_back)
-        if caller == ORCHESTRATOR and rel != ORCHESTRATOR:
+        if caller == orchestrator and rel != orchestrator:
             orchestrated.append(rel)
-        elif rel == ORCHESTRATOR and caller not in (None, ORCHESTRATOR) and caller not in ENTRY:
+        elif rel == orchestrator and caller not in (None, orchestrator) and caller not in ENTRY:
             callbacks.append(f"{caller} -> {frame.f_code.co_name}")
 
     from convert.cli import main
@@ -81,17 +81,19 @@ def collapse(visits: list[str]) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write both walks to this file")
+    parser.add_argument("--orchestrator", default=ORCHESTRATOR,
+                        help=f"the file whose direct calls make the orchestrator's walk (default {ORCHESTRATOR})")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the mla command line")
     a = parser.parse_args()
     argv = a.args[1:] if a.args[:1] == ["--"] else a.args
-    visits, orchestrated, callbacks = record(argv)
+    visits, orchestrated, callbacks = record(argv, a.orchestrator)
     result = {"all": summary(visits), "orchestrator": summary(collapse([f for f in orchestrated if f not in BASE])),
               "callbacks_into_orchestrator": callbacks}
     for key in ("all", "orchestrator"):
         r = result[key]
         print(f"{key}: {r['files']} files, {r['visits']} visits, {r['returns']} returns {r['returns_by_file']}")
     print("orchestrator walk:", " > ".join(Path(f).stem for f in result["orchestrator"]["walk"]))
-    print(f"calls back into {ORCHESTRATOR}: {len(callbacks)} {sorted(set(callbacks))}")
+    print(f"calls back into {a.orchestrator}: {len(callbacks)} {sorted(set(callbacks))}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
 
