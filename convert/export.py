@@ -197,20 +197,20 @@ def write_export_files(folder: Path, config, tokenizer, source):
     return config
 
 
-def write_record(folder: Path, record: dict, verify: dict, deepseek: dict | None, run: dict) -> dict:
+def write_record(folder: Path, record: dict, verify: dict, deepseek: dict | None, *, source, device, compute_dtype,
+                 clock, layer_seconds: dict) -> dict:
     """``mla_conversion.json``: ``record`` (``conversion_record``), the verification, the deepseek_v3 rewrite (if
-    any), the run's time and profile (``run``: device, compute dtype, clock, converter, source, number of layers)."""
+    any), the run's time and profile (``layer_seconds``: the per-layer maths' seconds by step)."""
     record["verify"] = verify
     if deepseek is not None:
         record["deepseek_v3"] = deepseek
-    converter, device = run["converter"], run["device"]
-    record["elapsed_s"] = run["clock"].elapsed()
+    record["elapsed_s"] = clock.elapsed()
     record["profile"] = {
-        "device": str(device), "compute_dtype": str(run["compute_dtype"]).replace("torch.", ""),
-        **peak_memory(device), "stage_s": run["clock"].stages,
-        "layer_maths_s": {k: round(v, 2) for k, v in converter.seconds.items()},
-        "layer_maths_s_per_layer": round(sum(converter.seconds.values()) / run["num_layers"], 3),
-        "source_bytes": folder_bytes(run["source"].local), "export_bytes": folder_bytes(folder),
+        "device": str(device), "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        **peak_memory(device), "stage_s": clock.stages,
+        "layer_maths_s": {k: round(v, 2) for k, v in layer_seconds.items()},
+        "layer_maths_s_per_layer": round(sum(layer_seconds.values()) / record["source"]["num_layers"], 3),
+        "source_bytes": folder_bytes(source.local), "export_bytes": folder_bytes(folder),
     }
     write_json(folder / "mla_conversion.json", record)
     return record

@@ -74,10 +74,9 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
         if deepseek:  # the verified MLA model, rewritten as the stock format (the same model)
             written = _write_deepseek(tmp, config, converter, layout, log)
             clock.lap("write deepseek_v3")
-        run = {"converter": converter, "device": device, "compute_dtype": work_dtype, "clock": clock,
-               "source": source, "num_layers": layout.num_layers}
         record = conversion_record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
-        write_record(tmp, record, verify_result, written, run)
+        write_record(tmp, record, verify_result, written, source=source, device=device, compute_dtype=work_dtype,
+                     clock=clock, layer_seconds=converter.seconds)
     kv = record["kv_cache"]
     prof = record["profile"]
     fmt = " (stock deepseek_v3)" if cfg.format == "deepseek_v3" else ""

@@ -92,7 +92,7 @@ def _stage_only(setup, out: Path, **extra) -> dict:
 def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     from convert.deepseek import load_mla
     from convert.recover.local import local_windows
-    from convert.recover.windows import _val_windows, _windows
+    from convert.recover.windows import training_windows, validation_windows
     from convert.sources import load_tokenizer, resolve_source
 
     out = setup / "stage"
@@ -103,7 +103,7 @@ def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
         assert e["error_after"] < 0.8 * e["error_before"], e
     # the recorded errors are the ones stock transformers gives on the same windows, before and after
     cfg = RecoverConfig(**_args(setup))
-    ids = local_windows(_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg), cfg)
+    ids = local_windows(training_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg), cfg)
     assert len(ids) == local["windows"] == 32
     before = _attention_errors(setup / "src", setup / "conv", ids)
     after = _attention_errors(setup / "src", out, ids)
@@ -116,7 +116,7 @@ def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     expected = {k for i in range(LAYERS) for k in trained_params(student, i, cfg)}
     assert changed == expected and all(".self_attn." in k for k in changed)
     # the validation ratio before the stage is the conversion's perplexity over the original's on the held-out windows
-    val = _val_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg)
+    val = validation_windows(load_tokenizer(resolve_source(str(setup / "src"))), cfg)
     expected = _perplexity(setup / "conv", val) / _perplexity(setup / "src", val)
     assert local["val_ratio_before"] == pytest.approx(expected, rel=1e-4) and record["val"][0]["step"] == 0
     assert not work_dir(out).exists()

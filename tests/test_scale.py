@@ -253,12 +253,12 @@ def test_teacher_shares_frozen_weights_with_the_student(tiny_models, tmp_path):
     """mla finetune's teacher reuses the student's frozen tensors (embeddings, MLP base weights) and still computes
     exactly the original model's logits."""
     from convert.recover.config import RecoverConfig
-    from convert.recover.models import _load_student, load_teacher, wrap_peft
+    from convert.recover.models import load_student, load_teacher, wrap_peft
     from convert.sources import load_config, load_model, resolve_source
 
     src = tiny_models["qwen2"]  # untied head: embeddings and lm_head both shared
     convert_tiny(src, tmp_path / "conv")
-    student = wrap_peft(_load_student(tmp_path / "conv"), RecoverConfig())
+    student = wrap_peft(load_student(tmp_path / "conv"), RecoverConfig())
     source = resolve_source(str(src))
     teacher, shared = load_teacher(source, load_config(source), student, torch.device("cpu"))
     reference, _ = load_model(source)

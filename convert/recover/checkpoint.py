@@ -75,24 +75,24 @@ def run_inputs(converted: Path, teacher_source, windows: torch.LongTensor, val) 
     }
 
 
-def _fingerprint(cfg: RecoverConfig, inputs: dict[str, str]) -> str:
-    blob = json.dumps({"cfg": _settings(cfg), "inputs": inputs}, sort_keys=True)
+def run_fingerprint(cfg: RecoverConfig, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"cfg": fingerprinted_settings(cfg), "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _settings(cfg: RecoverConfig) -> dict:
+def fingerprinted_settings(cfg: RecoverConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
 
 
 def _changed(state: dict, cfg: RecoverConfig, inputs: dict[str, str]) -> list[str]:
     """The settings keys and the inputs in which ``state`` (a checkpoint) differs from this run."""
-    old, new = state.get("settings", {}), _settings(cfg)
+    old, new = state.get("settings", {}), fingerprinted_settings(cfg)
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     old_inputs = state.get("inputs", {})
     return keys + [name for name, digest in inputs.items() if old_inputs.get(name) != digest]
 
 
-def _read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str],
+def read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str],
                      restart: bool) -> dict | None:
     """A checkpoint of this run (its ``fingerprint``) to resume from, None to start afresh; MLAError naming the changed
     settings and inputs when it is from another run."""
@@ -118,16 +118,16 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str], step: int, model,
                      optimizer, history: list[dict], evals: list[dict], teacher_nll: float | None) -> None:
-    """The distillation's state after ``step`` steps to ``path`` (atomically; ``_read_checkpoint`` reads it back): what
+    """The distillation's state after ``step`` steps to ``path`` (atomically; ``read_checkpoint`` reads it back): what
     identifies the run, ``model``'s trained tensors, the optimizer, the logs so far and the RNG state."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {
-        "fingerprint": fingerprint, "settings": _settings(cfg), "inputs": inputs,
+        "fingerprint": fingerprint, "settings": fingerprinted_settings(cfg), "inputs": inputs,
         "step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
         "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
 
 
-class _StopFlag:
+class StopFlag:
     """First Ctrl-C asks the loop to checkpoint and stop at the end of the step; a second one interrupts at once."""
 
     def __init__(self):

@@ -18,7 +18,7 @@ from ..errors import MLAError
 from ..files import atomic_dir
 from ..save import AUTO_MAP, copy_remote_code, save_state_dict, write_json
 from .config import RecoverConfig
-from .losses import _nll
+from .losses import val_nll
 from .models import output_format
 
 
@@ -30,7 +30,7 @@ def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
     return sum(tail) / len(tail) if tail else None
 
 
-def _export(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
+def write_recovered(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
             local: dict | None = None) -> dict:
     """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
@@ -96,7 +96,7 @@ def _verify(model, folder: Path, val: torch.LongTensor, micro: int, device, eval
     final = evals[-1] if evals else None
     model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
     reloaded = load_mla(folder).to(device)
-    nll = _nll(reloaded, val, micro)
+    nll = val_nll(reloaded, val, micro)
     del reloaded
     verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
     if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):

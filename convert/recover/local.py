@@ -31,9 +31,9 @@ from ..errors import MLAError
 from ..layerwise import LayerwiseModel, causal_mask
 from ..readers import open_reader
 from ..save import save_checkpoint
-from .checkpoint import _read_checkpoint, _settings
+from .checkpoint import fingerprinted_settings, read_checkpoint
 from .config import RecoverConfig
-from .losses import _nll
+from .losses import val_nll
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward
@@ -239,12 +239,12 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     ``run_id`` (fingerprint, inputs) is that checkpoint's."""
     path = ckpt_dir / LOCAL_CKPT
     fingerprint, inputs = run_id
-    resume = _read_checkpoint(path, fingerprint, cfg, inputs, restart)
+    resume = read_checkpoint(path, fingerprint, cfg, inputs, restart)
     student.requires_grad_(False)
     student.to(device)
-    extra = {"settings": _settings(cfg), "inputs": inputs}
+    extra = {"settings": fingerprinted_settings(cfg), "inputs": inputs}
     if resume is None and val is not None:  # the starting point, for the record
-        extra["val_nll_before"] = _nll(student, val, cfg.micro_batch or cfg.batch_size)
+        extra["val_nll_before"] = val_nll(student, val, cfg.micro_batch or cfg.batch_size)
     ids = local_windows(windows, cfg)
     if resume is not None:
         say(f"layer-local stage: resuming from {path} after layer {resume['done']}")

@@ -46,6 +46,6 @@ def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
     return loss, kl.detach(), ce.detach(), hidden.detach()
 
 
-def _nll(model, windows: torch.LongTensor, batch_size: int) -> float:
+def val_nll(model, windows: torch.LongTensor, batch_size: int) -> float:
     """Mean next-token negative log-likelihood over the windows (the measure eval.perplexity reports)."""
     return math.log(perplexity(model, windows, batch_size, desc="val"))

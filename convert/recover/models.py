@@ -20,7 +20,7 @@ from ..weights import check_weights
 from .config import FULL_DEFAULT_TARGETS, RecoverConfig
 
 
-def _read_record(converted: Path) -> dict:
+def read_record(converted: Path) -> dict:
     path = converted / "mla_conversion.json"
     if not converted.is_dir():
         raise MLAError(f"converted model not found: {converted}")
@@ -52,7 +52,7 @@ def check_teacher(teacher: str, config, student_config, record: dict) -> None:
                        f"was converted from: {'; '.join(differ)}")
 
 
-def _load_student(converted: Path):
+def load_student(converted: Path):
     try:
         return load_mla(converted)
     except MLAError:
@@ -75,7 +75,7 @@ def output_format(converted: Path, cfg: RecoverConfig) -> str:
     return fmt
 
 
-def _param_bytes(model) -> int:
+def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import MLAError
 from ..sources import check_positions, load_config, load_tokenizer, resolve_source
-from .checkpoint import CKPT_NAME, _fingerprint, _read_checkpoint, _StopFlag, run_inputs, work_dir, write_checkpoint
+from .checkpoint import CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, run_inputs, work_dir, write_checkpoint
 from .config import RecoverConfig
-from .export import _export
+from .export import write_recovered
 from .local import LOCAL_CKPT, run_stage
-from .losses import _nll, distill_loss, lr_at
-from .models import _load_student, _param_bytes, check_teacher, load_teacher, wrap_peft
-from .windows import _val_windows, _windows, batch_rows
+from .losses import distill_loss, lr_at, val_nll
+from .models import check_teacher, load_student, load_teacher, param_bytes, wrap_peft
+from .windows import batch_rows, training_windows, validation_windows
 
 
 class Recovery:
@@ -74,7 +74,7 @@ class Recovery:
 
     def load_models(self) -> None:
         """The student (the converted model) and the teacher's source and config, checked against the export."""
-        self.student = _load_student(self.converted)
+        self.student = load_student(self.converted)
         self.say(f"teacher: {self.teacher}")
         self.teacher_source = resolve_source(self.teacher)
         self.teacher_config = load_config(self.teacher_source)
@@ -85,11 +85,11 @@ class Recovery:
         """The training and validation windows, what identifies the run, and its checkpoint (if any) to resume."""
         cfg, acc = self.cfg, self.acc
         tokenizer = load_tokenizer(self.teacher_source)
-        self.windows = _windows(tokenizer, cfg)  # (N, seq_len) token ids
-        self.val = _val_windows(tokenizer, cfg)  # (val_tokens // seq_len, seq_len) or None
+        self.windows = training_windows(tokenizer, cfg)  # (N, seq_len) token ids
+        self.val = validation_windows(tokenizer, cfg)  # (val_tokens // seq_len, seq_len) or None
         self.inputs = run_inputs(self.converted, self.teacher_source, self.windows, self.val)
-        self.fingerprint = _fingerprint(cfg, self.inputs)
-        self.saved = _read_checkpoint(self.ckpt_path, self.fingerprint, cfg, self.inputs, self.restart)
+        self.fingerprint = run_fingerprint(cfg, self.inputs)
+        self.saved = read_checkpoint(self.ckpt_path, self.fingerprint, cfg, self.inputs, self.restart)
         self.total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
         self.say(f"training text: {cfg.data} ({len(self.windows)} windows of {cfg.seq_len}); {self.total_steps} steps "
                  f"of {cfg.batch_size} x {cfg.seq_len} tokens"
@@ -139,7 +139,7 @@ class Recovery:
         self.inner = self.acc.unwrap_model(self.model)
         self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device)
         self.say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
-                 f"its own {(_param_bytes(self.teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
+                 f"its own {(param_bytes(self.teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
 
     def train(self) -> None:
         """Distillation from ``start_step`` to the last step; on Ctrl-C a checkpoint, then KeyboardInterrupt."""
@@ -150,7 +150,7 @@ class Recovery:
         bar = tqdm(range(self.start_step, total), desc="recover", unit="step", initial=self.start_step, total=total,
                    disable=not self.main)
         self.t_run, self.steps_run = time.time(), 0
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             for step in bar:
                 self.train_step(step, bar)
                 done = step + 1
@@ -223,9 +223,9 @@ class Recovery:
             return
         cfg = self.cfg
         if self.teacher_nll is None:
-            self.teacher_nll = _nll(self.teacher_model, self.val, self.micro)
+            self.teacher_nll = val_nll(self.teacher_model, self.val, self.micro)
         self.inner.eval()
-        nll = _nll(self.inner, self.val, self.micro)
+        nll = val_nll(self.inner, self.val, self.micro)
         self.inner.train()
         teacher_nll = self.teacher_nll
         self.evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "val_ppl": math.exp(nll),
@@ -245,7 +245,7 @@ class Recovery:
         self.optimizer.zero_grad(set_to_none=True)
         del self.optimizer, self.teacher_model  # the export needs neither: free their memory first
         if self.main:
-            result = _export(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
+            result = write_recovered(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
                              self.evals, self.n_train, self.overwrite, self.val, self.micro, self.acc, self.started,
                              self.ckpt_dir, self.local_record)
         self.acc.wait_for_everyone()

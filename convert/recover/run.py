@@ -19,7 +19,7 @@ from ..save import write_json
 from ..sources import input_paths
 from .checkpoint import work_dir
 from .config import RecoverConfig
-from .models import _read_record, output_format
+from .models import output_format, read_record
 from .recipe import Recovery
 from .windows import data_inputs
 
@@ -37,7 +37,7 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     """
     cfg.validate()
     converted = Path(converted).expanduser().resolve()
-    record = _read_record(converted)
+    record = read_record(converted)
     recorded = record.get("source", {})
     teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
     if teacher and not isinstance(teacher, str):

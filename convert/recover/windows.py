@@ -27,11 +27,11 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> torch.LongTenso
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
+def training_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
     return mixed_windows(tokenizer, load_sources(cfg.data, read_budget(cfg.tokens)), cfg.seq_len, None, seed=cfg.seed)
 
 
-def _val_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
+def validation_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
     if not cfg.val_data or not cfg.val_tokens:
         return None
     return token_windows(tokenizer, load_texts(cfg.val_data, read_budget(cfg.val_tokens)), cfg.seq_len, cfg.val_tokens // cfg.seq_len, seed=0)
