@@ -467,7 +467,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, n_seqs: int | None,
             if pieces and eos_id is not None:
                 pieces.append([eos_id])
             pieces.append(ids)
-    stream = torch.tensor(list(chain.from_iterable(pieces)), dtype=torch.long)
+    stream = torch.tensor(list(chain.from_iterable(pieces)), dtype=torch.long)  # host: token ids
     n = stream.numel() // body
     if n < 1:
         raise MLAError(f"text has {stream.numel()} tokens: not enough for one window of {seq_len}")
@@ -476,7 +476,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, n_seqs: int | None,
         keep = sorted(random.Random(seed).sample(range(n), n_seqs))
         windows = windows[keep]
     if bos_id is not None:
-        windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.long), windows], dim=1)
+        windows = torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.long), windows], dim=1)  # host
     return windows.contiguous()
 
 

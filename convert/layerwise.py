@@ -74,10 +74,10 @@ class LayerwiseModel:
 
     # --- running -------------------------------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.reader.get([EMBED])[EMBED]
-        h = table[ids].to(self.device, self.dtype)  # (B, T, d)
+        table = self.reader.get([EMBED])[EMBED]  # read to the CPU: only the rows of ``ids`` go to the device
+        h = table[ids.to(table.device)].to(self.device, self.dtype)  # (B, T, d)
         if self.embedding_multiplier != 1.0:  # Gemma, Granite: the scale in the embedding dtype
-            h = h * torch.tensor(self.embedding_multiplier, dtype=self.dtype)
+            h = h * torch.tensor(self.embedding_multiplier, dtype=self.dtype, device=self.device)
         return h
 
     def _mask(self, kind: str, h: torch.Tensor, pos: torch.Tensor):

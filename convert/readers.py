@@ -59,8 +59,8 @@ class SafetensorsReader(TensorReader):
         stop = shape[0] if stop is None else stop
         if not shape:
             start, stop = 0, 1
-        row = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        row = int(torch.Size(shape[1:]).numel()) * torch.empty((), dtype=dtype).element_size()  # host
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)  # host: readers give CPU tensors
         f.seek(offset + start * row)
         view = memoryview(out.view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy())
         if f.readinto(view) != (stop - start) * row:

@@ -129,7 +129,7 @@ class MLARotaryEmbedding(nn.Module):
         params = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
         base = params["rope_theta"]
         dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
@@ -622,7 +622,8 @@ class MLAModel(MLAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
             if self.config.embedding_multiplier != 1.0:  # Gemma / Granite: in the embedding dtype
-                inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_multiplier, dtype=inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_multiplier, dtype=inputs_embeds.dtype,
+                                                              device=inputs_embeds.device)
         if not use_cache:
             cache = None
         elif cache is None:

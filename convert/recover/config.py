@@ -69,6 +69,11 @@ class RecoverConfig:
     seed: int = opt(0, "Seed for data order, LoRA initialisation and dropout.")
     device: str = opt("auto", "auto (CUDA when present, else CPU), cpu or cuda; accelerate launch sets it per process.")
     precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    frozen_dtype: str = opt(
+        "auto", "Dtype of the weights training leaves frozen (embeddings, MLP base weights, output head, the teacher): "
+        "auto (bfloat16 when training runs in bf16, i.e. on CUDA by default; else float32), float32 or bfloat16. The "
+        "trained tensors, their gradients and the optimizer state stay float32. bfloat16 halves the frozen weights' "
+        "memory (an 8B model's 15 GB instead of 30) and needs bf16 precision.")
     gradient_checkpointing: bool = opt(
         False, "Recompute each decoder layer's activations in the backward pass instead of storing them (less memory "
         "for big models and long sequences, about a third more compute; the same losses).")
@@ -109,10 +114,13 @@ class RecoverConfig:
             raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
         choices = {"schedule": ("cosine", "linear", "constant"), "local_inputs": ("teacher", "student"),
                    "device": ("auto", "cpu", "cuda"),
-                   "precision": ("auto", "fp32", "bf16")}
+                   "precision": ("auto", "fp32", "bf16"), "frozen_dtype": ("auto", "float32", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MLAError(f"{name} must be one of {', '.join(allowed)}, got {quote(getattr(self, name))}")
+        if self.frozen_dtype == "bfloat16" and self.precision == "fp32":
+            raise MLAError("frozen_dtype=bfloat16 needs precision bf16 (or auto on CUDA): float32 activations cannot "
+                           "meet bfloat16 weights outside autocast")
         if not split_list(self.lora_targets) and not split_list(self.full_targets):
             raise MLAError("lora_targets and full_targets are both empty: nothing to train")
         if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):

@@ -42,7 +42,7 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
         _save_adapter(model, tmp, converted, ckpt_dir)
         config = _save_merged(model, tmp, dtype)
         _copy_files(converted, tmp, fmt, config)
-        verify = None if val is None else _verify(model, tmp, val, micro, acc.device, evals, dtype)
+        verify = None if val is None else _verify(model, tmp, val, micro, acc, evals, dtype)
         record = dict(record)
         record["format"] = fmt
         record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
@@ -66,7 +66,13 @@ def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
 
 
 def _save_merged(model, folder: Path, dtype: torch.dtype):
-    """The weights with the adapter merged in (they load without peft), in ``dtype``; returns their config."""
+    """The weights with the adapter merged in (they load without peft), in ``dtype``; returns their config. Frozen
+    bfloat16 weights are merged in float32 on the CPU (as exact as a float32 run's merge)."""
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model.to("cpu")
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.float()
     merged = model.merge_and_unload()
     state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
     if merged.config.tie_word_embeddings:
@@ -90,16 +96,19 @@ def _copy_files(converted: Path, folder: Path, fmt: str, config) -> None:
         copy_remote_code(folder)
 
 
-def _verify(model, folder: Path, val: torch.LongTensor, micro: int, device, evals: list[dict],
+def _verify(model, folder: Path, val: torch.LongTensor, micro: int, acc, evals: list[dict],
             dtype: torch.dtype) -> dict:
-    """The export in ``folder`` reloaded in place of ``model``: MLAError unless it reproduces the last validation."""
+    """The export in ``folder`` reloaded in place of ``model`` and evaluated as training evaluated (under ``acc``'s
+    autocast): MLAError unless it reproduces the last validation (within 0.02 in NLL when either is bf16)."""
     final = evals[-1] if evals else None
     model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
-    reloaded = load_mla(folder).to(device)
-    nll = val_nll(reloaded, val, micro)
+    reloaded = load_mla(folder).to(acc.device)
+    with acc.autocast():
+        nll = val_nll(reloaded, val, micro)
     del reloaded
     verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
-    if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if dtype != torch.float32 else 0):
+    loose = dtype != torch.float32 or acc.mixed_precision == "bf16"
+    if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if loose else 0):
         raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
                        f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
     return verify

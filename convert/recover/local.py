@@ -18,6 +18,7 @@ before it) and learns to cancel their drift as well. After each layer the traine
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ CHUNK = 8  # sequences per no-grad forward
 def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTensor:
     """The ``ceil(local_tokens / seq_len)`` training windows of the stage (a seeded draw, at most all of them)."""
     n = min(len(windows), math.ceil(cfg.local_tokens / cfg.seq_len))
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919))  # host
     return windows[order[:n].sort().values]
 
 
@@ -111,10 +112,11 @@ def _error(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> tor
 
 
 def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path: Path, fingerprint: str,
-              resume: dict | None, main: bool = True, say=print, extra: dict | None = None) -> dict:
+              resume: dict | None, main: bool = True, say=print, extra: dict | None = None,
+              autocast=contextlib.nullcontext) -> dict:
     """Train every layer's attention of ``student`` (in place) to reproduce the original's, layer by layer.
 
-    ``lw``: the original model as a ``LayerwiseModel``; ``ids``: (N, T) token windows; ``resume``: the state of
+    ``lw``: the original model as a ``LayerwiseModel``; ``ids``: (N, T) token windows (on the CPU, where the embedding rows are gathered); ``resume``: the state of
     ``ckpt_path`` from an interrupted run with the same ``fingerprint``; ``extra``: more fields for the record of a
     fresh run. Returns the stage's state: ``done`` layers, per-layer errors, the trained ``tensors``.
     """
@@ -127,8 +129,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
         return state
     started = time.time() - state["elapsed_s"]
     runner = _Student(student, ids.shape[1], device)
-    ids = ids.to(device)
-    x_t = _chunked(lw.embed, ids)  # (N, T, d) the original's hidden states
+    x_t = lw.embed(ids)  # (N, T, d) the original's hidden states, on the device (the rows gathered on the CPU)
     x_s = x_t.clone() if cfg.local_inputs == "student" else None
     lw.load(0)
     n = len(ids)
@@ -148,8 +149,9 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
             if main:
                 save_checkpoint(ckpt_path, state)
             bar.set_postfix(error=f"{entry['error_before']:.3f}->{entry['error_after']:.3f}")
-        if x_s is not None:
-            x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s)
+        if x_s is not None:  # the student's own stream: its frozen MLP may be bfloat16
+            with autocast():
+                x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s).float()
         x_t = nxt
     bar.close()
     before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
@@ -207,12 +209,12 @@ def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, sca
     device, n = runner.device, len(x_in)
     optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-    order = torch.empty(0, dtype=torch.long)
+    order = torch.empty(0, dtype=torch.long)  # host: row order, moved with .to(device) when used
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.local_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         if len(order) < cfg.batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
+            order = torch.cat([order, torch.randperm(n, generator=gen)])  # host
         rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
         loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
         value = float(loss.detach())
@@ -234,9 +236,10 @@ def _eval_error(runner: _Student, i: int, x: torch.Tensor, target: torch.Tensor,
 
 
 def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device, ckpt_dir: Path, run_id: tuple,
-              restart: bool, main: bool, say) -> dict:
+              restart: bool, main: bool, say, autocast=contextlib.nullcontext) -> dict:
     """The layer-local stage (``run_local``) on ``student`` in place; resumes from ``OUT.ckpt/local.pt`` when
-    ``run_id`` (fingerprint, inputs) is that checkpoint's."""
+    ``run_id`` (fingerprint, inputs) is that checkpoint's. ``autocast``: the context of the student's whole-model
+    forwards (its frozen weights may be bfloat16); the trained attention runs in float32."""
     path = ckpt_dir / LOCAL_CKPT
     fingerprint, inputs = run_id
     resume = read_checkpoint(path, fingerprint, cfg, inputs, restart)
@@ -244,7 +247,8 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     student.to(device)
     extra = {"settings": fingerprinted_settings(cfg), "inputs": inputs}
     if resume is None and val is not None:  # the starting point, for the record
-        extra["val_nll_before"] = val_nll(student, val, cfg.micro_batch or cfg.batch_size)
+        with autocast():
+            extra["val_nll_before"] = val_nll(student, val, cfg.micro_batch or cfg.batch_size)
     ids = local_windows(windows, cfg)
     if resume is not None:
         say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
@@ -253,6 +257,6 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra)
+    state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra, autocast=autocast)
     del lw
     return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")} | {"windows": len(ids)}

@@ -79,10 +79,32 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]:
-    """The teacher, sharing every frozen student tensor that holds exactly its own values (embeddings, MLP base
-    weights, output head; norms too unless they are trained): only the original attention projections (and trained
-    norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
+def cast_frozen(model, cfg: RecoverConfig, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` the weights of ``model`` (the student, before peft) that training leaves frozen: those of
+    every module but the ``full_targets`` (matched as suffixes of module paths, as peft does) and the attention
+    blocks (the layer-local stage runs them in float32; ``cast_untrained`` casts their frozen part after it); LoRA's
+    base weights are frozen too."""
+    if dtype == torch.float32:
+        return
+    targets = [*split_list(cfg.full_targets), "self_attn"]
+    trained = {id(p) for name, module in model.named_modules() if name and any(name.endswith(t) for t in targets)
+               for p in module.parameters()}
+    for p in model.parameters():
+        if id(p) not in trained and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def cast_untrained(model, dtype: torch.dtype) -> None:
+    """After peft: every parameter that does not train in ``dtype`` (peft's frozen originals of trained modules)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def load_teacher(source, config, student, device, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, int]:
+    """The teacher in ``dtype``, sharing every frozen student tensor that holds exactly its own values (embeddings,
+    MLP base weights, output head; norms too unless they are trained): only the original attention projections (and
+    trained norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
     check_weights(source, config)
     config = text_config(config)  # a multimodal checkpoint teaches with its text model
     frozen = {}
@@ -96,7 +118,7 @@ def load_teacher(source, config, student, device) -> tuple[torch.nn.Module, int]
     reader = open_reader(source, config)  # a GGUF, .bin or Hub id is loaded whole: its shared copies are then freed
     state, shared = {}, 0
     for name in names:
-        t = reader.get([name])[name].to(device, torch.float32)
+        t = reader.get([name])[name].to(device, dtype)
         own = frozen.get(name)
         if own is not None and own.shape == t.shape and own.dtype == t.dtype and torch.equal(own.detach(), t):
             t = own.detach()  # the same storage as the student's

@@ -25,7 +25,7 @@ from .config import RecoverConfig
 from .export import write_recovered
 from .local import LOCAL_CKPT, run_stage
 from .losses import distill_loss, lr_at, val_nll
-from .models import check_teacher, load_student, load_teacher, param_bytes, wrap_peft
+from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
 from .windows import batch_rows, training_windows, validation_windows
 
 
@@ -59,10 +59,17 @@ class Recovery:
     def setup(self) -> None:
         """The accelerator (CPU or CUDA, bf16 autocast or not), this process's share of a batch, the logger."""
         from accelerate import Accelerator  # accelerate: heavy, only for training
+        from accelerate.state import AcceleratorState
 
         cfg = self.cfg
         cuda = resolve_device(cfg.device, "device=").type == "cuda"
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.bf16 = bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        if cfg.frozen_dtype == "bfloat16" and not bf16:
+            raise MLAError("frozen_dtype=bfloat16 needs bf16 precision: set precision=bf16 (auto is fp32 on the CPU)")
+        self.frozen_dtype = torch.bfloat16 if cfg.frozen_dtype == "bfloat16" or (
+            cfg.frozen_dtype == "auto" and bf16) else torch.float32
+        if AcceleratorState._shared_state:  # an earlier run in this process (a library user's second call)
+            AcceleratorState._reset_state()  # fixed its precision; the launch's process group (PartialState) stays
         self.acc = acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
         self.main = acc.is_main_process
         # tqdm.write keeps messages off the progress bar's line
@@ -75,6 +82,7 @@ class Recovery:
     def load_models(self) -> None:
         """The student (the converted model) and the teacher's source and config, checked against the export."""
         self.student = load_student(self.converted)
+        cast_frozen(self.student, self.cfg, self.frozen_dtype)  # the trained modules stay float32
         self.say(f"teacher: {self.teacher}")
         self.teacher_source = resolve_source(self.teacher)
         self.teacher_config = load_config(self.teacher_source)
@@ -99,7 +107,7 @@ class Recovery:
         """The layer-local stage (``local.py``) on the student, in place."""
         self.local_record = run_stage(self.student, self.teacher_source, self.teacher_config, self.windows, self.val,
                                       self.cfg, self.acc.device, self.ckpt_dir, (self.fingerprint, self.inputs),
-                                      self.restart, self.main, self.say)
+                                      self.restart, self.main, self.say, self.acc.autocast)
 
     def wrap_student(self) -> None:
         """LoRA and trainable copies on the student (peft), gradient checkpointing if asked, the optimizer."""
@@ -110,6 +118,7 @@ class Recovery:
             else:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = wrap_peft(self.student, cfg)
+        cast_untrained(self.model, self.frozen_dtype)  # peft's frozen originals of the trained modules
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_train = sum(p.numel() for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -137,7 +146,8 @@ class Recovery:
         """The student and optimizer handed to accelerate; the teacher's weights loaded beside the student."""
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.inner = self.acc.unwrap_model(self.model)
-        self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device)
+        self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device,
+                                                  self.frozen_dtype)
         self.say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
                  f"its own {(param_bytes(self.teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
 
@@ -222,11 +232,12 @@ class Recovery:
         if self.val is None:
             return
         cfg = self.cfg
-        if self.teacher_nll is None:
-            self.teacher_nll = val_nll(self.teacher_model, self.val, self.micro)
-        self.inner.eval()
-        nll = val_nll(self.inner, self.val, self.micro)
-        self.inner.train()
+        with self.acc.autocast():
+            if self.teacher_nll is None:
+                self.teacher_nll = val_nll(self.teacher_model, self.val, self.micro)
+            self.inner.eval()
+            nll = val_nll(self.inner, self.val, self.micro)
+            self.inner.train()
         teacher_nll = self.teacher_nll
         self.evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "val_ppl": math.exp(nll),
                            "teacher_val_ppl": math.exp(teacher_nll), "ratio": math.exp(nll - teacher_nll)})

@@ -22,9 +22,9 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> torch.LongTenso
         key = (n, seed, epoch)
         if key not in _PERMUTATION:
             _PERMUTATION.clear()
-            _PERMUTATION[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            _PERMUTATION[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # host
         rows.append(int(_PERMUTATION[key][i]))
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)  # host: indexes the CPU windows
 
 
 def training_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
