@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; users elsewhere get whatever torch>=2.6 pip picks.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_RECIPE ?= recipes/smollm2-135m.yaml
+# make demo runs the GPU recipe where nvidia-smi sees a GPU (DEMO_RECIPE=... chooses another).
+HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
+DEMO_RECIPE ?= $(if $(HAS_GPU),recipes/smollm2-135m-gpu.yaml,recipes/smollm2-135m.yaml)
 DEMO_OUT ?= out/smollm2-135m-mla-recovered
 QUICK_OUT ?= out/smollm2-135m-mla
 QUICK_BUDGET ?= 0.3125
@@ -26,8 +28,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The main job: convert + recover (about 40 minutes on 2 CPU cores; re-running resumes), then perplexity before/after.
+# The main job: convert + recover (about 40 minutes on 2 CPU cores; on a GPU the GPU recipe; re-running resumes), then
+# perplexity before/after.
 demo: setup
+	@echo "make demo: recipe $(DEMO_RECIPE)$(if $(HAS_GPU), (a GPU is present),) -> $(DEMO_OUT)"
 	mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $(DEMO_RECIPE) --overwrite
 	$(BIN)/mla perplexity $(DEMO_OUT) $(EVAL_ARGS)

@@ -64,5 +64,5 @@ def finetune_command(args) -> int:
     values = load_recipe(args.recipe, "recover", RecoverConfig) if args.recipe else {}
     values.update(parse_overrides(args.overrides, RecoverConfig))
     finetune(args.converted, args.out, RecoverConfig(**values), overwrite=args.overwrite, restart=args.restart,
-             inputs=_recipe_inputs(args.recipe))
+             inputs=_recipe_inputs(args.recipe), recipe=args.recipe)
     return 0

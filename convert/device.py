@@ -50,6 +50,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peaks ``peak_memory`` reports afresh: the process's ``VmHWM`` (``/proc/self/clear_refs``; kept where
+    that cannot be written) and CUDA's peak allocation."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process so far (and of the GPU when used), in bytes."""
     out = {"peak_rss_bytes": peak_rss_bytes()}

@@ -178,3 +178,55 @@ def test_finetune_device_cuda_without_cuda(setup, tmp_path):
                     f"val_data={setup / 'val.txt'}", "seq_len=64", "tokens=1024")
     one_error(code, err, "device=cuda", "no CUDA device is available")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
+    """recipes/smollm2-135m.yaml names its source: on an export of another shape it stops before anything runs."""
+    code, err = cli("finetune", setup / "conv", tmp_path / "out", "--recipe", ROOT / "recipes" / "smollm2-135m.yaml")
+    one_error(code, err, "smollm2-135m.yaml is for smollm2-135m", "num_layers 30")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.parametrize("world, message", [("1", "an FSDP config on one process"),
+                                            ("2", "FSDP is not supported by mla finetune yet")])
+def test_fsdp_configs_are_refused(setup, tmp_path, monkeypatch, world, message):
+    """What ``accelerate launch --config_file FSDP.yaml`` sets (ACCELERATE_USE_FSDP): one line, nothing written."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(MLAError, match=message):
+        finetune(setup / "conv", tmp_path / "out", _cfg(setup))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_the_1b_8b_recipe_fits_a_converted_llama(setup, tmp_path):
+    """recipes/gpu-1b-8b.yaml (no source: any model) names modules a converted Llama has: two steps run, and the
+    record holds the memory estimate whose static terms are the wrapped student's own bytes."""
+    from convert.config import load_recipe
+
+    values = load_recipe(ROOT / "recipes" / "gpu-1b-8b.yaml", "recover", RecoverConfig)
+    values.update(data=str(setup / "train.txt"), val_data=str(setup / "val.txt"), seq_len=64, tokens=1024,
+                  val_tokens=256, local_tokens=256, device="cpu")
+    rec = finetune(setup / "conv", tmp_path / "out", RecoverConfig(**values),
+                   recipe=ROOT / "recipes" / "gpu-1b-8b.yaml")["recovery"]
+    est = rec["memory"]["estimate"]
+    n = rec["trainable_parameters"]
+    assert est["gradients"] == 4 * n and est["optimizer"] == 8 * n
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+    assert rec["memory"]["measured"]["peak_rss_bytes"] > est["weights"]  # the weights are resident while training
+
+
+def test_memory_tool_on_a_real_shape():
+    """tools/recover_memory.py on the 8B shape with the 1B-8B recipe: the bf16 frozen weights hold the estimate
+    under the 40 GiB target, and float32 frozen weights cost 2 bytes more per frozen element."""
+    import subprocess
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, "tools/recover_memory.py", "llama-3.1-8b", "--recipe",
+                              "recipes/gpu-1b-8b.yaml", *extra], capture_output=True, text=True, cwd=ROOT, check=True)
+        line = out.stdout.strip().splitlines()[-1]
+        return float(line.split(": ")[1].split(" GiB")[0]), line
+
+    bf16, line = run()
+    fp32, _ = run("frozen_dtype=float32")
+    assert bf16 <= 40, line
+    assert fp32 > bf16 + 10  # an 8B model's ~7.7B frozen elements at 2 more bytes each, plus the teacher's

@@ -36,17 +36,23 @@ def read_record(converted: Path) -> dict:
     return record
 
 
-def check_teacher(teacher: str, config, student_config, record: dict) -> None:
-    """MLAError unless the teacher has the architecture the export was converted from: the shape recorded in
-    ``mla_conversion.json`` (family, layers, heads, head width) and the student's vocabulary and hidden size. An edited
-    ``source`` (or ``teacher=``) naming another model would otherwise teach the student a model it never was."""
+def shape_differences(config, record: dict, **expected) -> list[str]:
+    """How the model of ``config`` differs in shape (family, layers, heads, head width, hidden size, vocabulary) from
+    the source recorded in an export's ``record`` (and from ``expected`` values): one phrase per difference."""
     layout = read_layout(config)
     found = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_attention_heads": layout.num_heads,
              "num_key_value_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
              "hidden_size": layout.hidden_size, "vocab_size": config.get_text_config().vocab_size}
-    expected = {k: v for k, v in record.get("source", {}).items() if k in found}
-    expected.update(hidden_size=student_config.hidden_size, vocab_size=student_config.vocab_size)
-    differ = [f"{k} {found[k]} (the export's source: {quote(v)})" for k, v in expected.items() if found[k] != v]
+    want = {k: v for k, v in record.get("source", {}).items() if k in found} | expected
+    return [f"{k} {found[k]} (the export's source: {quote(v)})" for k, v in want.items() if found[k] != v]
+
+
+def check_teacher(teacher: str, config, student_config, record: dict) -> None:
+    """MLAError unless the teacher has the architecture the export was converted from: the shape recorded in
+    ``mla_conversion.json`` (family, layers, heads, head width) and the student's vocabulary and hidden size. An edited
+    ``source`` (or ``teacher=``) naming another model would otherwise teach the student a model it never was."""
+    differ = shape_differences(config, record, hidden_size=student_config.hidden_size,
+                               vocab_size=student_config.vocab_size)
     if differ:
         raise MLAError(f"teacher {teacher} is not the model {record.get('source', {}).get('spec', 'CONVERTED')!s:.80} "
                        f"was converted from: {'; '.join(differ)}")

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..device import resolve_device
+from ..device import peak_memory, reset_peak_memory, resolve_device
 from ..errors import MLAError
 from ..sources import check_positions, load_config, load_tokenizer, resolve_source
 from .checkpoint import CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, run_inputs, work_dir, write_checkpoint
 from .config import RecoverConfig
 from .export import write_recovered
 from .local import LOCAL_CKPT, run_stage
+from .memory import describe, estimate
 from .losses import distill_loss, lr_at, val_nll
 from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
 from .windows import batch_rows, training_windows, validation_windows
@@ -62,6 +64,7 @@ class Recovery:
         from accelerate.state import AcceleratorState
 
         cfg = self.cfg
+        _check_launch()
         cuda = resolve_device(cfg.device, "device=").type == "cuda"
         self.bf16 = bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         if cfg.frozen_dtype == "bfloat16" and not bf16:
@@ -148,8 +151,13 @@ class Recovery:
         self.inner = self.acc.unwrap_model(self.model)
         self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device,
                                                   self.frozen_dtype)
+        own = param_bytes(self.teacher_model) - shared
         self.say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
-                 f"its own {(param_bytes(self.teacher_model) - shared) / 2**20:.0f} MiB (attention, trained norms)")
+                 f"its own {own / 2**20:.0f} MiB (attention, trained norms)")
+        cfg = self.cfg
+        self.memory = {"estimate": estimate(self.inner, self.teacher_config, cfg.seq_len, self.micro,
+                                            cfg.gradient_checkpointing, self.frozen_dtype, self.bf16, own)}
+        self.say(f"memory per process, estimated: {describe(self.memory['estimate'])}")
 
     def train(self) -> None:
         """Distillation from ``start_step`` to the last step; on Ctrl-C a checkpoint, then KeyboardInterrupt."""
@@ -160,6 +168,7 @@ class Recovery:
         bar = tqdm(range(self.start_step, total), desc="recover", unit="step", initial=self.start_step, total=total,
                    disable=not self.main)
         self.t_run, self.steps_run = time.time(), 0
+        reset_peak_memory(self.acc.device)
         with StopFlag() as stop:
             for step in bar:
                 self.train_step(step, bar)
@@ -174,6 +183,7 @@ class Recovery:
                              "command to resume")
                     raise KeyboardInterrupt
         bar.close()
+        self.memory["measured"] = peak_memory(self.acc.device)  # since training (these steps) began
         if not self.evals or self.evals[-1]["step"] != total:
             self.evaluate(total)
             self.checkpoint(total)
@@ -258,7 +268,7 @@ class Recovery:
         if self.main:
             result = write_recovered(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
                              self.evals, self.n_train, self.overwrite, self.val, self.micro, self.acc, self.started,
-                             self.ckpt_dir, self.local_record)
+                             self.ckpt_dir, self.local_record, getattr(self, "memory", None))
         self.acc.wait_for_everyone()
         if self.main:
             for path in (self.ckpt_path, self.ckpt_dir / LOCAL_CKPT):
@@ -267,6 +277,20 @@ class Recovery:
             with contextlib.suppress(OSError):
                 self.ckpt_dir.rmdir()
         return result
+
+
+def _check_launch() -> None:
+    """MLAError for an accelerate config this recovery cannot run: sharding (FSDP, DeepSpeed) on one process shards
+    nothing, and on several it is not supported yet (plain data parallelism is: ``accelerate launch --num_processes
+    N`` without such a config)."""
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
+            name = "FSDP" if engine == "FSDP" else "DeepSpeed"
+            if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+                raise MLAError(f"an {name} config on one process: it shards over processes, so launch several "
+                               f"(accelerate launch --num_processes N, N >= 2) or drop the config")
+            raise MLAError(f"{name} is not supported by mla finetune yet: launch plain data parallelism instead "
+                           "(accelerate launch --num_processes N, without an FSDP/DeepSpeed config)")
 
 
 def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:

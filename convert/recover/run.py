@@ -16,10 +16,11 @@ from ..errors import MLAError, quote
 from ..files import check_out, out_lock
 from ..pipeline import convert
 from ..save import write_json
-from ..sources import input_paths
+from ..config import read_recipe
+from ..sources import input_paths, load_config, resolve_source
 from .checkpoint import work_dir
 from .config import RecoverConfig
-from .models import output_format, read_record
+from .models import output_format, read_record, shape_differences
 from .recipe import Recovery
 from .windows import data_inputs
 
@@ -29,15 +30,33 @@ def _is_main_launch_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
+def check_recipe_model(recipe: str | Path, model: str | None, record: dict) -> None:
+    """MLAError when the recipe names a ``source`` of another shape than the model the export was converted from
+    (its settings, e.g. the learning rate and the tokens, were chosen for that model); a recipe without ``source``
+    fits any model."""
+    want = read_recipe(recipe).get("source")
+    spec = record.get("source", {}).get("spec")
+    if not want or want in (spec, model, record.get("source", {}).get("resolved")):
+        return
+    differ = shape_differences(load_config(resolve_source(str(want))), record)
+    if differ:
+        raise MLAError(f"recipe {recipe} is for {want}, not for {model or spec} ({differ[0]}); use a recipe written "
+                       "for that model (recipes/gpu-1b-8b.yaml names none: it fits any)")
+
+
 def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
-             ckpt_dir: Path | None = None, teacher: str | None = None, log=print, inputs=()) -> dict:
+             ckpt_dir: Path | None = None, teacher: str | None = None, log=print, inputs=(),
+             recipe: str | Path | None = None) -> dict:
     """Recover CONVERTED by distillation into OUT (atomic); resumable from ``ckpt_dir`` (default OUT.ckpt).
 
-    ``inputs``: more local paths the command reads (a recipe) that OUT must not replace.
+    ``inputs``: more local paths the command reads (a recipe) that OUT must not replace; ``recipe``: the recipe the
+    settings came from, checked to be for this model.
     """
     cfg.validate()
     converted = Path(converted).expanduser().resolve()
     record = read_record(converted)
+    if recipe is not None:
+        check_recipe_model(recipe, None, record)
     recorded = record.get("source", {})
     teacher = cfg.teacher or teacher or recorded.get("resolved") or recorded.get("spec")
     if teacher and not isinstance(teacher, str):

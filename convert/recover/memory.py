@@ -1,0 +1,66 @@
+"""What a distillation step holds in memory, estimated before training from the wrapped student's parameters and the
+settings (``mla finetune`` prints it and records it beside the measured peak; ``tools/recover_memory.py`` runs it for
+a real shape on the meta device, without the weights).
+
+The terms, in bytes:
+
+- ``weights``: the student's parameters as they are (frozen ones in ``frozen_dtype``, trained ones float32, peft's
+  frozen originals of the trained modules);
+- ``gradients`` and ``optimizer``: 4 and 8 bytes (AdamW's two moments) per trained element;
+- ``teacher``: the teacher's own tensors (its attention projections, its copies of trained norms), in
+  ``frozen_dtype``; everything else it shares with the student;
+- ``activations``: per micro-batch of ``tokens = micro * seq_len``: the logits (student and teacher, float32, their
+  log-softmaxes and the KL's gradient: ``LOGIT_COPIES`` float32 copies of ``tokens x vocab``), and the decoder
+  layers' saved activations: every layer's input only under gradient checkpointing (plus one layer's working set),
+  every layer's working set without it. A layer's working set is ``LAYER_WIDTHS`` hidden-size-wide, 4 MLP-wide and
+  4 attention-wide (heads x head width) vectors per token in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGIT_COPIES = 6
+LAYER_WIDTHS = 8
+
+
+def attention_elements(config) -> int:
+    """Elements of the original model's attention projections (the teacher's own weights), all layers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    return text.num_hidden_layers * d * head_dim * (2 * heads + 2 * kv)
+
+
+def estimate(model, teacher_config, seq_len: int, micro: int, gradient_checkpointing: bool,
+             frozen_dtype: torch.dtype, bf16: bool, teacher_bytes: int | None = None) -> dict[str, int]:
+    """The terms (bytes) of one process's peak during distillation, and their ``total``; ``model``: the student
+    wrapped by peft (on any device, ``meta`` included); ``teacher_bytes``: the teacher's own bytes when it is loaded
+    (else all of its attention projections, an upper bound: peft's frozen originals may share some)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * d)
+    heads = config.num_attention_heads
+    width = heads * max(getattr(config, "v_head_dim", 0) or 0, getattr(config, "head_dim", 0) or d // heads)
+    tokens, act = micro * seq_len, 2 if bf16 else 4
+    layer = tokens * (LAYER_WIDTHS * d + 4 * inter + 4 * width) * act
+    saved = tokens * d * act * layers + layer if gradient_checkpointing else layer * layers
+    terms = {
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "gradients": 4 * trained,
+        "optimizer": 8 * trained,
+        "teacher": teacher_bytes if teacher_bytes is not None else
+        attention_elements(teacher_config) * torch.empty((), dtype=frozen_dtype).element_size(),  # host
+        "activations": LOGIT_COPIES * tokens * vocab * 4 + saved,
+    }
+    return terms | {"total": sum(terms.values())}
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def describe(terms: dict[str, int]) -> str:
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in terms.items() if k != "total")
+    return f"{gib(terms['total'])} ({parts})"
