@@ -124,7 +124,8 @@ def write_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: d
     save_checkpoint(path, {
         "fingerprint": fingerprint, "settings": fingerprinted_settings(cfg), "inputs": inputs,
         "step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-        "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state()})
+        "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 
 
 class StopFlag:

@@ -143,6 +143,8 @@ class Recovery:
         self.start_step, self.history, self.evals = saved["step"], saved["history"], saved["evals"]
         self.teacher_nll = saved.get("teacher_nll")
         torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout on the GPU resumes too
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         self.say(f"resuming from {self.ckpt_path} at step {self.start_step}/{self.total_steps}")
 
     def prepare(self) -> None:
