@@ -2,10 +2,12 @@
 virtualenvs (only torch + one transformers version) to load exports in, cached across test sessions."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 import sys
 from pathlib import Path
@@ -308,3 +310,40 @@ def _wait_for_export_in_temp(out: Path, proc: subprocess.Popen) -> None:
 def _permission_bits_apply() -> list[str]:
     """A command prefix under which permission bits apply: root drops the capabilities that bypass them."""
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+def fake_bigbench_sdist(path: Path, broken_json: bool = False) -> Path:
+    """A stand-in for the bigbench sdist: the same layout, a few examples in BIG-bench's format."""
+    from eval import bigbench
+
+    mc = {"task_prefix": "", "examples": [
+        {"input": f"Question {i}?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1), "maybe": 0}}
+        for i in range(10)] + [{"input": "tie", "target_scores": {"a": 1, "b": 1}}]}
+    twins = {"examples": [{"input": "Context Word: box.", "target": [
+        f"Sentence 1: The cup {i} fit in the box because the _ was small. \nAnswer1: cup. \n"
+        f"Sentence 2: The cup {i} fit in the box because the _ was big. \nAnswer2: box.", "not a twin"]}
+        for i in range(5)]}
+    timedial = {"example_input_prefix": "\nQuestion: ", "example_output_prefix": "\n<MASK> phrase: ",
+                "examples": mc["examples"]}
+    contents = {"natural_instructions/subtask029_winogrande_full_object": twins, "timedial": timedial}
+    with tarfile.open(path, "w:gz") as t:
+        for folder in bigbench.TASKS.values():
+            data = b"{not json" if broken_json else json.dumps(contents.get(folder, mc)).encode()
+            info = tarfile.TarInfo(bigbench.PREFIX + folder + "/task.json")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def bigbench_standin(tmp_path, monkeypatch):
+    """BIG-bench tasks from a stand-in sdist (10 documents a task) in a cache of this test's own, for tests of the
+    lm-eval tasks' mechanics: the real sdist is 358 MB (and no longer on PyPI); the user cache is left alone. Returns
+    the environment variables set (a subprocess inherits them through ``os.environ``)."""
+    from eval import bigbench
+
+    env = {"MLA_RETROFIT_CACHE": str(tmp_path / "bb-cache"),
+           "MLA_BIGBENCH_SDIST": str(fake_bigbench_sdist(tmp_path / bigbench.SDIST))}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

@@ -5,19 +5,17 @@ within fp32 noise (TOL).
 """
 
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from conftest import convert_tiny
+from conftest import convert_tiny, fake_bigbench_sdist
 
 TOL = 1e-3  # summed log-likelihood of a continuation, fp32
 REPO = Path(__file__).resolve().parents[1]
@@ -25,29 +23,6 @@ TASKS_DIR = REPO / "eval" / "tasks"
 
 
 # --------------------------------------------------------------------------------------------------- BIG-bench data
-def _fake_sdist(path: Path, broken_json: bool = False) -> Path:
-    """A stand-in for the bigbench sdist: the same layout, a few examples in BIG-bench's format."""
-    from eval import bigbench
-
-    mc = {"task_prefix": "", "examples": [
-        {"input": f"Question {i}?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1), "maybe": 0}}
-        for i in range(10)] + [{"input": "tie", "target_scores": {"a": 1, "b": 1}}]}
-    twins = {"examples": [{"input": "Context Word: box.", "target": [
-        f"Sentence 1: The cup {i} fit in the box because the _ was small. \nAnswer1: cup. \n"
-        f"Sentence 2: The cup {i} fit in the box because the _ was big. \nAnswer2: box.", "not a twin"]}
-        for i in range(5)]}
-    timedial = {"example_input_prefix": "\nQuestion: ", "example_output_prefix": "\n<MASK> phrase: ",
-                "examples": mc["examples"]}
-    contents = {"natural_instructions/subtask029_winogrande_full_object": twins, "timedial": timedial}
-    with tarfile.open(path, "w:gz") as t:
-        for folder in bigbench.TASKS.values():
-            data = b"{not json" if broken_json else json.dumps(contents.get(folder, mc)).encode()
-            info = tarfile.TarInfo(bigbench.PREFIX + folder + "/task.json")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_RETROFIT_CACHE", str(tmp_path / "cache"))
@@ -57,7 +32,7 @@ def cache(tmp_path, monkeypatch):
 def test_bigbench_docs_from_a_local_sdist(cache, tmp_path, monkeypatch):
     from eval import bigbench
 
-    sdist = _fake_sdist(tmp_path / bigbench.SDIST)
+    sdist = fake_bigbench_sdist(tmp_path / bigbench.SDIST)
     monkeypatch.setenv("MLA_BIGBENCH_SDIST", str(sdist))
     social = bigbench.load_docs("social_iqa")
     assert len(social) == 10  # the tie has no single right answer
@@ -83,7 +58,7 @@ def test_bigbench_download_through_a_package_index(cache, tmp_path, monkeypatch)
 
     index = tmp_path / "index"
     (index / "bigbench").mkdir(parents=True)
-    sdist = _fake_sdist(index / "bigbench" / bigbench.SDIST)
+    sdist = fake_bigbench_sdist(index / "bigbench" / bigbench.SDIST)
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     (index / "bigbench" / "index.html").write_text(
         f'<html><body><a href="bigbench-0.0.1.tar.gz">old</a><a href="{bigbench.SDIST}#sha256={digest}">new</a>')
@@ -111,7 +86,7 @@ def test_bigbench_errors(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_BIGBENCH_SDIST", str(bad))
     with pytest.raises(MLAError, match="cannot read"):
         bigbench.data_root()
-    monkeypatch.setenv("MLA_BIGBENCH_SDIST", str(_fake_sdist(tmp_path / "broken.tar.gz", broken_json=True)))
+    monkeypatch.setenv("MLA_BIGBENCH_SDIST", str(fake_bigbench_sdist(tmp_path / "broken.tar.gz", broken_json=True)))
     with pytest.raises(MLAError, match="cannot read .*task.json"):
         bigbench.load_docs("social_iqa")
     with pytest.raises(MLAError, match="unknown BIG-bench task 'hellaswag'"):
@@ -120,8 +95,18 @@ def test_bigbench_errors(cache, tmp_path, monkeypatch):
 
 @pytest.mark.network
 def test_real_bigbench_tasks():
-    """The real sdist from PyPI (downloaded once into the user cache): sizes and a golden first document."""
+    """The real sdist from PyPI (downloaded once into the user cache): sizes and a golden first document. Skipped
+    only where the package index no longer offers the pinned sdist (PyPI listed just bigbench 0.0.1 on 2026-12-05)
+    and no local copy is given (``$MLA_BIGBENCH_SDIST``); any other failure fails."""
+    from convert.errors import MLAError
     from eval import bigbench
+
+    try:
+        bigbench.data_root()
+    except MLAError as err:
+        if f"lists no {bigbench.SDIST}" not in str(err):
+            raise
+        pytest.skip(f"the real BIG-bench data cannot be had here: {err}")
 
     sizes = {name: len(bigbench.load_docs(name)) for name in bigbench.TASKS}
     assert sizes == {"winogrande": 2000, "social_iqa": 1954, "goal_step": 1703, "timedial": 2000}
@@ -166,7 +151,7 @@ LM_TASKS = ["mla_bb_social_iqa", "mla_bb_winogrande", "mla_bbc_tech"]
 
 
 @pytest.mark.network
-def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path):
+def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path, bigbench_standin):
     """lm_eval --include_path eval/tasks on a lossless export == lm-eval's Python API on its original, per document."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -178,7 +163,7 @@ def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path):
          "--log_samples", "--output_path", str(tmp_path / "cli")],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert run.returncode == 0, run.stderr[-3000:]
-    cli = _samples(tmp_path / "cli")
+    cli = _samples(tmp_path / "cli")  # (os.environ holds the stand-in's paths: bigbench_standin set them)
     results = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
     assert 0 <= results["mla_bb_social_iqa"]["acc,none"] <= 1
 
@@ -201,7 +186,7 @@ def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ mla eval
 @pytest.mark.network
-def test_mla_eval_report(exports, tmp_path, capsys):
+def test_mla_eval_report(exports, tmp_path, capsys, bigbench_standin):
     from convert.cli import main
     from PIL import Image
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import convert_tiny, fresh_venv
+from conftest import convert_tiny, fake_bigbench_sdist, fresh_venv
 
 SCRIPT = textwrap.dedent(
     """
@@ -80,11 +80,16 @@ def test_stock_lm_eval_without_this_project(tiny_models, tmp_path):
     probe = "import importlib.util as u; print(u.find_spec('convert'), u.find_spec('eval'))"
     check = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert check.stdout.split() == ["None", "None"]
+    from eval import bigbench
+
+    standin = {"MLA_RETROFIT_CACHE": str(tmp_path / "bb-cache"),  # BIG-bench tasks from a stand-in sdist
+               "MLA_BIGBENCH_SDIST": str(fake_bigbench_sdist(tmp_path / bigbench.SDIST))}
     run = subprocess.run(
         [str(Path(py).with_name("lm_eval")), "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
          "--include_path", str(repo / "eval" / "tasks"), "--tasks", "mla_bb_goal_step", "--limit", "4",
          "--output_path", str(tmp_path / "res")],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **standin})
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
     assert results["n-samples"]["mla_bb_goal_step"]["effective"] == 4
