@@ -188,7 +188,7 @@ def test_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
 
 
 @pytest.mark.parametrize("world, message", [("1", "an FSDP config on one process"),
-                                            ("2", "FSDP is not supported by mla finetune yet")])
+                                            ("2", "mla finetune shards by itself")])
 def test_fsdp_configs_are_refused(setup, tmp_path, monkeypatch, world, message):
     """What ``accelerate launch --config_file FSDP.yaml`` sets (ACCELERATE_USE_FSDP): one line, nothing written."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -23,7 +23,7 @@ ORDER = [
     "convert.config", "convert.pipeline",
     # mla finetune
     "convert.recover.config", "convert.recover.checkpoint", "convert.recover.losses", "convert.recover.windows",
-    "convert.recover.memory",
+    "convert.recover.memory", "convert.recover.shard",
     "convert.recover.models", "convert.recover.local", "convert.recover.export", "convert.recover.recipe",
     "convert.recover.run", "convert.recover",
     # what measures (a library convert/ never imports)

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--recipe", help="recipe whose recover: section gives the settings")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 precision (CUDA's auto)")
+    p.add_argument("--processes", type=int, default=1, help="processes a shard=true run splits the state over")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_intermixed_args(argv)
     values = load_recipe(args.recipe, "recover", RecoverConfig) if args.recipe else {}
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
     model = wrap_peft(student, cfg)
     cast_untrained(model, frozen)
     micro = min(cfg.micro_batch or cfg.batch_size, cfg.batch_size)
-    terms = estimate(model, teacher, cfg.seq_len, micro, cfg.gradient_checkpointing, frozen, args.bf16)
+    shards = args.processes if cfg.shard else 1
+    micro = min(micro, cfg.batch_size // args.processes)  # each process takes its share of a batch
+    terms = estimate(model, teacher, cfg.seq_len, micro, cfg.gradient_checkpointing, frozen, args.bf16,
+                     shards=shards)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.shape} at {args.budget}, {cfg.batch_size} x {cfg.seq_len} tokens per step in micro-batches of "
           f"{micro}, gradient checkpointing {cfg.gradient_checkpointing}, frozen {str(frozen)[6:]}, "
+          f"{args.processes} process(es){' sharded' if shards > 1 else ''}, "
           f"{trained / 1e6:.0f}M trained parameters: {describe(terms)}")
     return 0
 

@@ -20,8 +20,10 @@ Where things are (imports flow down this list, never up):
 - ``recipe.py``: ``Recovery``, the run as named phases (setup, load_models, load_data, local_stage, wrap_student,
   resume, prepare, train, evaluate, checkpoint, export);
 - ``local.py``: the layer-local stage; ``export.py``: the merged export, the adapter and the recovery record;
-- ``models.py``: student, teacher, peft; ``windows.py``: the training and validation text; ``losses.py``: the loss,
-  the learning-rate schedule, the held-out NLL; ``checkpoint.py``: what identifies a run, ``checkpoint.pt``, Ctrl-C;
+- ``models.py``: student, teacher, peft, the frozen weights' dtype; ``shard.py``: FSDP2 sharding over processes
+  (``shard=true``); ``memory.py``: the memory estimate; ``windows.py``: the training and validation text;
+  ``losses.py``: the loss, the learning-rate schedule, the held-out NLL; ``checkpoint.py``: what identifies a run,
+  ``checkpoint.pt``, Ctrl-C;
 - ``config.py``: ``RecoverConfig``, the settings.
 """
 

@@ -112,18 +112,20 @@ def read_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: di
     return state
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trained tensors of an unsharded ``model``, on the CPU (``shard.trained_state`` for a sharded one)."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def write_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str], step: int, model,
-                     optimizer, history: list[dict], evals: list[dict], teacher_nll: float | None) -> None:
+def write_checkpoint(path: Path, fingerprint: str, cfg: RecoverConfig, inputs: dict[str, str], step: int,
+                     trainable: dict[str, torch.Tensor], optimizer: dict, history: list[dict], evals: list[dict],
+                     teacher_nll: float | None) -> None:
     """The distillation's state after ``step`` steps to ``path`` (atomically; ``read_checkpoint`` reads it back): what
-    identifies the run, ``model``'s trained tensors, the optimizer, the logs so far and the RNG state."""
+    identifies the run, the ``trainable`` tensors, the ``optimizer``'s state dict, the logs so far and the RNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {
         "fingerprint": fingerprint, "settings": fingerprinted_settings(cfg), "inputs": inputs,
-        "step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+        "step": step, "trainable": trainable, "optimizer": optimizer,
         "history": history, "evals": evals, "teacher_nll": teacher_nll, "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
 

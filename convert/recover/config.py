@@ -74,6 +74,11 @@ class RecoverConfig:
         "auto (bfloat16 when training runs in bf16, i.e. on CUDA by default; else float32), float32 or bfloat16. The "
         "trained tensors, their gradients and the optimizer state stay float32. bfloat16 halves the frozen weights' "
         "memory (an 8B model's 15 GB instead of 30) and needs bf16 precision.")
+    shard: bool = opt(
+        False, "Shard the student's and the teacher's weights, the gradients and AdamW's state over the processes "
+        "(torch FSDP2: each decoder layer one fully_shard unit) instead of a whole copy in each (data parallel): for "
+        "models whose training state does not fit one GPU. Needs several processes (accelerate launch "
+        "--num_processes N, or torchrun); the layer-local stage still runs whole in each process.")
     gradient_checkpointing: bool = opt(
         False, "Recompute each decoder layer's activations in the backward pass instead of storing them (less memory "
         "for big models and long sequences, about a third more compute; the same losses).")

@@ -33,10 +33,12 @@ def attention_elements(config) -> int:
 
 
 def estimate(model, teacher_config, seq_len: int, micro: int, gradient_checkpointing: bool,
-             frozen_dtype: torch.dtype, bf16: bool, teacher_bytes: int | None = None) -> dict[str, int]:
+             frozen_dtype: torch.dtype, bf16: bool, teacher_bytes: int | None = None,
+             shards: int = 1) -> dict[str, int]:
     """The terms (bytes) of one process's peak during distillation, and their ``total``; ``model``: the student
     wrapped by peft (on any device, ``meta`` included); ``teacher_bytes``: the teacher's own bytes when it is loaded
-    (else all of its attention projections, an upper bound: peft's frozen originals may share some)."""
+    (else all of its attention projections, an upper bound: peft's frozen originals may share some); ``shards``: the
+    processes a sharded run splits weights, gradients, optimizer state and teacher over."""
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
@@ -54,6 +56,8 @@ def estimate(model, teacher_config, seq_len: int, micro: int, gradient_checkpoin
         attention_elements(teacher_config) * torch.empty((), dtype=frozen_dtype).element_size(),  # host
         "activations": LOGIT_COPIES * tokens * vocab * 4 + saved,
     }
+    for key in ("weights", "gradients", "optimizer", "teacher"):
+        terms[key] = -(-terms[key] // shards)
     return terms | {"total": sum(terms.values())}
 
 

@@ -110,11 +110,12 @@ def cast_untrained(model, dtype: torch.dtype) -> None:
 def load_teacher(source, config, student, device, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, int]:
     """The teacher in ``dtype``, sharing every frozen student tensor that holds exactly its own values (embeddings,
     MLP base weights, output head; norms too unless they are trained): only the original attention projections (and
-    trained norms) are extra memory. Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
+    trained norms) are extra memory; ``student`` None: nothing shared (a sharded run shards the teacher on its own).
+    Returns (teacher in eval mode, frozen on ``device``; bytes shared)."""
     check_weights(source, config)
     config = text_config(config)  # a multimodal checkpoint teaches with its text model
     frozen = {}
-    for name, p in student.named_parameters():
+    for name, p in (student.named_parameters() if student is not None else ()):
         if p.requires_grad or "lora_" in name or ".modules_to_save." in name:
             continue
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from ..device import peak_memory, reset_peak_memory, resolve_device
 from ..errors import MLAError
 from ..sources import check_positions, load_config, load_tokenizer, resolve_source
-from .checkpoint import CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, run_inputs, work_dir, write_checkpoint
+from .checkpoint import (CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, run_inputs, trainable_state, work_dir,
+                         write_checkpoint)
 from .config import RecoverConfig
 from .export import write_recovered
 from .local import LOCAL_CKPT, run_stage
 from .memory import describe, estimate
+from . import shard
 from .losses import distill_loss, lr_at, val_nll
 from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
 from .windows import batch_rows, training_windows, validation_windows
@@ -79,6 +81,9 @@ class Recovery:
         self.say = (tqdm.write if self.log is print else self.log) if self.main else (lambda *_: None)
         if cfg.batch_size % acc.num_processes:
             raise MLAError(f"batch_size {cfg.batch_size} is not divisible by the {acc.num_processes} processes")
+        if cfg.shard and acc.num_processes < 2:
+            raise MLAError("shard=true on one process shards nothing: launch several (accelerate launch "
+                           "--num_processes N, or torchrun --nproc_per_node N), or drop it")
         self.local_batch = cfg.batch_size // acc.num_processes
         self.micro = min(cfg.micro_batch or self.local_batch, self.local_batch)
 
@@ -122,6 +127,9 @@ class Recovery:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = wrap_peft(self.student, cfg)
         cast_untrained(self.model, self.frozen_dtype)  # peft's frozen originals of the trained modules
+        if cfg.shard:
+            self.model.to(self.acc.device)
+            shard.shard_model(self.model, self.acc.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_train = sum(p.numel() for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -135,11 +143,14 @@ class Recovery:
         missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(saved["trainable"])
         if missing:
             raise MLAError(f"checkpoint {self.ckpt_path} lacks {len(missing)} trained tensors; re-run with --restart")
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if name in saved["trainable"]:
-                    p.copy_(saved["trainable"][name])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.cfg.shard:
+            shard.load_state(self.model, self.optimizer, saved["trainable"], saved["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in saved["trainable"]:
+                        p.copy_(saved["trainable"][name])
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.start_step, self.history, self.evals = saved["step"], saved["history"], saved["evals"]
         self.teacher_nll = saved.get("teacher_nll")
         torch.set_rng_state(saved["rng"])
@@ -148,17 +159,25 @@ class Recovery:
         self.say(f"resuming from {self.ckpt_path} at step {self.start_step}/{self.total_steps}")
 
     def prepare(self) -> None:
-        """The student and optimizer handed to accelerate; the teacher's weights loaded beside the student."""
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.inner = self.acc.unwrap_model(self.model)
-        self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner, self.acc.device,
-                                                  self.frozen_dtype)
+        """The student and optimizer handed to accelerate (data parallel), or the teacher sharded as the student was
+        (``shard``); the teacher's weights loaded beside the student."""
+        cfg = self.cfg
+        if cfg.shard:  # FSDP2 shards in place: no DDP wrapper; the teacher is sharded on its own
+            self.inner = self.model
+            self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, None,
+                                                      self.acc.device, self.frozen_dtype)
+            shard.shard_model(self.teacher_model, self.acc.device)
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+            self.inner = self.acc.unwrap_model(self.model)
+            self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, self.inner,
+                                                      self.acc.device, self.frozen_dtype)
         own = param_bytes(self.teacher_model) - shared
         self.say(f"teacher shares {shared / 2**20:.0f} MiB of frozen weights with the student (embeddings, MLP, head); "
                  f"its own {own / 2**20:.0f} MiB (attention, trained norms)")
-        cfg = self.cfg
+        shards = self.acc.num_processes if cfg.shard else 1
         self.memory = {"estimate": estimate(self.inner, self.teacher_config, cfg.seq_len, self.micro,
-                                            cfg.gradient_checkpointing, self.frozen_dtype, self.bf16, own)}
+                                            cfg.gradient_checkpointing, self.frozen_dtype, self.bf16, own, shards)}
         self.say(f"memory per process, estimated: {describe(self.memory['estimate'])}")
 
     def train(self) -> None:
@@ -206,8 +225,11 @@ class Recovery:
         if not math.isfinite(loss_sum):
             raise MLAError(_nonfinite("loss", loss_sum, step, cfg, self.ckpt_path))
         params = self.params
-        grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
-                          torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        if cfg.shard:
+            grad_norm = shard.clip_gradients(params, cfg.grad_clip)
+        else:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         if not math.isfinite(grad_norm):
             raise MLAError(_nonfinite("gradient norm", grad_norm, step, cfg, self.ckpt_path))
         self.optimizer.step()
@@ -257,8 +279,12 @@ class Recovery:
 
     def checkpoint(self, step: int) -> None:
         """The run's state after ``step`` steps to ``OUT.ckpt/checkpoint.pt`` (by the main process)."""
+        if self.cfg.shard:  # gathered by every process together
+            trainable, optim = shard.trained_state(self.model), shard.optimizer_state(self.model, self.optimizer)
+        elif self.main:
+            trainable, optim = trainable_state(self.inner), self.optimizer.state_dict()
         if self.main:
-            write_checkpoint(self.ckpt_path, self.fingerprint, self.cfg, self.inputs, step, self.inner, self.optimizer,
+            write_checkpoint(self.ckpt_path, self.fingerprint, self.cfg, self.inputs, step, trainable, optim,
                              self.history, self.evals, self.teacher_nll)
         self.acc.wait_for_everyone()
 
@@ -267,6 +293,8 @@ class Recovery:
         result = None
         self.optimizer.zero_grad(set_to_none=True)
         del self.optimizer, self.teacher_model  # the export needs neither: free their memory first
+        if self.cfg.shard:
+            self.inner = self._gathered()
         if self.main:
             result = write_recovered(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
                              self.evals, self.n_train, self.overwrite, self.val, self.micro, self.acc, self.started,
@@ -280,19 +308,35 @@ class Recovery:
                 self.ckpt_dir.rmdir()
         return result
 
+    def _gathered(self):
+        """A sharded run's student, whole on the main process (None elsewhere), for the export."""
+        trained = shard.trained_state(self.model)
+        self.model = self.inner = None
+        return _unsharded(self.converted, self.cfg, trained, self.acc.device) if self.main else None
+
+
+def _unsharded(converted: Path, cfg: RecoverConfig, trained: dict, device) -> torch.nn.Module:
+    """The student rebuilt whole (its frozen weights as read) with the ``trained`` tensors of a sharded run."""
+    model = wrap_peft(load_student(converted), cfg)
+    result = model.load_state_dict(trained, strict=False)
+    if set(trained) != {n for n, p in model.named_parameters() if p.requires_grad}:
+        raise MLAError(f"internal error: the gathered tensors do not fit the student ({result})")
+    return model.to(device)
+
 
 def _check_launch() -> None:
-    """MLAError for an accelerate config this recovery cannot run: sharding (FSDP, DeepSpeed) on one process shards
-    nothing, and on several it is not supported yet (plain data parallelism is: ``accelerate launch --num_processes
-    N`` without such a config)."""
+    """MLAError for an accelerate FSDP or DeepSpeed config: on one process it shards nothing; on several, mla
+    finetune shards with its own FSDP2 setup (``shard=true`` under a plain multi-process launch), since the student
+    and the teacher share their frozen weights and its checkpoints gather what is sharded."""
     for engine in ("FSDP", "DEEPSPEED"):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true"):
             name = "FSDP" if engine == "FSDP" else "DeepSpeed"
             if int(os.environ.get("WORLD_SIZE", "1")) < 2:
                 raise MLAError(f"an {name} config on one process: it shards over processes, so launch several "
                                f"(accelerate launch --num_processes N, N >= 2) or drop the config")
-            raise MLAError(f"{name} is not supported by mla finetune yet: launch plain data parallelism instead "
-                           "(accelerate launch --num_processes N, without an FSDP/DeepSpeed config)")
+            raise MLAError(f"an accelerate {name} config: mla finetune shards by itself; launch plain processes "
+                           "(accelerate launch --config_file recipes/accelerate/multi-gpu.yaml --num_processes N) "
+                           "and add shard=true")
 
 
 def _nonfinite(what: str, value: float, step: int, cfg: RecoverConfig, ckpt_path: Path) -> str:

@@ -1,0 +1,146 @@
+"""Recovery over several processes on the CPU (gloo, 2 processes), issue 26: data parallel (the default, under
+torchrun) and sharded (``shard=true``, torch FSDP2, under accelerate launch with recipes/accelerate/multi-gpu.yaml)
+give the losses of one process; a sharded run killed with
+``kill -9`` resumes and ends with the weights of an uninterrupted one."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, convert_tiny, make_tiny, one_error
+from convert.recover import work_dir
+from convert.recover.checkpoint import CKPT_NAME
+
+STEPS = 12
+ACCELERATE_CONFIG = ROOT / "recipes" / "accelerate" / "multi-gpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import pydoc_data.topics
+
+    root = tmp_path_factory.mktemp("parallel")
+    topics = list(pydoc_data.topics.topics.values())
+    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
+    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
+    make_tiny(root / "src", "llama-gqa")
+    convert_tiny(root / "src", root / "conv", kv_budget=0.25)
+    return root
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+            "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(setup, out: Path, processes: int, *extra) -> list[str]:
+    """``mla finetune`` on the tiny export: one process, or ``processes`` through ``accelerate launch`` with the
+    shipped config when sharded (``shard=true``), else through ``torchrun``."""
+    if processes == 1:
+        launch = [sys.executable]
+    elif "shard=true" in extra:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+                  "--num_processes", str(processes), "--main_process_port", str(_free_port())]
+    else:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [*launch, "-m", "convert.cli", "finetune", str(setup / "conv"), str(out), f"data={setup / 'train.txt'}",
+            f"val_data={setup / 'val.txt'}", "seq_len=64", "batch_size=4", f"tokens={64 * 4 * STEPS}",
+            "val_tokens=256", "eval_every=4", "checkpoint_every=2", "lr=3e-3", "warmup_steps=1", "device=cpu", *extra]
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (torchrun's workers live in sessions of their own)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return found
+
+
+def _run(setup, out: Path, processes: int, *extra) -> dict:
+    proc = subprocess.run(_command(setup, out, processes, *extra), env=_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "mla_conversion.json").read_text())["recovery"]
+
+
+@pytest.fixture(scope="module")
+def one(setup):
+    return _run(setup, setup / "one", 1)
+
+
+def _same_run(a: dict, b: dict) -> None:
+    """The losses, gradient norms and validation ratios of two runs agree to float32 noise."""
+    for key in ("loss", "kl", "grad_norm"):
+        assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]], rel=1e-4, abs=1e-7)
+    assert [e["ratio"] for e in a["val"]] == pytest.approx([e["ratio"] for e in b["val"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [(), ("shard=true",)], ids=["data-parallel", "sharded"])
+def test_two_processes_give_the_losses_of_one(setup, one, extra):
+    two = _run(setup, setup / f"two-{len(extra)}", 2, *extra)
+    assert two["processes"] == 2 and len(two["history"]) == STEPS
+    _same_run(two, one)
+    a, b = load_file(setup / "one" / "model.safetensors"), load_file(setup / f"two-{len(extra)}" / "model.safetensors")
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_sharded_run_resumes_after_kill_9(setup):
+    ref = setup / "sharded-ref"
+    _run(setup, ref, 2, "shard=true")
+    out = setup / "sharded-killed"
+    ckpt = work_dir(out) / CKPT_NAME
+    proc = subprocess.Popen(_command(setup, out, 2, "shard=true"), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    for pid in _descendants(proc.pid):  # kill -9 of the whole job: the launcher and both workers
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(0.5)
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < STEPS and not out.exists()
+    again = subprocess.run(_command(setup, out, 2, "shard=true"), env=_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {ckpt} at step" in again.stdout
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((ref / "mla_conversion.json").read_text())["recovery"]
+    rb = json.loads((out / "mla_conversion.json").read_text())["recovery"]
+    assert ra["history"] == rb["history"] and ra["val"] == rb["val"]
+    assert not work_dir(out).exists()
+
+
+def test_shard_on_one_process_is_one_line_error(setup, tmp_path):
+    proc = subprocess.run(_command(setup, tmp_path / "out", 1, "shard=true"), env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    one_error(proc.returncode, proc.stderr, "shard=true on one process shards nothing")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
