@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Recovery on a GPU machine (issue 26; see ../shared/GPU.md: no network, torch preinstalled). Needs, in the checkout:
 # .gpu/whl/*.whl (transformers, installed into /tmp/site) and .gpu/tok (tokenizer files), from `make gpu-prep`.
-# 1. the tiny families' layer-local stage + distillation on cuda (every stage on the GPU, bf16, frozen bf16);
+# 1. tiny random models of three families converted and recovered on cuda (every stage there, bf16, frozen bf16);
 # 2. bench-convert of the Llama-3.2-1B shape on cuda (random weights, --kv-budget 0.25);
 # 3. mla finetune of that export with recipes/gpu-1b-8b.yaml, cut to its first steps (a short layer-local stage,
 #    STEPS optimizer steps of 8 x 1024): its record holds the memory estimate and the measured CUDA peak;
@@ -10,7 +10,8 @@
 #
 #   eval/gpu_recover.sh                    # the whole check, no step started after BUDGET_S seconds
 #   PATH=$PWD/.venv/bin:$PATH SHAPE=tiny-llama DEVICE=cpu SEQ=64 WHL=DIR TOK=TINY SITE=/tmp/s OUT=/tmp/o \
-#     MLA_RETROFIT_CACHE=/tmp/c eval/gpu_recover.sh   # a check of this script on a CPU
+#     MLA_RETROFIT_CACHE=/tmp/c eval/gpu_recover.sh   # a check of this script on a CPU (DIR: one transformers
+#                                                     # wheel; TINY: a tokenizer of at most 512 tokens)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,29 +53,43 @@ step install 0 60 python3 -m pip install -q --no-index --no-deps --target "$SITE
 export PYTHONPATH=$SITE:$PWD
 MLA=(python3 -m convert.cli)
 
-# 1. tiny models: every stage on the device (the CPU suite's device audit, here for real); the text files of step 3
-step "tiny stages on $DEVICE" 30 120 python3 - "$DEVICE" "$MC/tiny" <<'EOF'
+# 1. tiny random models of three families (the tokenizer of $TOK), converted and recovered on the device with both
+#    layer-local inputs: every stage on it (the CPU suite's device audit, here for real); the text files of step 3
+step "tiny stages on $DEVICE" 30 150 python3 - "$DEVICE" "$MC/tiny" "$TOK" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, "tests")
+
 import pydoc_data.topics
-from conftest import convert_tiny, make_tiny
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from convert.config import ConvertConfig
+from convert.pipeline import convert
 from convert.recover import finetune
 from convert.recover.config import RecoverConfig
 
-device, root = sys.argv[1], Path(sys.argv[2])
+device, root, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 topics = list(pydoc_data.topics.topics.values())
 root.mkdir(parents=True, exist_ok=True)
 (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
 (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
-for name in ("llama-gqa", "gemma3", "qwen3"):
-    make_tiny(root / name, name)
-    convert_tiny(root / name, root / f"{name}-conv", kv_budget=0.25)
+tokenizer = AutoTokenizer.from_pretrained(tok)
+extra = {"gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                             query_pre_attn_scalar=16)}
+for family in ("llama", "qwen3", "gemma3_text"):
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=512, **extra.get(family, {}))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
+    tokenizer.save_pretrained(root / family)
+    convert(str(root / family), root / f"{family}-conv", ConvertConfig(kv_budget=0.25, calib="pydoc", calib_seqs=4,
+            calib_len=64, device=device, overwrite=True))
     for inputs in ("teacher", "student"):
         cfg = RecoverConfig(data=str(root / "train.txt"), val_data=str(root / "val.txt"), seq_len=64, batch_size=4,
                             tokens=1024, val_tokens=256, local_tokens=512, local_inputs=inputs, device=device)
-        rec = finetune(root / f"{name}-conv", root / f"{name}-rec", cfg, overwrite=True, restart=True)["recovery"]
-        print(f"TINY {name} {inputs}: ratio {rec['val'][0]['ratio']:.4f} -> {rec['val'][-1]['ratio']:.4f}, "
+        rec = finetune(root / f"{family}-conv", root / f"{family}-rec", cfg, overwrite=True, restart=True)["recovery"]
+        print(f"TINY {family} {inputs}: ratio {rec['val'][0]['ratio']:.4f} -> {rec['val'][-1]['ratio']:.4f}, "
               f"memory {rec['memory']}")
 EOF
 
