@@ -30,7 +30,10 @@ class RecoverConfig:
     seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
     batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
     micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
-    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW) of the full_targets parameters (and of LoRA without lora_lr).")
+    lora_lr: float | None = opt(
+        None, "Peak learning rate of the LoRA adapters (their own AdamW parameter group, the same schedule); default: "
+        "lr. Adapters start at zero and often want a higher rate than the full parameters they sit beside.")
     schedule: str = opt("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
     warmup_steps: int = opt(5, "Linear warm-up steps.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine and linear).")
@@ -39,7 +42,10 @@ class RecoverConfig:
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
-    lora_targets: str = opt(LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters ('' for none).")
+    lora_targets: str = opt(
+        LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters. '' for none: every trained module "
+        "is then a full parameter (all-parameter training: put the MLP's gate_proj,up_proj,down_proj in full_targets), "
+        "and OUT has no adapter folder.")
     full_targets: str = opt(
         FULL_DEFAULT_TARGETS,
         "Comma-separated module names trained as full parameters (peft modules_to_save; matched as suffixes of module "
@@ -49,6 +55,12 @@ class RecoverConfig:
     kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
     ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")
     temperature: float = opt(1.0, "Distillation temperature (the KL is scaled by its square).")
+    teacher_topk: int = opt(
+        0, "Keep the teacher's top-k log-probabilities of every training position the first time a window is seen, "
+        "and distil later passes over it from that cache instead of a teacher forward (0: a forward every step). The "
+        "KL is then over the k tokens plus one bucket for the rest of the vocabulary. Saves the teacher's forward on "
+        "every epoch after the first (the mix repeats when tokens exceed its windows); host memory: windows x "
+        "seq_len x (8 k + 4) bytes.")
     hidden_weight: float = opt(
         0.0, "Weight of an extra loss on every layer's output hidden states: mean over layers and tokens of "
         "|h_student - h_teacher|^2 / |h_teacher|^2.")
@@ -107,8 +119,13 @@ class RecoverConfig:
                            f"{self.local_lr}")
         if self.local_tokens and not split_list(self.full_targets):
             raise MLAError("local_tokens needs full_targets: the layer-local stage trains the attention modules named there")
-        if not self.lr > 0:
-            raise MLAError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or (self.lora_lr is not None and not self.lora_lr > 0):
+            raise MLAError(f"lr and lora_lr must be > 0, got {self.lr} and {self.lora_lr}")
+        if self.teacher_topk < 0:
+            raise MLAError(f"teacher_topk must be >= 0, got {self.teacher_topk}")
+        if self.teacher_topk and self.hidden_weight:
+            raise MLAError("teacher_topk caches the teacher's logits only: it cannot serve hidden_weight, which needs "
+                           "the teacher's hidden states every step")
         if not 0 <= self.min_lr_ratio <= 1:
             raise MLAError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lora_r < 1 or self.lora_alpha <= 0:
@@ -128,6 +145,8 @@ class RecoverConfig:
                            "meet bfloat16 weights outside autocast")
         if not split_list(self.lora_targets) and not split_list(self.full_targets):
             raise MLAError("lora_targets and full_targets are both empty: nothing to train")
+        if self.lora_lr is not None and not split_list(self.lora_targets):
+            raise MLAError("lora_lr without lora_targets: there are no LoRA adapters to give it to")
         if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):
             raise MLAError("a module cannot be in both lora_targets and full_targets")
         if not split_sources(self.data or ""):

@@ -59,6 +59,8 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
 
 def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
     """The adapter in peft format under ``folder/adapter``, its base named when it outlives the run."""
+    if not hasattr(model, "peft_config"):  # all-parameter training (no lora_targets): no adapter
+        return
     model.save_pretrained(folder / ADAPTER_DIR)
     adapter_cfg = folder / ADAPTER_DIR / "adapter_config.json"
     meta = json.loads(adapter_cfg.read_text())
@@ -74,7 +76,7 @@ def _save_merged(model, folder: Path, dtype: torch.dtype):
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.float()
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
     state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
     if merged.config.tie_word_embeddings:
         state.pop(HEAD, None)

@@ -23,12 +23,36 @@ def lr_at(step: int, cfg: RecoverConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * factor)
 
 
-def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig):
-    """(loss, kl, ce, hidden) averaged over tokens; KL at every position, cross-entropy on next tokens."""
+def topk_targets(logits: torch.Tensor, k: int, temperature: float):
+    """The teacher's distribution at ``temperature`` over its top ``k`` tokens (at most vocabulary - 1) and one bucket
+    for the rest: (log-probabilities (..., k), token ids (..., k) int32, the rest's log-probability (...,))."""
+    logp = F.log_softmax(logits.float() / temperature, -1)  # (..., V)
+    values, ids = logp.topk(min(k, logp.shape[-1] - 1), dim=-1)
+    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return values, ids.int(), rest
+
+
+def topk_kl(student_logits: torch.Tensor, target, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) over the k + 1 buckets of ``target`` (``topk_targets``), mean over positions, scaled
+    by temperature^2 as the full KL is; with k = vocabulary - 1 it is the full KL."""
+    values, ids, rest = target  # (N, k), (N, k), (N,)
+    s = F.log_softmax(student_logits.float() / temperature, -1)  # (N, V)
+    ids = ids.long()
+    s_top = s.gather(-1, ids)  # (N, k)
+    s_rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1)  # (N,)
+    kl = (values.exp() * (values - s_top)).sum(-1) + rest.exp() * (rest - s_rest)
+    return kl.mean() * temperature**2
+
+
+def distill_loss(student_out, teacher_out, input_ids, cfg: RecoverConfig, target=None):
+    """(loss, kl, ce, hidden) averaged over tokens; KL at every position (to the teacher's cached top-k ``target``,
+    flattened to (B*T, k), when given), cross-entropy on next tokens."""
     s = student_out.logits.float().flatten(0, 1)  # (B*T, V)
     zero = torch.zeros((), device=s.device)
     kl = ce = hidden = zero
-    if cfg.kd_weight:
+    if cfg.kd_weight and target is not None:
+        kl = topk_kl(s, target, cfg.temperature)
+    elif cfg.kd_weight:
         t = teacher_out.logits.float().flatten(0, 1)
         temp = cfg.temperature
         kl = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,

@@ -149,6 +149,16 @@ def load_teacher(source, config, student, device, dtype: torch.dtype = torch.flo
     return model.eval(), shared
 
 
+def _train_in_place(model, full: list[str]):
+    """The student itself with the parameters of the ``full`` modules (matched as suffixes of module paths) trained,
+    everything else frozen (``lora_targets`` empty: no peft; the trained tensors keep the model's own names)."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if name and any(name.endswith(t) for t in full):
+            module.requires_grad_(True)
+    return model
+
+
 def _module_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
@@ -168,9 +178,8 @@ def wrap_peft(model, cfg: RecoverConfig):
     for name in full:
         if name not in names:
             raise MLAError(f"full_targets: no module named {name!r}")
-    if not lora:  # peft needs at least one LoRA target; a rank-r adapter on nothing would be meaningless
-        raise MLAError("lora_targets is empty: give at least one module for LoRA (full_targets alone: use a "
-                       "full fine-tune tool)")
+    if not lora:  # all-parameter training: no adapter, the full targets train in place
+        return _train_in_place(model, full)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora,
                         modules_to_save=full or None, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)

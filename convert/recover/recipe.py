@@ -30,6 +30,7 @@ from .memory import describe, estimate
 from . import shard
 from .losses import distill_loss, lr_at, val_nll
 from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
+from .teacher_cache import TeacherCache
 from .windows import batch_rows, training_windows, validation_windows
 
 
@@ -45,6 +46,7 @@ class Recovery:
         self.ckpt_dir = ckpt_dir or work_dir(out)
         self.ckpt_path = self.ckpt_dir / CKPT_NAME
         self.local_record = None  # the layer-local stage's, when it runs
+        self.cache = TeacherCache(cfg.teacher_topk, cfg.temperature) if cfg.teacher_topk else None
         self.start_step, self.history, self.evals, self.teacher_nll = 0, [], [], None
 
     def run(self) -> dict | None:
@@ -118,7 +120,8 @@ class Recovery:
                                       self.restart, self.main, self.say, self.acc.autocast)
 
     def wrap_student(self) -> None:
-        """LoRA and trainable copies on the student (peft), gradient checkpointing if asked, the optimizer."""
+        """LoRA and trainable copies on the student (peft), gradient checkpointing if asked, the optimizer (a
+        parameter group for the full parameters at ``lr``, one for the adapters at ``lora_lr``)."""
         cfg = self.cfg
         if cfg.gradient_checkpointing:
             if hasattr(self.student, "activation_checkpointing_enable"):  # the name from transformers 5.x on
@@ -130,9 +133,13 @@ class Recovery:
         if cfg.shard:
             self.model.to(self.acc.device)
             shard.shard_model(self.model, self.acc.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.n_train = sum(p.numel() for p in self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+        groups = [{"params": [p for n, p in named if "lora_" not in n], "peak_lr": cfg.lr},
+                  {"params": [p for n, p in named if "lora_" in n], "peak_lr": cfg.lora_lr or cfg.lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     def resume(self) -> None:
         """The trained tensors, optimizer, logs and RNG of this run's checkpoint; else a fresh seed."""
@@ -205,6 +212,10 @@ class Recovery:
                     raise KeyboardInterrupt
         bar.close()
         self.memory["measured"] = peak_memory(self.acc.device)  # since training (these steps) began
+        if self.cache is not None:
+            c = self.cache
+            self.say(f"teacher top-{c.k} cache: {len(c.rows)} windows kept ({c.nbytes() / 2**20:.0f} MiB on the host); "
+                     f"{c.hits} of {c.hits + c.misses} window passes distilled from it without a teacher forward")
         if not self.evals or self.evals[-1]["step"] != total:
             self.evaluate(total)
             self.checkpoint(total)
@@ -213,8 +224,8 @@ class Recovery:
         """One optimizer step on this process's rows of the step's batch; MLAError on a non-finite loss or gradient."""
         cfg, acc = self.cfg, self.acc
         lr = lr_at(step, cfg, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group's peak on the one schedule
+            group["lr"] = lr * group["peak_lr"] / cfg.lr
         rows = batch_rows(step, cfg.batch_size, len(self.windows), cfg.seed)
         local = rows[acc.process_index * self.local_batch:(acc.process_index + 1) * self.local_batch]
         self.optimizer.zero_grad(set_to_none=True)
@@ -246,12 +257,10 @@ class Recovery:
         kl_sum = ce_sum = loss_sum = hid_sum = 0.0
         for part in local.split(self.micro):
             ids = self.windows[part].to(acc.device)  # (micro, seq_len)
-            hidden_states = cfg.hidden_weight > 0
-            with torch.no_grad(), acc.autocast():
-                t_out = self.teacher_model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+            t_out, target = self._teacher(part.tolist(), ids)
             with acc.autocast():
-                s_out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
-            loss, kl, ce, hid = distill_loss(s_out, t_out, ids, cfg)
+                s_out = self.model(input_ids=ids, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+            loss, kl, ce, hid = distill_loss(s_out, t_out, ids, cfg, target)
             weight = len(part) / len(local)
             acc.backward(loss * weight)
             loss_sum += float(loss.detach()) * weight
@@ -260,6 +269,19 @@ class Recovery:
             hid_sum += float(hid) * weight
             del t_out, s_out, loss
         return loss_sum, kl_sum, ce_sum, hid_sum
+
+    def _teacher(self, rows: list[int], ids: torch.LongTensor):
+        """The teacher's output for windows ``rows`` (``ids``), or with ``teacher_topk`` its cached top-k targets
+        (a forward only for windows not seen before): (output or None, targets or None)."""
+        cache = self.cache
+        target = cache.lookup(rows, self.acc.device) if cache is not None else None
+        if target is not None:
+            return None, target
+        with torch.no_grad(), self.acc.autocast():
+            t_out = self.teacher_model(input_ids=ids, use_cache=False, output_hidden_states=self.cfg.hidden_weight > 0)
+        if cache is None:
+            return t_out, None
+        return None, cache.put(rows, t_out.logits, self.acc.device)
 
     def evaluate(self, step: int) -> None:
         """Validation perplexity after ``step`` steps, and its ratio to the teacher's (no-op without val_data)."""

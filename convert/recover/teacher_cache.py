@@ -1,0 +1,40 @@
+"""The teacher's top-k next-token distributions of the training windows (``teacher_topk``), kept on the host the
+first time a window is seen: later passes over a window distil from it without a teacher forward."""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import topk_targets
+
+
+class TeacherCache:
+    """Row index of a training window -> its (log-probabilities (T, k), ids (T, k), rest (T,)), on the CPU."""
+
+    def __init__(self, k: int, temperature: float):
+        self.k, self.temperature = k, temperature
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+
+    def lookup(self, rows: list[int], device):
+        """The targets of windows ``rows`` flattened to (B*T, k), (B*T, k), (B*T,) on ``device``; None unless every
+        row is kept."""
+        if not all(r in self.rows for r in rows):
+            return None
+        self.hits += len(rows)
+        return self._stack([self.rows[r] for r in rows], device)
+
+    def put(self, rows: list[int], logits: torch.Tensor, device):
+        """Keep the top-k of the teacher's ``logits`` (B, T, V) of windows ``rows``; their targets as ``lookup``."""
+        values, ids, rest = topk_targets(logits, self.k, self.temperature)  # (B, T, k), (B, T, k), (B, T)
+        for i, row in enumerate(rows):
+            self.rows[row] = (values[i].cpu(), ids[i].cpu(), rest[i].cpu())
+        self.misses += len(rows)
+        return self._stack([self.rows[r] for r in rows], device)
+
+    @staticmethod
+    def _stack(entries, device):
+        return tuple(torch.cat([e[j] for e in entries]).to(device) for j in range(3))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for entry in self.rows.values() for t in entry)
