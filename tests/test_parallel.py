@@ -109,6 +109,16 @@ def test_two_processes_give_the_losses_of_one(setup, one, extra):
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
+def test_sharded_teacher_cache_gives_the_losses_of_one(setup):
+    """teacher_topk over a text that repeats: a process whose windows are all kept still joins the sharded teacher's
+    forward when the other's are not (else the collective would hang); the losses are those of one process."""
+    small = setup / "small.txt"
+    small.write_text((setup / "train.txt").read_text()[:1200])  # ~12 windows of 64: 12 steps of 4 pass each ~4 times
+    extra = (f"data={small}", "teacher_topk=8")
+    one_run = _run(setup, setup / "cache-one", 1, *extra)
+    _same_run(_run(setup, setup / "cache-two", 2, *extra, "shard=true"), one_run)
+
+
 def test_sharded_run_resumes_after_kill_9(setup):
     ref = setup / "sharded-ref"
     _run(setup, ref, 2, "shard=true")

@@ -273,15 +273,18 @@ class Recovery:
     def _teacher(self, rows: list[int], ids: torch.LongTensor):
         """The teacher's output for windows ``rows`` (``ids``), or with ``teacher_topk`` its cached top-k targets
         (a forward only for windows not seen before): (output or None, targets or None)."""
-        cache = self.cache
-        target = cache.lookup(rows, self.acc.device) if cache is not None else None
-        if target is not None:
+        cache, acc = self.cache, self.acc
+        target = cache.lookup(rows, acc.device) if cache is not None else None
+        missed = target is None
+        if self.cfg.shard and cache is not None:  # a sharded teacher's forward needs every process: one miss, all run
+            missed = float(acc.reduce(torch.tensor([float(missed)], device=acc.device), reduction="sum")) > 0
+        if not missed:
             return None, target
-        with torch.no_grad(), self.acc.autocast():
+        with torch.no_grad(), acc.autocast():
             t_out = self.teacher_model(input_ids=ids, use_cache=False, output_hidden_states=self.cfg.hidden_weight > 0)
         if cache is None:
             return t_out, None
-        return None, cache.put(rows, t_out.logits, self.acc.device)
+        return None, target if target is not None else cache.put(rows, t_out.logits, acc.device)
 
     def evaluate(self, step: int) -> None:
         """Validation perplexity after ``step`` steps, and its ratio to the teacher's (no-op without val_data)."""
