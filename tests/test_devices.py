@@ -83,13 +83,14 @@ def test_the_audit_catches_a_factory_without_device(tmp_path):
     assert [f.split(" ")[-1] for f in audit.found] == ["arange"]
 
 
-@pytest.mark.parametrize("local_inputs", ["teacher", "student"])
-def test_every_recovery_stage_creates_its_tensors_on_the_run_device(setup, tmp_path, local_inputs):
-    """The layer-local stage, distillation, evaluation and export make no tensor on an implicit device: the class of
-    bug that crashed the layer-local stage on CUDA (token ids on the GPU indexing the CPU embedding table)."""
+@pytest.mark.parametrize("local_inputs, extra", [("teacher", {}), ("student", {"teacher_topk": 16, "lora_lr": 1e-3})])
+def test_every_recovery_stage_creates_its_tensors_on_the_run_device(setup, tmp_path, local_inputs, extra):
+    """The layer-local stage, distillation (with the teacher's top-k cache too), evaluation and export make no tensor
+    on an implicit device: the class of bug that crashed the layer-local stage on CUDA (token ids on the GPU indexing
+    the CPU embedding table)."""
     audit = DeviceAudit()
     with audit:
-        finetune(setup / "conv", tmp_path / "out", _cfg(setup, local_inputs=local_inputs))
+        finetune(setup / "conv", tmp_path / "out", _cfg(setup, local_inputs=local_inputs, **extra))
     assert audit.found == []
 
 

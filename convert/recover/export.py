@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import HEAD
+from ..config import split_list
 from ..deepseek import is_deepseek_v3, load_mla, write_deepseek_v3
 from ..errors import MLAError
 from ..files import atomic_dir
@@ -135,7 +136,7 @@ def _recovery_record(cfg: RecoverConfig, teacher: str, history: list[dict], eval
         "val": evals,
         "local": _local_record(local, evals),
         "verify": verify,
-        "adapter": ADAPTER_DIR,
+        "adapter": ADAPTER_DIR if split_list(cfg.lora_targets) else None,  # none: all-parameter training
         "elapsed_s": round(time.time() - started, 1),
         "history": history,
     }
