@@ -45,7 +45,7 @@ print("| run | val ratio at step 0 | 8 | 16 | trained parameters | distillation 
 print("|---|---|---|---|---|---|")
 for name in ("shipped", "lora_lr", "all_params", "topk64", "repeat_plain", "repeat_topk64"):
     rec = json.loads((work / name / "mla_conversion.json").read_text())["recovery"]
-    ratios = {e["step"]: f"{e['ratio']:.3f}x" for e in rec["evals"]}
+    ratios = {e["step"]: f"{e['ratio']:.3f}x" for e in rec["val"]}
     rate = re.findall(r"tok_s=(\d+)", (work / f"{name}.log").read_text())
     print(f"| {name} | {ratios.get(0, '-')} | {ratios.get(8, '-')} | {ratios.get(16, '-')} | "
           f"{rec['trainable_parameters'] / 1e6:.1f}M | {rate[-1] if rate else '-'} |")
