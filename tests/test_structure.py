@@ -22,7 +22,8 @@ ORDER = [
     "convert.save", "convert.deepseek", "convert.allocate", "convert.export", "convert.verify",
     "convert.config", "convert.pipeline",
     # mla finetune
-    "convert.recover.config", "convert.recover.checkpoint", "convert.recover.losses", "convert.recover.windows",
+    "convert.recover.config", "convert.recover.checkpoint", "convert.recover.losses", "convert.recover.teacher_cache",
+    "convert.recover.windows",
     "convert.recover.memory", "convert.recover.shard",
     "convert.recover.models", "convert.recover.local", "convert.recover.export", "convert.recover.recipe",
     "convert.recover.run", "convert.recover",

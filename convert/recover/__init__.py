@@ -22,7 +22,8 @@ Where things are (imports flow down this list, never up):
 - ``local.py``: the layer-local stage; ``export.py``: the merged export, the adapter and the recovery record;
 - ``models.py``: student, teacher, peft, the frozen weights' dtype; ``shard.py``: FSDP2 sharding over processes
   (``shard=true``); ``memory.py``: the memory estimate; ``windows.py``: the training and validation text;
-  ``losses.py``: the loss, the learning-rate schedule, the held-out NLL; ``checkpoint.py``: what identifies a run,
+  ``losses.py``: the loss (full or top-k KL), the learning-rate schedule, the held-out NLL; ``teacher_cache.py``: the
+  teacher's cached top-k targets (``teacher_topk``); ``checkpoint.py``: what identifies a run,
   ``checkpoint.pt``, Ctrl-C;
 - ``config.py``: ``RecoverConfig``, the settings.
 """
