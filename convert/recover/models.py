@@ -92,8 +92,7 @@ def cast_frozen(model, cfg: RecoverConfig, dtype: torch.dtype) -> None:
     base weights are frozen too."""
     if dtype == torch.float32:
         return
-    targets = [*split_list(cfg.full_targets), "self_attn"]
-    trained = {id(p) for name, module in model.named_modules() if name and any(name.endswith(t) for t in targets)
+    trained = {id(p) for module in _matching(model, [*split_list(cfg.full_targets), "self_attn"])
                for p in module.parameters()}
     for p in model.parameters():
         if id(p) not in trained and p.is_floating_point():
@@ -153,10 +152,14 @@ def _train_in_place(model, full: list[str]):
     """The student itself with the parameters of the ``full`` modules (matched as suffixes of module paths) trained,
     everything else frozen (``lora_targets`` empty: no peft; the trained tensors keep the model's own names)."""
     model.requires_grad_(False)
-    for name, module in model.named_modules():
-        if name and any(name.endswith(t) for t in full):
-            module.requires_grad_(True)
+    for module in _matching(model, full):
+        module.requires_grad_(True)
     return model
+
+
+def _matching(model, targets: list[str]) -> list[torch.nn.Module]:
+    """The modules of ``model`` whose paths end with one of ``targets`` (as peft matches ``modules_to_save``)."""
+    return [module for name, module in model.named_modules() if name and any(name.endswith(t) for t in targets)]
 
 
 def _module_names(model) -> set[str]:
