@@ -18,6 +18,7 @@ from convert.recover import finetune
 from convert.recover.config import RecoverConfig
 from convert.recover.losses import topk_kl, topk_targets
 from convert.recover.recipe import Recovery
+from convert.recover.teacher_cache import check_fits
 from convert.recover.models import read_record
 
 
@@ -117,3 +118,12 @@ def test_all_parameter_training_has_no_adapter_and_trains_the_mlp(setup):
 def test_lever_settings_errors(overrides, words):
     with pytest.raises(MLAError, match=words):
         RecoverConfig(**overrides).validate()
+
+
+def test_a_cache_larger_than_half_the_host_is_refused():
+    # 663 windows of 512, k = 64: 663 * 512 * (8 * 64 + 4) bytes; k beyond the vocabulary counts as vocab - 1
+    assert check_fits(64, 49152, 663, 512, host_bytes=2**40) == 663 * 512 * 516
+    assert check_fits(10**6, 100, 10, 8, host_bytes=2**40) == 10 * 8 * (8 * 99 + 4)
+    with pytest.raises(MLAError, match=r"teacher_topk=64: the cache of 663 windows of 512 would hold 0.2 GiB on the "
+                                       r"host, more than half of its 0.3 GiB; lower teacher_topk"):
+        check_fits(64, 49152, 663, 512, host_bytes=663 * 512 * 516 * 2 - 2)

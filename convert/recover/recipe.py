@@ -30,7 +30,7 @@ from .memory import describe, estimate
 from . import shard
 from .losses import distill_loss, lr_at, val_nll
 from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, check_fits
 from .windows import batch_rows, training_windows, validation_windows
 
 
@@ -109,6 +109,9 @@ class Recovery:
         self.fingerprint = run_fingerprint(cfg, self.inputs)
         self.saved = read_checkpoint(self.ckpt_path, self.fingerprint, cfg, self.inputs, self.restart)
         self.total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+        if cfg.teacher_topk:  # every window the run passes over may be kept
+            check_fits(cfg.teacher_topk, self.student.config.vocab_size,
+                       min(len(self.windows), self.total_steps * cfg.batch_size), cfg.seq_len)
         self.say(f"training text: {cfg.data} ({len(self.windows)} windows of {cfg.seq_len}); {self.total_steps} steps "
                  f"of {cfg.batch_size} x {cfg.seq_len} tokens"
                  f"{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")

@@ -3,9 +3,25 @@ first time a window is seen: later passes over a window distil from it without a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..errors import MLAError
 from .losses import topk_targets
+
+
+def check_fits(k: int, vocab: int, windows: int, seq_len: int, host_bytes: int | None = None) -> int:
+    """The bytes the cache holds once every window is kept (``k`` clamped to vocab - 1 as ``topk_targets`` does);
+    MLAError when that exceeds half of the host's memory (``host_bytes``, default the machine's physical memory)."""
+    k = min(k, vocab - 1)
+    need = windows * seq_len * (8 * k + 4)  # float32 log-probabilities + int32 ids per kept token, float32 rest
+    host = host_bytes if host_bytes is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > host // 2:
+        raise MLAError(f"teacher_topk={k}: the cache of {windows} windows of {seq_len} would hold "
+                       f"{need / 2**30:.1f} GiB on the host, more than half of its {host / 2**30:.1f} GiB; lower "
+                       "teacher_topk")
+    return need
 
 
 class TeacherCache:
