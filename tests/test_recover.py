@@ -166,6 +166,32 @@ def test_ctrl_c_checkpoints_then_resume_refuses_changed_settings(setup, referenc
     _same_export(reference, out)
 
 
+# RecoverConfig's fields when checkpoints were first written (before frozen_dtype, shard, lora_lr, teacher_topk and
+# data_mix), as that version listed them
+EARLIER_FIELDS = ("data tokens seq_len batch_size micro_batch lr schedule warmup_steps min_lr_ratio weight_decay "
+                  "grad_clip lora_r lora_alpha lora_dropout lora_targets full_targets kd_weight ce_weight temperature "
+                  "hidden_weight local_tokens local_epochs local_lr local_inputs teacher val_data val_tokens "
+                  "eval_every checkpoint_every seed device precision gradient_checkpointing format").split()
+
+
+def test_a_checkpoint_of_the_earlier_version_still_resumes():
+    """The earlier version fingerprinted every field but checkpoint_every and device: with the settings added since at
+    their default (what runs did then), this version computes the same fingerprint; set otherwise, they count."""
+    import hashlib
+    from dataclasses import asdict
+
+    from convert.recover.checkpoint import run_fingerprint
+
+    inputs = {"the teacher": "abc", "the training text": "def"}
+    for cfg in (RecoverConfig(), RecoverConfig(lr=1e-3, tokens=1234, data="pydoc")):
+        earlier = {k: v for k, v in asdict(cfg).items() if k in EARLIER_FIELDS and k not in ("checkpoint_every", "device")}
+        blob = json.dumps({"cfg": earlier, "inputs": inputs}, sort_keys=True)
+        assert run_fingerprint(cfg, inputs) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for later in ({"teacher_topk": 8}, {"data_mix": "all"}, {"lora_lr": 1e-3}, {"shard": True},
+                  {"frozen_dtype": "float32"}):
+        assert run_fingerprint(RecoverConfig(**later), inputs) != run_fingerprint(RecoverConfig(), inputs)
+
+
 def test_nonfinite_loss_is_detected(setup, tmp_path):
     import shutil
 

@@ -1,8 +1,8 @@
 """The resumable checkpoint of ``mla finetune`` in ``OUT.ckpt/``: what identifies a run (its settings and digests of
 what it reads), reading ``checkpoint.pt`` back, and the Ctrl-C flag that asks the training loop to checkpoint and stop.
 
-A checkpoint resumes only the run that wrote it: its fingerprint covers the settings (but ``NOT_FINGERPRINTED``) and
-the digests of the converted model, the teacher and the training and validation windows.
+A checkpoint resumes only the run that wrote it: its fingerprint covers the settings (but ``NOT_FINGERPRINTED``, and
+the ``ADDED_LATER`` ones where they keep their earlier behaviour) and the digests of the converted model, the teacher and the training and validation windows.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from .config import RecoverConfig
 CKPT_NAME = "checkpoint.pt"
 # Keys that do not change the trained weights or the log; a resumed run may change them.
 NOT_FINGERPRINTED = ("checkpoint_every", "device")
+# Keys added after checkpoints were first written, with the default that does what runs did before them: left out of
+# the fingerprint at that value, so a checkpoint written by an earlier version still resumes.
+ADDED_LATER = {"frozen_dtype": "auto", "shard": False, "lora_lr": None, "teacher_topk": 0, "data_mix": "balanced"}
 
 
 def work_dir(out: Path) -> Path:
@@ -81,7 +84,10 @@ def run_fingerprint(cfg: RecoverConfig, inputs: dict[str, str]) -> str:
 
 
 def fingerprinted_settings(cfg: RecoverConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    """The settings that identify a run: all but ``NOT_FINGERPRINTED`` and the ``ADDED_LATER`` ones at their old
+    behaviour's value."""
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in NOT_FINGERPRINTED and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def _changed(state: dict, cfg: RecoverConfig, inputs: dict[str, str]) -> list[str]:
