@@ -27,7 +27,8 @@ calibration and training text: the defaults are calibration ``brown`` and evalua
 ``token_windows`` turns documents into a deterministic ``(n, seq_len)`` tensor of non-overlapping token windows.
 
 A mix is sources joined by commas (``brown,pydoc,bbc:business+politics``): ``load_sources`` gives one document list per
-source and ``mixed_windows`` draws the same number of windows from each, so a small source weighs as much as a big one.
+source and ``mixed_windows`` draws the same number of windows from each, so a small source weighs as much as a big one
+(or, with ``mix="all"``, every window of every source: more distinct text, each source weighing by its size).
 A ``file:`` source takes the rest of the mix, so a path with commas comes last (``pydoc,file:runs/a,b.txt``);
 ``split_sources`` splits a mix and ``source_paths`` lists the local files and folders it names.
 """
@@ -44,6 +45,7 @@ import stat
 import sys
 import tarfile
 import zipfile
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 
@@ -62,6 +64,7 @@ _DONE = ".complete"
 
 
 FILE_PREFIX = "file:"
+MIXES = ("balanced", "all")
 BYTES_PER_TOKEN = 16
 MIN_READ_BYTES = 4 * 2**20
 
@@ -116,19 +119,26 @@ def load_sources(spec: str, max_bytes: int | None = None) -> list[list[str]]:
 
 
 def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int | None,
-                  seed: int = 0) -> torch.LongTensor:
+                  seed: int = 0, mix: str = "balanced") -> torch.LongTensor:
     """``token_windows`` over a mix: ``n_seqs`` windows split evenly over the sources (the first ones take the
-    remainder), or with ``n_seqs=None`` as many windows from each source as the smallest one has; in round-robin
-    order over the sources. One source gives exactly ``token_windows``."""
+    remainder), in round-robin order over the sources. With ``n_seqs=None``, ``mix`` says how many: ``balanced``, as
+    many from each source as the smallest one has (round robin); ``all``, every window of every source, interleaved in
+    proportion to their counts (any slice holds each source by its share). One source gives exactly
+    ``token_windows``."""
     if any(isinstance(docs, str) for docs in sources):
         raise TypeError("mixed_windows takes one document list per source (load_sources), not documents")
+    if mix not in MIXES:
+        raise MLAError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
     if len(sources) == 1:
         return token_windows(tokenizer, sources[0], seq_len, n_seqs, seed=seed)
     k = len(sources)
     if n_seqs is not None and n_seqs < k:
         raise MLAError(f"{n_seqs} windows cannot cover a mix of {k} text sources")
     every = [token_windows(tokenizer, docs, seq_len, None, seed=seed) for docs in sources]
-    counts = [n_seqs // k + (i < n_seqs % k) for i in range(k)] if n_seqs is not None else [min(map(len, every))] * k
+    if n_seqs is not None:
+        counts = [n_seqs // k + (i < n_seqs % k) for i in range(k)]
+    else:
+        counts = [min(map(len, every))] * k if mix == "balanced" else [len(w) for w in every]
     parts = []
     for i, (windows, count) in enumerate(zip(every, counts, strict=True)):
         if count > len(windows):
@@ -136,8 +146,16 @@ def mixed_windows(tokenizer, sources: list[list[str]], seq_len: int, n_seqs: int
                            f"{count} are needed")
         keep = sorted(random.Random(seed * 1_000_003 + i).sample(range(len(windows)), count))
         parts.append(windows[keep])
+    return torch.stack([parts[i][j] for j, i in _interleave(counts, proportional=n_seqs is None and mix == "all")])
+
+
+def _interleave(counts: list[int], proportional: bool) -> list[tuple[int, int]]:
+    """The order ``(j, i)`` (window ``j`` of source ``i``) in which a mix lists its windows: round robin, or with
+    ``proportional`` source ``i``'s ``j``-th window at ``(j + 1/2) / counts[i]`` of the way through."""
     order = [(j, i) for i, count in enumerate(counts) for j in range(count)]
-    return torch.stack([parts[i][j] for j, i in sorted(order)])  # round robin: any slice mixes the sources
+    if proportional:
+        return sorted(order, key=lambda ji: (Fraction(2 * ji[0] + 1, 2 * counts[ji[1]]), ji[1]))
+    return sorted(order)
 
 
 def load_texts(spec: str, max_bytes: int | None = None) -> list[str]:

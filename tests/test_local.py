@@ -217,6 +217,46 @@ def test_mixed_windows_split_evenly_in_round_robin(setup, tokenizer, tmp_path):
         load_sources(" , ")
 
 
+def test_mix_all_takes_every_window_interleaved_by_share(setup, tokenizer, tmp_path):
+    """data_mix=all: every window of both sources once, each source's windows in their own order, spread so that the
+    first n rows hold each source's share of n (within one window)."""
+    from convert.data import load_sources, mixed_windows, token_windows
+
+    (tmp_path / "small.txt").write_text(" ".join(f"item {i}" for i in range(1500)))
+    sources = load_sources(f"{setup / 'train.txt'},{tmp_path / 'small.txt'}")
+    big, small = (token_windows(tokenizer, docs, 32, None) for docs in sources)
+    assert len(big) > 2 * len(small)  # the shares differ
+    every = mixed_windows(tokenizer, sources, 32, None, seed=0, mix="all")
+    rows = [tuple(r) for r in every.tolist()]
+    assert sorted(rows) == sorted(map(tuple, big.tolist() + small.tolist()))
+    is_small = [r in {tuple(x) for x in small.tolist()} for r in rows]
+    assert [r for r, s in zip(rows, is_small) if s] == [tuple(x) for x in small.tolist()]  # stream order kept
+    share = len(small) / len(every)
+    for n in range(1, len(rows) + 1):
+        assert abs(sum(is_small[:n]) - share * n) <= 1
+    # a fixed count ignores mix; balanced is the default
+    assert torch.equal(mixed_windows(tokenizer, sources, 32, 7, mix="all"), mixed_windows(tokenizer, sources, 32, 7))
+    with pytest.raises(MLAError, match="mix must be one of balanced, all"):
+        mixed_windows(tokenizer, sources, 32, None, mix="some")
+
+
+def test_data_mix_all_trains_on_every_window(setup, tmp_path):
+    """data_mix=all reaches the run: its recorded training windows count both sources whole."""
+    from convert.data import load_sources, token_windows
+    from convert.sources import load_tokenizer, resolve_source
+
+    spec = f"pydoc,{setup / 'train.txt'}"
+    tok = load_tokenizer(resolve_source(str(setup / "src")))
+    counts = [len(token_windows(tok, docs, 64, None)) for docs in load_sources(spec)]
+    assert counts[0] != counts[1]
+    convert_tiny(setup / "src", tmp_path / "conv", kv_budget=0.25)
+    cfg = RecoverConfig(**_args(setup, data=spec, data_mix="all", local_tokens=0, tokens=64 * 4, val_data=""))
+    rec = finetune(tmp_path / "conv", tmp_path / "out", cfg, log=lambda *_: None)["recovery"]
+    assert rec["data_windows"] == sum(counts)
+    with pytest.raises(MLAError, match="data_mix must be one of balanced, all"):
+        RecoverConfig(**_args(setup, data_mix="most")).validate()
+
+
 def test_conversion_and_recovery_on_a_mix(setup, tmp_path):
     spec = f"pydoc,{setup / 'train.txt'}"
     record = convert_tiny(setup / "src", tmp_path / "conv", kv_budget=0.25, calib=spec)

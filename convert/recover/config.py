@@ -6,7 +6,7 @@ Its field docs become ``mla finetune --help``; recipe YAML keys and ``key=value`
 from dataclasses import dataclass
 
 from ..config import check_finite, opt, split_list
-from ..data import split_sources
+from ..data import MIXES, split_sources
 from ..deepseek import FORMATS
 from ..errors import MLAError, quote
 
@@ -23,9 +23,13 @@ class RecoverConfig:
     data: str = opt(
         "brown",
         "Training text: comma-separated sources, each in the forms --calib takes (brown[:genres], pydoc, bbc[:cat], a "
-        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN], file:PATH). A mix takes as many windows from each "
-        "source as the smallest has; each is read up to 16 bytes per training token. Must not include val_data.",
+        ".txt/.jsonl file or folder, hf:ID[:CONFIG]:SPLIT[:COLUMN], file:PATH), each read up to 16 bytes per training "
+        "token; how a mix draws from them: data_mix. Must not include val_data.",
     )
+    data_mix: str = opt(
+        "balanced", "How a mix of several data sources makes the training windows: balanced (as many windows from each "
+        "source as the smallest has: every source weighs the same) or all (every window of every source, interleaved: "
+        "more distinct text before the windows repeat, each source weighing by its size).")
     tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
     seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
     batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
@@ -134,7 +138,7 @@ class RecoverConfig:
             raise MLAError(f"temperature must be > 0, got {self.temperature}")
         if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
-        choices = {"schedule": ("cosine", "linear", "constant"), "local_inputs": ("teacher", "student"),
+        choices = {"schedule": ("cosine", "linear", "constant"), "data_mix": MIXES, "local_inputs": ("teacher", "student"),
                    "device": ("auto", "cpu", "cuda"),
                    "precision": ("auto", "fp32", "bf16"), "frozen_dtype": ("auto", "float32", "bfloat16")}
         for name, allowed in choices.items():

@@ -33,9 +33,10 @@ def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
 
 def write_recovered(model, converted: Path, out: Path, record: dict, cfg: RecoverConfig, teacher: str, history, evals,
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
-            local: dict | None = None, memory: dict | None = None) -> dict:
+            local: dict | None = None, facts: dict | None = None) -> dict:
     """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
-    checking the reloaded export against the trained model on ``val``) and the plot. Returns the new record."""
+    checking the reloaded export against the trained model on ``val``; ``facts`` of the run join it, e.g. its memory)
+    and the plot. Returns the new record."""
     fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
@@ -48,7 +49,7 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
         record["format"] = fmt
         record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
                                               started)
-        record["recovery"]["memory"] = memory
+        record["recovery"].update(facts or {})
         write_json(tmp / "mla_conversion.json", record)
         _plot(evals, tmp / "recovery.png")
     rec = record["recovery"]

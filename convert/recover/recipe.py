@@ -326,7 +326,8 @@ class Recovery:
         if self.main:
             result = write_recovered(self.inner, self.converted, self.out, self.record, self.cfg, self.teacher, self.history,
                              self.evals, self.n_train, self.overwrite, self.val, self.micro, self.acc, self.started,
-                             self.ckpt_dir, self.local_record, getattr(self, "memory", None))
+                             self.ckpt_dir, self.local_record,
+                             {"data_windows": len(self.windows), "memory": getattr(self, "memory", None)})
         self.acc.wait_for_everyone()
         if self.main:
             for path in (self.ckpt_path, self.ckpt_dir / LOCAL_CKPT):

@@ -28,7 +28,8 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> torch.LongTenso
 
 
 def training_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor:
-    return mixed_windows(tokenizer, load_sources(cfg.data, read_budget(cfg.tokens)), cfg.seq_len, None, seed=cfg.seed)
+    return mixed_windows(tokenizer, load_sources(cfg.data, read_budget(cfg.tokens)), cfg.seq_len, None, seed=cfg.seed,
+                         mix=cfg.data_mix)
 
 
 def validation_windows(tokenizer, cfg: RecoverConfig) -> torch.LongTensor | None:
