@@ -38,7 +38,7 @@ def convert_command(args) -> int:
     inputs = _recipe_inputs(args.recipe)
     if args.recipe and has_section(args.recipe, "recover"):
         rcfg = RecoverConfig(**load_recipe(args.recipe, "recover", RecoverConfig))
-        convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart, inputs=inputs)
+        convert_and_recover(args.src, args.out, cfg, rcfg, restart=args.restart, inputs=inputs, recipe=args.recipe)
         return 0
     if args.restart:
         raise MLAError("--restart only applies to a recipe with a 'recover:' section")

@@ -188,6 +188,28 @@ def test_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
+def test_convert_with_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
+    """mla convert SRC --recipe: the recipe's source is checked against SRC before the conversion runs."""
+    code, err = cli("convert", setup / "src", tmp_path / "out", "--recipe", ROOT / "recipes" / "smollm2-135m.yaml")
+    one_error(code, err, "smollm2-135m.yaml is for smollm2-135m", "num_layers 30")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+def test_convert_recipe_check_compares_shapes_not_names(setup, tmp_path):
+    """A recipe written for a model fits another copy of it (same shape, another name), not a model of another shape."""
+    import shutil
+
+    from convert.recover.run import check_recipe_source
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"source: {setup / 'src'}\nrecover:\n  tokens: 64\n")
+    shutil.copytree(setup / "src", tmp_path / "copy")
+    check_recipe_source(recipe, str(tmp_path / "copy"))  # the same shape: no error
+    make_tiny(tmp_path / "other", "qwen2")
+    with pytest.raises(MLAError, match="model_type llama against 'qwen2'"):
+        check_recipe_source(recipe, str(tmp_path / "other"))
+
+
 @pytest.mark.parametrize("world, message", [("1", "an FSDP config on one process"),
                                             ("2", "mla finetune shards by itself")])
 def test_fsdp_configs_are_refused(setup, tmp_path, monkeypatch, world, message):

@@ -36,13 +36,18 @@ def read_record(converted: Path) -> dict:
     return record
 
 
+def source_shape(config) -> dict:
+    """The shape of the model of ``config`` under the names an export's record gives its source."""
+    layout = read_layout(config)
+    return {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_attention_heads": layout.num_heads,
+            "num_key_value_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+            "hidden_size": layout.hidden_size, "vocab_size": config.get_text_config().vocab_size}
+
+
 def shape_differences(config, record: dict, **expected) -> list[str]:
     """How the model of ``config`` differs in shape (family, layers, heads, head width, hidden size, vocabulary) from
     the source recorded in an export's ``record`` (and from ``expected`` values): one phrase per difference."""
-    layout = read_layout(config)
-    found = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_attention_heads": layout.num_heads,
-             "num_key_value_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
-             "hidden_size": layout.hidden_size, "vocab_size": config.get_text_config().vocab_size}
+    found = source_shape(config)
     want = {k: v for k, v in record.get("source", {}).items() if k in found} | expected
     return [f"{k} {found[k]} (the export's source: {quote(v)})" for k, v in want.items() if found[k] != v]
 

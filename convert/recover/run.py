@@ -20,7 +20,7 @@ from ..config import read_recipe
 from ..sources import input_paths, load_config, resolve_source
 from .checkpoint import work_dir
 from .config import RecoverConfig
-from .models import output_format, read_record, shape_differences
+from .models import output_format, read_record, source_shape
 from .recipe import Recovery
 from .windows import data_inputs
 
@@ -38,10 +38,17 @@ def check_recipe_model(recipe: str | Path, model: str | None, record: dict) -> N
     spec = record.get("source", {}).get("spec")
     if not want or want in (spec, model, record.get("source", {}).get("resolved")):
         return
-    differ = shape_differences(load_config(resolve_source(str(want))), record)
+    shape, have = source_shape(load_config(resolve_source(str(want)))), record.get("source", {})
+    differ = [f"{k} {shape[k]} against {quote(have[k])}" for k in shape if k in have and have[k] != shape[k]]
     if differ:
         raise MLAError(f"recipe {recipe} is for {want}, not for {model or spec} ({differ[0]}); use a recipe written "
                        "for that model (recipes/gpu-1b-8b.yaml names none: it fits any)")
+
+
+def check_recipe_source(recipe: str | Path, src: str) -> None:
+    """``check_recipe_model`` for ``mla convert SRC --recipe FILE``, against SRC's own config: before converting."""
+    if read_recipe(recipe).get("source") not in (None, "", src):
+        check_recipe_model(recipe, src, {"source": {"spec": src, **source_shape(load_config(resolve_source(src)))}})
 
 
 def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwrite: bool = False, restart: bool = False,
@@ -80,14 +87,17 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
 
 
 def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print,
-                        inputs=()) -> dict:
-    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go.
+                        inputs=(), recipe: str | Path | None = None) -> dict:
+    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go (``recipe``:
+    the file, checked to be for SRC before anything runs).
 
     The training-free conversion is kept in ``OUT.ckpt/converted`` (with the training checkpoints) until OUT is
     written, so re-running the same command after a kill resumes instead of converting again.
     """
     rcfg.validate()
     ccfg.validate()
+    if recipe is not None:
+        check_recipe_source(recipe, src)
     readers = [*input_paths(src), *source_paths(ccfg.calib), *data_inputs(rcfg), *inputs]
     out = check_out(out, ccfg.overwrite, readers)
     check_out(work_dir(out), True, readers, what="the checkpoint folder")
