@@ -103,6 +103,11 @@ class RecoverConfig:
         "meet its constraints, i.e. come from mla convert --format deepseek_v3). Default: the converted model's own "
         "format. Training always runs with the latent norm in place.")
 
+    @property
+    def adapters(self) -> bool:
+        """Whether training puts LoRA adapters (peft) on ``lora_targets``; False: all-parameter training, no adapter."""
+        return bool(split_list(self.lora_targets))
+
     def validate(self) -> None:
         check_finite(self, flags=False)
         for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "eval_every"):
@@ -147,9 +152,9 @@ class RecoverConfig:
         if self.frozen_dtype == "bfloat16" and self.precision == "fp32":
             raise MLAError("frozen_dtype=bfloat16 needs precision bf16 (or auto on CUDA): float32 activations cannot "
                            "meet bfloat16 weights outside autocast")
-        if not split_list(self.lora_targets) and not split_list(self.full_targets):
+        if not self.adapters and not split_list(self.full_targets):
             raise MLAError("lora_targets and full_targets are both empty: nothing to train")
-        if self.lora_lr is not None and not split_list(self.lora_targets):
+        if self.lora_lr is not None and not self.adapters:
             raise MLAError("lora_lr without lora_targets: there are no LoRA adapters to give it to")
         if set(split_list(self.lora_targets)) & set(split_list(self.full_targets)):
             raise MLAError("a module cannot be in both lora_targets and full_targets")

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from ..adapters import HEAD
-from ..config import split_list
 from ..deepseek import is_deepseek_v3, load_mla, write_deepseek_v3
 from ..errors import MLAError
 from ..files import atomic_dir
@@ -41,8 +40,8 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
     with atomic_dir(out, overwrite) as tmp:
-        _save_adapter(model, tmp, converted, ckpt_dir)
-        config = _save_merged(model, tmp, dtype)
+        _save_adapter(model, tmp, converted, ckpt_dir, cfg.adapters)
+        config = _save_merged(model, tmp, dtype, cfg.adapters)
         _copy_files(converted, tmp, fmt, config)
         verify = None if val is None else _verify(model, tmp, val, micro, acc, evals, dtype)
         record = dict(record)
@@ -59,9 +58,10 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
     return record
 
 
-def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
-    """The adapter in peft format under ``folder/adapter``, its base named when it outlives the run."""
-    if not hasattr(model, "peft_config"):  # all-parameter training (no lora_targets): no adapter
+def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path, adapters: bool) -> None:
+    """The adapter in peft format under ``folder/adapter``, its base named when it outlives the run; nothing after
+    all-parameter training (no ``adapters``)."""
+    if not adapters:
         return
     model.save_pretrained(folder / ADAPTER_DIR)
     adapter_cfg = folder / ADAPTER_DIR / "adapter_config.json"
@@ -70,7 +70,7 @@ def _save_adapter(model, folder: Path, converted: Path, ckpt_dir: Path) -> None:
     write_json(adapter_cfg, meta)
 
 
-def _save_merged(model, folder: Path, dtype: torch.dtype):
+def _save_merged(model, folder: Path, dtype: torch.dtype, adapters: bool):
     """The weights with the adapter merged in (they load without peft), in ``dtype``; returns their config. Frozen
     bfloat16 weights are merged in float32 on the CPU (as exact as a float32 run's merge)."""
     if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
@@ -78,7 +78,7 @@ def _save_merged(model, folder: Path, dtype: torch.dtype):
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.float()
-    merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    merged = model.merge_and_unload() if adapters else model
     state = {k: v.detach().to("cpu", dtype) for k, v in merged.state_dict().items()}
     if merged.config.tie_word_embeddings:
         state.pop(HEAD, None)
@@ -137,7 +137,7 @@ def _recovery_record(cfg: RecoverConfig, teacher: str, history: list[dict], eval
         "val": evals,
         "local": _local_record(local, evals),
         "verify": verify,
-        "adapter": ADAPTER_DIR if split_list(cfg.lora_targets) else None,  # none: all-parameter training
+        "adapter": ADAPTER_DIR if cfg.adapters else None,  # none: all-parameter training
         "elapsed_s": round(time.time() - started, 1),
         "history": history,
     }

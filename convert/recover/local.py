@@ -35,6 +35,7 @@ from ..save import save_checkpoint
 from .checkpoint import fingerprinted_settings, read_checkpoint
 from .config import RecoverConfig
 from .losses import val_nll
+from .models import matching_modules
 
 LOCAL_CKPT = "local.pt"
 CHUNK = 8  # sequences per no-grad forward
@@ -50,16 +51,9 @@ def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTe
 def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Parameter]:
     """The parameters of layer ``i``'s attention that the stage trains: those of its modules in ``full_targets``
     (matched as suffixes of module paths, as peft's ``modules_to_save``)."""
-    targets = split_list(cfg.full_targets)
-    prefix = attention_prefix(i).rstrip(".")
-    att = student.model.layers[i].self_attn
-    out = {}
-    for name, module in att.named_modules():
-        path = f"{prefix}.{name}" if name else prefix
-        if any(path.endswith(t) for t in targets):
-            for pname, p in module.named_parameters(recurse=False):
-                out[f"{path}.{pname}"] = p
-    return out
+    modules = matching_modules(student.model.layers[i].self_attn, split_list(cfg.full_targets),
+                               attention_prefix(i).rstrip("."))
+    return {f"{path}.{name}": p for path, module in modules for name, p in module.named_parameters(recurse=False)}
 
 
 def _attention(layer, x: torch.Tensor, rope, mask) -> torch.Tensor:

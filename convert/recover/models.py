@@ -97,7 +97,7 @@ def cast_frozen(model, cfg: RecoverConfig, dtype: torch.dtype) -> None:
     base weights are frozen too."""
     if dtype == torch.float32:
         return
-    trained = {id(p) for module in _matching(model, [*split_list(cfg.full_targets), "self_attn"])
+    trained = {id(p) for _, module in matching_modules(model, [*split_list(cfg.full_targets), "self_attn"])
                for p in module.parameters()}
     for p in model.parameters():
         if id(p) not in trained and p.is_floating_point():
@@ -157,14 +157,16 @@ def _train_in_place(model, full: list[str]):
     """The student itself with the parameters of the ``full`` modules (matched as suffixes of module paths) trained,
     everything else frozen (``lora_targets`` empty: no peft; the trained tensors keep the model's own names)."""
     model.requires_grad_(False)
-    for module in _matching(model, full):
+    for _, module in matching_modules(model, full):
         module.requires_grad_(True)
     return model
 
 
-def _matching(model, targets: list[str]) -> list[torch.nn.Module]:
-    """The modules of ``model`` whose paths end with one of ``targets`` (as peft matches ``modules_to_save``)."""
-    return [module for name, module in model.named_modules() if name and any(name.endswith(t) for t in targets)]
+def matching_modules(model, targets: list[str], prefix: str = "") -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of the modules of ``model`` whose paths (``prefix``: the path of ``model`` itself) end with
+    one of ``targets``, as peft matches ``modules_to_save``."""
+    paths = ((".".join(p for p in (prefix, name) if p), module) for name, module in model.named_modules())
+    return [(path, module) for path, module in paths if path and any(path.endswith(t) for t in targets)]
 
 
 def _module_names(model) -> set[str]:
@@ -186,7 +188,7 @@ def wrap_peft(model, cfg: RecoverConfig):
     for name in full:
         if name not in names:
             raise MLAError(f"full_targets: no module named {name!r}")
-    if not lora:  # all-parameter training: no adapter, the full targets train in place
+    if not cfg.adapters:  # all-parameter training: no adapter, the full targets train in place
         return _train_in_place(model, full)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora,
                         modules_to_save=full or None, bias="none", task_type="CAUSAL_LM")
