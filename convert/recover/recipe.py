@@ -133,8 +133,7 @@ class Recovery:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = wrap_peft(self.student, cfg)
         cast_untrained(self.model, self.frozen_dtype)  # peft's frozen originals of the trained modules
-        if cfg.shard:
-            self.model.to(self.acc.device)
+        if cfg.shard:  # from the host: each unit goes to the device as it is sharded (one layer whole at a time)
             shard.shard_model(self.model, self.acc.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -175,8 +174,8 @@ class Recovery:
         if cfg.shard:  # FSDP2 shards in place: no DDP wrapper; the teacher is sharded on its own
             self.inner = self.model
             self.teacher_model, shared = load_teacher(self.teacher_source, self.teacher_config, None,
-                                                      self.acc.device, self.frozen_dtype)
-            shard.shard_model(self.teacher_model, self.acc.device)
+                                                      torch.device("cpu"), self.frozen_dtype)
+            shard.shard_model(self.teacher_model, self.acc.device)  # as the student: never whole on the device
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
             self.inner = self.acc.unwrap_model(self.model)

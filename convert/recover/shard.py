@@ -24,7 +24,8 @@ LOAD = StateDictOptions(full_state_dict=True, strict=False)  # every process pas
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     """Each decoder layer of ``model`` (the ``ModuleList`` named ``layers``), then the root, sharded over every
-    process; the shards land on ``device``."""
+    process; the shards land on ``device``. A model on the host goes there one unit at a time (``fully_shard`` moves
+    a unit's tensors, then keeps this process's shard): the device never holds more than one layer whole."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
