@@ -2,7 +2,8 @@
 # The recovery levers of issue 16/26 measured on CPU at small scale (docs/recovery-gpu.md, "Levers"): from one
 # starting point (SmolLM2-135M converted at 0.3125 as recipes/smollm2-135m.yaml does, then its layer-local stage),
 # 16 distillation steps of 4 x 512 tokens of the recipe's mix each: the shipped settings, lora_lr, all-parameter
-# training, the top-k teacher cache; then the cache's speed where windows repeat (8 steps over ~10 windows).
+# training, the top-k teacher cache; then the cache's speed where windows repeat (8 steps over ~10 windows); then
+# distinct text against a small pool seen many times (32 all-parameter steps each).
 #
 #   docs/recovery_levers.sh START WORK      # START: an export of mla finetune ... local_tokens=65536 (see below)
 #
@@ -37,16 +38,36 @@ SMALL=(data=$WORK/small.txt seq_len=512 batch_size=4 tokens=16384 val_data=)
 run repeat_plain "${SMALL[@]}"
 run repeat_topk64 "${SMALL[@]}" teacher_topk=64
 
+# distinct text against repeated text, all-parameter, 32 steps of 4 x 512 (128 window passes): the mix (663 windows,
+# none seen twice) against a pool of 12 windows cut from the same three sources (each seen about 11 times)
+python3 - "$WORK/pool" <<'EOF'
+import random, sys
+from pathlib import Path
+from convert.data import load_texts
+Path(sys.argv[1]).mkdir(exist_ok=True)
+for name in ("brown", "pydoc", "bbc:business+entertainment+politics+sport"):
+    docs = load_texts(name)
+    random.Random(0).shuffle(docs)
+    out = []
+    while sum(map(len, out)) <= 5600:
+        out.append(docs[len(out)])
+    (Path(sys.argv[1]) / f"{name.split(':')[0]}.txt").write_text("\n\n".join(out))
+EOF
+ALL=(seq_len=512 batch_size=4 tokens=65536 warmup_steps=2 val_data=bbc:tech val_tokens=4096 eval_every=8 lora_targets=
+     full_targets=$ATTN,gate_proj,up_proj,down_proj)
+run distinct "${ALL[@]}" data=$MIX
+run pool12 "${ALL[@]}" data=$WORK/pool
+
 python3 - "$WORK" <<'EOF'
 import json, re, sys
 from pathlib import Path
 work = Path(sys.argv[1])
-print("| run | val ratio at step 0 | 8 | 16 | trained parameters | distillation tokens/s |")
-print("|---|---|---|---|---|---|")
-for name in ("shipped", "lora_lr", "all_params", "topk64", "repeat_plain", "repeat_topk64"):
+print("| run | training windows | val ratio at step 0 | 8 | 16 | 24 | 32 | trained parameters | distillation tokens/s |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name in ("shipped", "lora_lr", "all_params", "topk64", "repeat_plain", "repeat_topk64", "distinct", "pool12"):
     rec = json.loads((work / name / "mla_conversion.json").read_text())["recovery"]
     ratios = {e["step"]: f"{e['ratio']:.3f}x" for e in rec["val"]}
     rate = re.findall(r"tok_s=(\d+)", (work / f"{name}.log").read_text())
-    print(f"| {name} | {ratios.get(0, '-')} | {ratios.get(8, '-')} | {ratios.get(16, '-')} | "
-          f"{rec['trainable_parameters'] / 1e6:.1f}M | {rate[-1] if rate else '-'} |")
+    print(f"| {name} | {rec.get('data_windows', '-')} | " + " | ".join(ratios.get(k, "-") for k in (0, 8, 16, 24, 32))
+          + f" | {rec['trainable_parameters'] / 1e6:.1f}M | {rate[-1] if rate else '-'} |")
 EOF
