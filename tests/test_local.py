@@ -122,6 +122,18 @@ def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     assert not work_dir(out).exists()
 
 
+def test_local_batch_sets_the_steps_per_layer(setup):
+    """local_batch: local_epochs x windows / local_batch steps per layer (4 x 32 / 2 = 64; default batch_size 4: 32);
+    local_batch equal to batch_size is the default run, step for step."""
+    runs = {lb: _stage_only(setup, setup / f"local-batch-{lb}", **({} if lb is None else {"local_batch": lb}))
+            ["recovery"]["local"] for lb in (None, 4, 2)}
+    assert [runs[lb]["steps_per_layer"] for lb in (None, 4, 2)] == [32, 32, 64]
+    assert runs[4]["layers"] == runs[None]["layers"]
+    assert [e["error_after"] for e in runs[2]["layers"]] != [e["error_after"] for e in runs[None]["layers"]]
+    with pytest.raises(MLAError, match="local_batch must be >= 1"):
+        RecoverConfig(**_args(setup, local_batch=0)).validate()
+
+
 def test_student_inputs_agree_with_teacher_inputs_on_the_first_layer(setup):
     runs = {inputs: _stage_only(setup, setup / f"inputs-{inputs}", local_inputs=inputs)["recovery"]["local"]["layers"]
             for inputs in ("teacher", "student")}

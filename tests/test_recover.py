@@ -166,8 +166,8 @@ def test_ctrl_c_checkpoints_then_resume_refuses_changed_settings(setup, referenc
     _same_export(reference, out)
 
 
-# RecoverConfig's fields when checkpoints were first written (before frozen_dtype, shard, lora_lr, teacher_topk and
-# data_mix), as that version listed them
+# RecoverConfig's fields when checkpoints were first written (before frozen_dtype, shard, lora_lr, teacher_topk,
+# data_mix and local_batch), as that version listed them
 EARLIER_FIELDS = ("data tokens seq_len batch_size micro_batch lr schedule warmup_steps min_lr_ratio weight_decay "
                   "grad_clip lora_r lora_alpha lora_dropout lora_targets full_targets kd_weight ce_weight temperature "
                   "hidden_weight local_tokens local_epochs local_lr local_inputs teacher val_data val_tokens "
@@ -188,7 +188,7 @@ def test_a_checkpoint_of_the_earlier_version_still_resumes():
         blob = json.dumps({"cfg": earlier, "inputs": inputs}, sort_keys=True)
         assert run_fingerprint(cfg, inputs) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     for later in ({"teacher_topk": 8}, {"data_mix": "all"}, {"lora_lr": 1e-3}, {"shard": True},
-                  {"frozen_dtype": "float32"}):
+                  {"frozen_dtype": "float32"}, {"local_batch": 2}):
         assert run_fingerprint(RecoverConfig(**later), inputs) != run_fingerprint(RecoverConfig(), inputs)
 
 

@@ -26,7 +26,8 @@ CKPT_NAME = "checkpoint.pt"
 NOT_FINGERPRINTED = ("checkpoint_every", "device")
 # Keys added after checkpoints were first written, with the default that does what runs did before them: left out of
 # the fingerprint at that value, so a checkpoint written by an earlier version still resumes.
-ADDED_LATER = {"frozen_dtype": "auto", "shard": False, "lora_lr": None, "teacher_topk": 0, "data_mix": "balanced"}
+ADDED_LATER = {"frozen_dtype": "auto", "shard": False, "lora_lr": None, "teacher_topk": 0, "data_mix": "balanced",
+               "local_batch": None}
 
 
 def work_dir(out: Path) -> Path:

@@ -72,7 +72,10 @@ class RecoverConfig:
         0, "Layer-local stage before the distillation (0: none): tokens of the training text on which every layer's "
         "attention (its full_targets) learns, one layer at a time, to reproduce the original attention's output on "
         "the original model's hidden states. A step runs one attention block, not the whole model.")
-    local_epochs: float = opt(2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / batch_size).")
+    local_epochs: float = opt(2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / local_batch).")
+    local_batch: int | None = opt(
+        None, "Windows per step of the layer-local stage; default batch_size. Smaller batches give more steps per "
+        "layer over the same tokens (a step runs one attention block).")
     local_lr: float = opt(1e-3, "Peak learning rate of the layer-local stage (Adam, cosine to 0 within each layer).")
     local_inputs: str = opt(
         "teacher", "Hidden states the layer-local stage feeds each attention: teacher (the original model's) or "
@@ -115,6 +118,8 @@ class RecoverConfig:
                 raise MLAError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise MLAError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.local_batch is not None and self.local_batch < 1:
+            raise MLAError(f"local_batch must be >= 1, got {self.local_batch}")
         if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
             raise MLAError(f"micro_batch must be in [1, batch_size={self.batch_size}], got {self.micro_batch}")
         for name in ("warmup_steps", "val_tokens", "weight_decay", "grad_clip", "kd_weight", "ce_weight",

@@ -48,6 +48,11 @@ def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTe
     return windows[order[:n].sort().values]
 
 
+def local_batch(cfg: RecoverConfig) -> int:
+    """Windows per step of the stage: ``local_batch``, by default ``batch_size``."""
+    return cfg.local_batch or cfg.batch_size
+
+
 def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Parameter]:
     """The parameters of layer ``i``'s attention that the stage trains: those of its modules in ``full_targets``
     (matched as suffixes of module paths, as peft's ``modules_to_save``)."""
@@ -118,6 +123,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     n_layers = len(student.model.layers)
     state = resume or {"fingerprint": fingerprint, "done": 0, "tensors": {}, "layers": [], "elapsed_s": 0.0,
                        **(extra or {})}
+    state["steps_per_layer"] = steps = max(1, round(cfg.local_epochs * len(ids) / local_batch(cfg)))
     _restore(student, state, cfg, ckpt_path)
     if state["done"] >= n_layers:
         return state
@@ -127,7 +133,6 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     x_s = x_t.clone() if cfg.local_inputs == "student" else None
     lw.load(0)
     n = len(ids)
-    steps = max(1, round(cfg.local_epochs * n / cfg.batch_size))
     bar = tqdm(range(n_layers), desc="layer-local", unit="layer", disable=not main)
     for i in bar:
         nxt, target = _teacher_layer(lw, i, x_t)  # (N, T, d) each
@@ -149,7 +154,8 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
         x_t = nxt
     bar.close()
     before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
-    say(f"layer-local stage: {n} windows x {steps} steps per layer; mean relative error of the attention output "
+    say(f"layer-local stage: {n} windows, {steps} steps of {local_batch(cfg)} per layer; mean relative error of the "
+        f"attention output "
         f"{before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
     return state
 
@@ -200,16 +206,16 @@ def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, sca
          params: dict[str, torch.nn.Parameter], cfg: RecoverConfig, steps: int) -> None:
     """``steps`` Adam steps on ``params`` over batches of ``x_in`` rows (a seeded order per layer, reshuffled when
     used up), the learning rate cosine from ``local_lr`` to 0."""
-    device, n = runner.device, len(x_in)
+    device, n, batch = runner.device, len(x_in), local_batch(cfg)
     optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
     order = torch.empty(0, dtype=torch.long)  # host: row order, moved with .to(device) when used
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.local_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if len(order) < cfg.batch_size:
+        if len(order) < batch:
             order = torch.cat([order, torch.randperm(n, generator=gen)])  # host
-        rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        rows, order = order[:batch], order[batch:]
         loss = _error(runner.attention(i, x_in[rows.to(device)]), target[rows.to(device)], scale)
         value = float(loss.detach())
         if not math.isfinite(value):
