@@ -18,7 +18,7 @@ from convert.recover import finetune
 from convert.recover.config import RecoverConfig
 from convert.recover.losses import topk_kl, topk_targets
 from convert.recover.recipe import Recovery
-from convert.recover.teacher_cache import check_fits
+from convert.recover.teacher_cache import TeacherCache, check_fits
 from convert.recover.models import read_record
 
 
@@ -60,6 +60,22 @@ def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
     got = topk_kl(student, topk_targets(teacher, k, temp), temp)
     assert float(got) == pytest.approx(total / 5 * temp**2, rel=1e-4)
     assert float(got) < float(full)  # coarsening never adds divergence (data processing inequality)
+
+
+def test_teacher_cache_put_gives_what_lookup_gives_later_and_keeps_rows_apart():
+    """put's targets are those a later lookup of the same rows returns, bit for bit (topk_targets of the logits), and
+    each kept row owns its storage (one row does not keep its whole batch alive)."""
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0))  # (B, T, V)
+    cache = TeacherCache(4, 2.0)
+    put = cache.put([7, 8, 9], logits, "cpu")
+    expected = [t.flatten(0, 1) for t in topk_targets(logits, 4, 2.0)]
+    assert all(torch.equal(a, b) for a, b in zip(put, expected, strict=True))
+    assert cache.lookup([9, 7], "cpu") is not None and cache.lookup([9, 6], "cpu") is None
+    again = cache.lookup([7, 8, 9], "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(again, put, strict=True))
+    values, ids, rest = cache.rows[8]
+    assert values.untyped_storage().nbytes() == 5 * 4 * 4 and ids.dtype == torch.int32 and rest.shape == (5,)
+    assert cache.nbytes() == 3 * 5 * (8 * 4 + 4) and (cache.hits, cache.misses) == (5, 3)
 
 
 def test_teacher_cache_run_matches_the_uncached_run_and_skips_the_teacher(setup, capsys):

@@ -41,12 +41,14 @@ class TeacherCache:
         return self._stack([self.rows[r] for r in rows], device)
 
     def put(self, rows: list[int], logits: torch.Tensor, device):
-        """Keep the top-k of the teacher's ``logits`` (B, T, V) of windows ``rows``; their targets as ``lookup``."""
-        values, ids, rest = topk_targets(logits, self.k, self.temperature)  # (B, T, k), (B, T, k), (B, T)
+        """Keep the top-k of the teacher's ``logits`` (B, T, V) of windows ``rows``; their targets as ``lookup``
+        (computed where the logits are: one copy of each to the host, none back)."""
+        targets = topk_targets(logits, self.k, self.temperature)  # (B, T, k), (B, T, k), (B, T)
+        kept = [t.cpu() for t in targets]
         for i, row in enumerate(rows):
-            self.rows[row] = (values[i].cpu(), ids[i].cpu(), rest[i].cpu())
+            self.rows[row] = tuple(t[i].clone() for t in kept)  # its own storage: a batch is not kept alive by one row
         self.misses += len(rows)
-        return self._stack([self.rows[r] for r in rows], device)
+        return tuple(t.flatten(0, 1).to(device) for t in targets)  # (B*T, k), (B*T, k), (B*T,)
 
     @staticmethod
     def _stack(entries, device):
