@@ -2,11 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch lies on this machine's disk; users elsewhere get whatever torch>=2.6 pip picks.
+# The CPU build of torch lies on this machine's disk; users elsewhere get whatever torch>=2.6 pip picks. Where
+# $(PYTHON)'s own torch already runs on CUDA (a GPU machine's image), the venv uses it (--system-site-packages) instead
+# of a pip build whose CUDA may not fit the driver; OWN_TORCH=no installs TORCH_SPEC anyway.
 TORCH_SPEC ?= torch==2.13.0
-# make demo runs the GPU recipe where nvidia-smi sees a GPU (DEMO_RECIPE=... chooses another).
-HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo yes)
-DEMO_RECIPE ?= $(if $(HAS_GPU),recipes/smollm2-135m-gpu.yaml,recipes/smollm2-135m.yaml)
+OWN_TORCH ?= auto
+# make demo runs the GPU recipe where the venv's torch can use CUDA, else the CPU recipe (DEMO_RECIPE=... chooses).
+GPU_RECIPE := recipes/smollm2-135m-gpu.yaml
+CPU_RECIPE := recipes/smollm2-135m.yaml
+DEMO_RECIPE ?=
 DEMO_OUT ?= out/smollm2-135m-mla-recovered
 QUICK_OUT ?= out/smollm2-135m-mla
 QUICK_BUDGET ?= 0.3125
@@ -22,18 +26,32 @@ DS_OUT ?= out/smollm2-135m-ds-recovered
 setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	@if [ "$(OWN_TORCH)" != no ] && $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
+	    2>/dev/null; then \
+	  echo "make setup: $(PYTHON)'s own torch runs on CUDA: the venv uses it (OWN_TORCH=no installs $(TORCH_SPEC))"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q "$(TORCH_SPEC)"; \
+	fi
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 # The main job: convert + recover (about 40 minutes on 2 CPU cores; on a GPU the GPU recipe; re-running resumes), then
 # perplexity before/after.
 demo: setup
-	@echo "make demo: recipe $(DEMO_RECIPE)$(if $(HAS_GPU), (a GPU is present),) -> $(DEMO_OUT)"
-	mkdir -p $(dir $(DEMO_OUT))
-	$(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $(DEMO_RECIPE) --overwrite
+	@recipe="$(DEMO_RECIPE)"; \
+	if [ -z "$$recipe" ]; then \
+	  if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+	    recipe=$(GPU_RECIPE); why="the venv's torch runs on CUDA"; \
+	  else \
+	    recipe=$(CPU_RECIPE); why="no CUDA for the venv's torch: about an hour on 2 CPU cores"; \
+	    if nvidia-smi -L 2>/dev/null | grep -q GPU; then \
+	      why="nvidia-smi sees a GPU but the venv's torch cannot use it (a CPU build, or one for another CUDA driver)"; \
+	    fi; \
+	  fi; \
+	else why="DEMO_RECIPE"; fi; \
+	echo "make demo: recipe $$recipe ($$why) -> $(DEMO_OUT)"; \
+	mkdir -p $(dir $(DEMO_OUT)) && $(BIN)/mla convert smollm2-135m $(DEMO_OUT) --recipe $$recipe --overwrite
 	$(BIN)/mla perplexity $(DEMO_OUT) $(EVAL_ARGS)
 
 # Training-free conversion only (a few minutes).
