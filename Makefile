@@ -85,13 +85,19 @@ bench-gpu:
 	bash eval/gpu_bench.sh
 
 # Here, before a GPU run: a transformers wheel (for the GPU machine's Python 3.12; 5.23.0 fits the huggingface_hub
-# and tokenizers installed there, 5.25 wants a newer huggingface_hub and the kernels package) and the SmolLM2
-# tokenizer files into .gpu/ (ignored through .git/info/exclude; send it along with the device tool's carry).
+# and tokenizers installed there, 5.25 wants a newer huggingface_hub and the kernels package), the SmolLM2
+# tokenizer files and the recipes' corpora as downloaded (BBC and Brown, 6 MB; the GPU machine has no network) into
+# .gpu/ (ignored through .git/info/exclude; send it along with the device tool's carry).
 GPU_TRANSFORMERS ?= 5.23.0
 gpu-prep: setup
 	rm -rf .gpu/whl && mkdir -p .gpu/whl .gpu/tok
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 -d .gpu/whl "transformers==$(GPU_TRANSFORMERS)"
-	$(BIN)/python -c "from convert.sources import load_tokenizer, resolve_source; \
-		load_tokenizer(resolve_source('smollm2-135m')).save_pretrained('.gpu/tok')"
+	$(BIN)/python -c "import shutil; from convert.sources import resolve_source; \
+		src = resolve_source('smollm2-135m').local; \
+		[shutil.copy(f, '.gpu/tok') for f in src.iterdir() if f.is_file() and not f.name.startswith('model.')]"
+	rm -rf .gpu/downloads && mkdir -p .gpu/downloads
+	$(BIN)/python -c "from convert.cache import cache_dir; from convert.data import load_texts; \
+		load_texts('brown'); load_texts('bbc'); print(cache_dir('downloads'))" | \
+		{ read d; cp -r "$$d/bbc" "$$d/brown" .gpu/downloads/; }
 	grep -qxF '.gpu/' .git/info/exclude 2>/dev/null || echo '.gpu/' >> .git/info/exclude

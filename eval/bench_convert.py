@@ -57,6 +57,10 @@ SHAPES = {
                        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
                        tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
                        rope_theta=1000000.0, rope_local_base_freq=10000.0),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
     # a small stand-in with the same structure, for tests
     "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -205,6 +205,23 @@ def _run(capsys, src, out, *flags):
     return code, capsys.readouterr().err
 
 
+def test_the_smollm2_shape_is_the_real_models_config():
+    """The smollm2-135m shape (random weights for GPU timing of its recipes) has every shape field of the real model's
+    config, read from its GGUF, and passes the recipe's check that the source has the recipe's shape."""
+    from convert.recover.models import source_shape
+    from convert.sources import load_config, resolve_source
+    from eval.bench_convert import SHAPES, shape_config
+
+    real = load_config(resolve_source("smollm2-135m"))
+    config = shape_config("smollm2-135m")
+    assert source_shape(config) == source_shape(real)
+    for key in ("intermediate_size", "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(config, key) == getattr(real, key), key
+    assert config.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
+    assert config.rms_norm_eps == pytest.approx(real.rms_norm_eps)
+    assert SHAPES["smollm2-135m"]["vocab_size"] == real.vocab_size
+
+
 def test_bench_convert_tiny_shape(tiny_models, tmp_path, monkeypatch):
     """The benchmark writes a random bf16 checkpoint of the shape (once), converts it in a child and reports the
     child's own peak: not this process's, which is made larger than any tiny conversion needs first."""
