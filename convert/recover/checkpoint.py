@@ -2,7 +2,8 @@
 what it reads), reading ``checkpoint.pt`` back, and the Ctrl-C flag that asks the training loop to checkpoint and stop.
 
 A checkpoint resumes only the run that wrote it: its fingerprint covers the settings (but ``NOT_FINGERPRINTED``, and
-the ``ADDED_LATER`` ones where they keep their earlier behaviour) and the digests of the converted model, the teacher and the training and validation windows.
+the ``ADDED_LATER`` ones where they keep their earlier behaviour) and the digests of the converted model, the teacher
+and the training and validation windows.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ class RecoverConfig:
         0, "Layer-local stage before the distillation (0: none): tokens of the training text on which every layer's "
         "attention (its full_targets) learns, one layer at a time, to reproduce the original attention's output on "
         "the original model's hidden states. A step runs one attention block, not the whole model.")
-    local_epochs: float = opt(2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / local_batch).")
+    local_epochs: float = opt(
+        2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / local_batch).")
     local_batch: int | None = opt(
         None, "Windows per step of the layer-local stage; default batch_size. Smaller batches give more steps per "
         "layer over the same tokens (a step runs one attention block).")
@@ -111,6 +112,11 @@ class RecoverConfig:
         """Whether training puts LoRA adapters (peft) on ``lora_targets``; False: all-parameter training, no adapter."""
         return bool(split_list(self.lora_targets))
 
+    @property
+    def local_step_windows(self) -> int:
+        """Windows per step of the layer-local stage: ``local_batch``, by default ``batch_size``."""
+        return self.local_batch or self.batch_size
+
     def validate(self) -> None:
         check_finite(self, flags=False)
         for name in ("tokens", "seq_len", "batch_size", "checkpoint_every", "eval_every"):
@@ -148,8 +154,8 @@ class RecoverConfig:
             raise MLAError(f"temperature must be > 0, got {self.temperature}")
         if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise MLAError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
-        choices = {"schedule": ("cosine", "linear", "constant"), "data_mix": MIXES, "local_inputs": ("teacher", "student"),
-                   "device": ("auto", "cpu", "cuda"),
+        choices = {"schedule": ("cosine", "linear", "constant"), "data_mix": MIXES,
+                   "local_inputs": ("teacher", "student"), "device": ("auto", "cpu", "cuda"),
                    "precision": ("auto", "fp32", "bf16"), "frozen_dtype": ("auto", "float32", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -48,11 +48,6 @@ def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTe
     return windows[order[:n].sort().values]
 
 
-def local_batch(cfg: RecoverConfig) -> int:
-    """Windows per step of the stage: ``local_batch``, by default ``batch_size``."""
-    return cfg.local_batch or cfg.batch_size
-
-
 def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Parameter]:
     """The parameters of layer ``i``'s attention that the stage trains: those of its modules in ``full_targets``
     (matched as suffixes of module paths, as peft's ``modules_to_save``)."""
@@ -123,7 +118,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     n_layers = len(student.model.layers)
     state = resume or {"fingerprint": fingerprint, "done": 0, "tensors": {}, "layers": [], "elapsed_s": 0.0,
                        **(extra or {})}
-    state["steps_per_layer"] = steps = max(1, round(cfg.local_epochs * len(ids) / local_batch(cfg)))
+    state["steps_per_layer"] = steps = max(1, round(cfg.local_epochs * len(ids) / cfg.local_step_windows))
     _restore(student, state, cfg, ckpt_path)
     if state["done"] >= n_layers:
         return state
@@ -154,9 +149,8 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
         x_t = nxt
     bar.close()
     before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
-    say(f"layer-local stage: {n} windows, {steps} steps of {local_batch(cfg)} per layer; mean relative error of the "
-        f"attention output "
-        f"{before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
+    say(f"layer-local stage: {n} windows, {steps} steps of {cfg.local_step_windows} per layer; mean relative error of "
+        f"the attention output {before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
     return state
 
 
@@ -206,7 +200,7 @@ def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, sca
          params: dict[str, torch.nn.Parameter], cfg: RecoverConfig, steps: int) -> None:
     """``steps`` Adam steps on ``params`` over batches of ``x_in`` rows (a seeded order per layer, reshuffled when
     used up), the learning rate cosine from ``local_lr`` to 0."""
-    device, n, batch = runner.device, len(x_in), local_batch(cfg)
+    device, n, batch = runner.device, len(x_in), cfg.local_step_windows
     optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
     order = torch.empty(0, dtype=torch.long)  # host: row order, moved with .to(device) when used

@@ -88,8 +88,8 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
 
 def convert_and_recover(src: str, out: str | Path, ccfg, rcfg: RecoverConfig, restart: bool = False, log=print,
                         inputs=(), recipe: str | Path | None = None) -> dict:
-    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go (``recipe``:
-    the file, checked to be for SRC before anything runs).
+    """``mla convert SRC OUT --recipe FILE`` with a ``recover:`` section: convert, recover, export in one go
+    (``recipe``: the file, checked to be for SRC before anything runs).
 
     The training-free conversion is kept in ``OUT.ckpt/converted`` (with the training checkpoints) until OUT is
     written, so re-running the same command after a kill resumes instead of converting again.
