@@ -49,7 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(setup, out: Path, processes: int, *extra) -> list[str]:
+def _command(setup, out: Path, processes: int, *extra, converted: Path | None = None) -> list[str]:
     """``mla finetune`` on the tiny export: one process, or ``processes`` through ``accelerate launch`` with the
     shipped config when sharded (``shard=true``), else through ``torchrun``."""
     if processes == 1:
@@ -59,7 +59,8 @@ def _command(setup, out: Path, processes: int, *extra) -> list[str]:
                   "--num_processes", str(processes), "--main_process_port", str(_free_port())]
     else:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return [*launch, "-m", "convert.cli", "finetune", str(setup / "conv"), str(out), f"data={setup / 'train.txt'}",
+    return [*launch, "-m", "convert.cli", "finetune", str(converted or setup / "conv"), str(out),
+            f"data={setup / 'train.txt'}",
             f"val_data={setup / 'val.txt'}", "seq_len=64", "batch_size=4", f"tokens={64 * 4 * STEPS}",
             "val_tokens=256", "eval_every=4", "checkpoint_every=2", "lr=3e-3", "warmup_steps=1", "device=cpu", *extra]
 
@@ -81,8 +82,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _run(setup, out: Path, processes: int, *extra) -> dict:
-    proc = subprocess.run(_command(setup, out, processes, *extra), env=_env(), cwd=ROOT, capture_output=True,
+def _run(setup, out: Path, processes: int, *extra, converted: Path | None = None) -> dict:
+    proc = subprocess.run(_command(setup, out, processes, *extra, converted=converted), env=_env(), cwd=ROOT,
+                          capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "mla_conversion.json").read_text())["recovery"]
@@ -106,6 +108,36 @@ def test_two_processes_give_the_losses_of_one(setup, one, extra):
     assert two["processes"] == 2 and len(two["history"]) == STEPS
     _same_run(two, one)
     a, b = load_file(setup / "one" / "model.safetensors"), load_file(setup / f"two-{len(extra)}" / "model.safetensors")
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+LOCAL = ("local_tokens=512", "local_epochs=1", "local_batch=2", "tokens=512")  # 8 windows, 4 steps a layer; 2 steps
+
+
+@pytest.mark.parametrize("inputs, extra, trainers", [
+    ("teacher", (), [0, 1, 0, 1]),  # independent layers: every second one each, two rounds of two
+    ("teacher", ("shard=true",), [0, 1, 0, 1]),
+    ("student", ("shard=true",), [0, 0, 0, 0]),  # layer i needs layer i - 1: the main process trains, sends
+], ids=["teacher-inputs", "teacher-inputs-sharded", "student-inputs-sharded"])
+def test_two_processes_share_the_layer_local_stage(setup, inputs, extra, trainers):
+    """The layer-local stage on 2 processes: the layers are split between them as stated (each layer's record names
+    the process that trained it) and the export equals one process's (same per-layer errors, same weights)."""
+    conv = setup / "conv4"
+    if not conv.exists():
+        make_tiny(setup / "src4", "llama-gqa", num_hidden_layers=4)
+        convert_tiny(setup / "src4", conv, kv_budget=0.25)
+    args, out1 = (f"local_inputs={inputs}", *LOCAL), setup / f"local-{inputs}"
+    out2 = setup / f"local-{inputs}-{'sharded' if extra else 'ddp'}"
+    if not out1.exists():  # one process (shard=true needs several)
+        _run(setup, out1, 1, *args, converted=conv)
+    one = json.loads((out1 / "mla_conversion.json").read_text())["recovery"]["local"]
+    two = _run(setup, out2, 2, *args, *extra, converted=conv)["local"]
+    assert [e["process"] for e in one["layers"]] == [0, 0, 0, 0] and one["processes"] == 1
+    assert [e["process"] for e in two["layers"]] == trainers and two["processes"] == 2
+    assert [e["layer"] for e in two["layers"]] == [0, 1, 2, 3]
+    for key in ("error_before", "error_after"):
+        assert [e[key] for e in two["layers"]] == pytest.approx([e[key] for e in one["layers"]], rel=1e-5)
+    a, b = load_file(out1 / "model.safetensors"), load_file(out2 / "model.safetensors")
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 

@@ -14,6 +14,11 @@ turn, on ``local_tokens`` of the training text:
 With ``local_inputs=student`` the student's attention sees the student's own hidden states (the trained layers
 before it) and learns to cancel their drift as well. After each layer the trained tensors go to ``OUT.ckpt/local.pt``
 (atomically); a killed run resumes after the last finished layer and ends with the same weights.
+
+Launched on several processes (``accelerate launch``, ``torchrun``), the processes share the layers instead of each
+training all of them: with the original's inputs each trains every ``world``-th layer and the checkpoint follows
+each round of ``world`` layers; with the student's own inputs the main process trains and the others receive. Either
+way every process ends with the same weights (a sharded run's shards then come from one model).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..adapters import attention_prefix, read_layout, text_config
@@ -110,9 +116,13 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
               autocast=contextlib.nullcontext) -> dict:
     """Train every layer's attention of ``student`` (in place) to reproduce the original's, layer by layer.
 
-    ``lw``: the original model as a ``LayerwiseModel``; ``ids``: (N, T) token windows (on the CPU, where the embedding rows are gathered); ``resume``: the state of
-    ``ckpt_path`` from an interrupted run with the same ``fingerprint``; ``extra``: more fields for the record of a
-    fresh run. Returns the stage's state: ``done`` layers, per-layer errors, the trained ``tensors``.
+    ``lw``: the original model as a ``LayerwiseModel``; ``ids``: (N, T) token windows (on the CPU, where the
+    embedding rows are gathered); ``resume``: the state of ``ckpt_path`` from an interrupted run with the same
+    ``fingerprint``; ``extra``: more fields for the record of a fresh run. Returns the stage's state: ``done`` layers,
+    per-layer errors, the trained ``tensors``.
+
+    Launched on several processes, they share the layers (``_Share``): every process runs the original's stream, each
+    trains its own layers, and what they trained is sent to all, so every process ends with the same weights.
     """
     device = lw.device
     n_layers = len(student.model.layers)
@@ -122,36 +132,83 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     _restore(student, state, cfg, ckpt_path)
     if state["done"] >= n_layers:
         return state
+    share = _Share(cfg)
+    state["processes"] = share.world
     started = time.time() - state["elapsed_s"]
     runner = _Student(student, ids.shape[1], device)
     x_t = lw.embed(ids)  # (N, T, d) the original's hidden states, on the device (the rows gathered on the CPU)
     x_s = x_t.clone() if cfg.local_inputs == "student" else None
     lw.load(0)
-    n = len(ids)
+    n, entries = len(ids), {}
     bar = tqdm(range(n_layers), desc="layer-local", unit="layer", disable=not main)
     for i in bar:
         nxt, target = _teacher_layer(lw, i, x_t)  # (N, T, d) each
         lw.release(i)
         if i + 1 < n_layers:
             lw.load(i + 1)
-        if i >= state["done"]:
-            entry, params = _train_layer(runner, i, x_t, x_s, target, cfg, steps)
-            state["layers"].append(entry)
-            state["tensors"].update({name: p.detach().cpu().clone() for name, p in params.items()})
-            state["done"] = i + 1
-            state["elapsed_s"] = time.time() - started
-            if main:
-                save_checkpoint(ckpt_path, state)
-            bar.set_postfix(error=f"{entry['error_before']:.3f}->{entry['error_after']:.3f}")
+        if i >= state["done"] and share.owns(i):
+            entries[i] = _train_layer(runner, i, x_t, x_s, target, cfg, steps) | {"process": share.rank}
+            bar.set_postfix(error=f"{entries[i]['error_before']:.3f}->{entries[i]['error_after']:.3f}")
+        if i >= state["done"] and share.round_ends(i, n_layers):
+            _finish_round(runner.model, state, share, entries, i, cfg, ckpt_path, main, started)
         if x_s is not None:  # the student's own stream: its frozen MLP may be bfloat16
             with autocast():
                 x_s = _chunked(lambda x, i=i: runner.layer(i, x), x_s).float()
         x_t = nxt
     bar.close()
     before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
-    say(f"layer-local stage: {n} windows, {steps} steps of {cfg.local_step_windows} per layer; mean relative error of "
-        f"the attention output {before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
+    shared = f" on {share.world} processes" if share.world > 1 else ""
+    say(f"layer-local stage: {n} windows, {steps} steps of {cfg.local_step_windows} per layer{shared}; mean relative "
+        f"error of the attention output {before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
     return state
+
+
+class _Share:
+    """How the processes of a launch share the stage. With the original's inputs (``local_inputs=teacher``) the
+    layers are independent: process ``r`` of ``world`` trains layers ``i = r (mod world)``, a round of ``world``
+    layers at a time, and at the round's end each layer's trainer sends it to the others. With the student's own
+    inputs (``local_inputs=student``) layer ``i`` needs layer ``i - 1`` trained: the main process trains each layer
+    and sends it before the next. One process: it trains every layer."""
+
+    def __init__(self, cfg: RecoverConfig):
+        on = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.independent = cfg.local_inputs == "teacher"
+
+    def owner(self, i: int) -> int:
+        return i % self.world if self.independent else 0
+
+    def owns(self, i: int) -> bool:
+        return self.owner(i) == self.rank
+
+    def round_ends(self, i: int, n_layers: int) -> bool:
+        return not self.independent or i % self.world == self.world - 1 or i == n_layers - 1
+
+    def send(self, params: dict[str, torch.nn.Parameter], entry: dict | None, owner: int) -> dict:
+        """Every process gets ``owner``'s trained ``params`` (in place) and its record ``entry``."""
+        if self.world == 1:
+            return entry
+        with torch.no_grad():
+            for name in sorted(params):
+                dist.broadcast(params[name].data, src=owner)
+        box = [entry]
+        dist.broadcast_object_list(box, src=owner)
+        return box[0]
+
+
+def _finish_round(student, state: dict, share: _Share, entries: dict, last: int, cfg: RecoverConfig,
+                  ckpt_path: Path, main: bool, started: float) -> None:
+    """The layers ``state["done"]..last`` trained (each by its owner) are sent to every process, recorded, and
+    checkpointed by the main process."""
+    for j in range(state["done"], last + 1):
+        params = trained_params(student, j, cfg)
+        entry = share.send(params, entries.pop(j, None), share.owner(j))
+        state["layers"].append(entry)
+        state["tensors"].update({name: p.detach().cpu().clone() for name, p in params.items()})
+    state["done"] = last + 1
+    state["elapsed_s"] = time.time() - started
+    if main:
+        save_checkpoint(ckpt_path, state)
 
 
 def _restore(student, state: dict, cfg: RecoverConfig, ckpt_path: Path) -> None:
@@ -166,10 +223,10 @@ def _restore(student, state: dict, cfg: RecoverConfig, ckpt_path: Path) -> None:
 
 
 def _train_layer(runner: _Student, i: int, x_t: torch.Tensor, x_s: torch.Tensor | None, target: torch.Tensor,
-                 cfg: RecoverConfig, steps: int) -> tuple[dict, dict[str, torch.nn.Parameter]]:
+                 cfg: RecoverConfig, steps: int) -> dict:
     """Train layer ``i``'s attention on its inputs (the original's ``x_t``, or the student's own ``x_s``) towards
     ``target``, the original attention's output (N, T, d); keep the old weights unless the error falls. Returns the
-    layer's record and its trained parameters."""
+    layer's record."""
     layer = runner.model.model.layers[i]
     x_in = x_t if x_s is None else x_s
     if x_s is not None and layer.layout == "pre":  # also cancel the drift of the student's own stream
@@ -193,7 +250,7 @@ def _train_layer(runner: _Student, i: int, x_t: torch.Tensor, x_s: torch.Tensor 
                 p.copy_(initial[name])
         after = before
     del initial
-    return {"layer": i, "error_before": before, "error_after": after, "trained": kept}, params
+    return {"layer": i, "error_before": before, "error_after": after, "trained": kept}
 
 
 def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
