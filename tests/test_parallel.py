@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, convert_tiny, make_tiny, one_error
 from convert.recover import work_dir
 from convert.recover.checkpoint import CKPT_NAME
+from convert.recover.local import LOCAL_CKPT
 
 STEPS = 12
 ACCELERATE_CONFIG = ROOT / "recipes" / "accelerate" / "multi-gpu.yaml"
@@ -111,7 +112,15 @@ def test_two_processes_give_the_losses_of_one(setup, one, extra):
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
-LOCAL = ("local_tokens=512", "local_epochs=1", "local_batch=2", "tokens=512")  # 8 windows, 4 steps a layer; 2 steps
+@pytest.fixture(scope="module")
+def conv4(setup):
+    """A 4-layer tiny conversion: two rounds of layers on 2 processes."""
+    make_tiny(setup / "src4", "llama-gqa", num_hidden_layers=4)
+    convert_tiny(setup / "src4", setup / "conv4", kv_budget=0.25)
+    return setup / "conv4"
+
+
+LOCAL = ("local_tokens=512", "local_epochs=16", "local_batch=2", "tokens=512")  # 8 windows, 64 steps a layer; 2 steps
 
 
 @pytest.mark.parametrize("inputs, extra, trainers", [
@@ -119,19 +128,15 @@ LOCAL = ("local_tokens=512", "local_epochs=1", "local_batch=2", "tokens=512")  #
     ("teacher", ("shard=true",), [0, 1, 0, 1]),
     ("student", ("shard=true",), [0, 0, 0, 0]),  # layer i needs layer i - 1: the main process trains, sends
 ], ids=["teacher-inputs", "teacher-inputs-sharded", "student-inputs-sharded"])
-def test_two_processes_share_the_layer_local_stage(setup, inputs, extra, trainers):
+def test_two_processes_share_the_layer_local_stage(setup, conv4, inputs, extra, trainers):
     """The layer-local stage on 2 processes: the layers are split between them as stated (each layer's record names
     the process that trained it) and the export equals one process's (same per-layer errors, same weights)."""
-    conv = setup / "conv4"
-    if not conv.exists():
-        make_tiny(setup / "src4", "llama-gqa", num_hidden_layers=4)
-        convert_tiny(setup / "src4", conv, kv_budget=0.25)
     args, out1 = (f"local_inputs={inputs}", *LOCAL), setup / f"local-{inputs}"
     out2 = setup / f"local-{inputs}-{'sharded' if extra else 'ddp'}"
     if not out1.exists():  # one process (shard=true needs several)
-        _run(setup, out1, 1, *args, converted=conv)
+        _run(setup, out1, 1, *args, converted=conv4)
     one = json.loads((out1 / "mla_conversion.json").read_text())["recovery"]["local"]
-    two = _run(setup, out2, 2, *args, *extra, converted=conv)["local"]
+    two = _run(setup, out2, 2, *args, *extra, converted=conv4)["local"]
     assert [e["process"] for e in one["layers"]] == [0, 0, 0, 0] and one["processes"] == 1
     assert [e["process"] for e in two["layers"]] == trainers and two["processes"] == 2
     assert [e["layer"] for e in two["layers"]] == [0, 1, 2, 3]
@@ -139,6 +144,35 @@ def test_two_processes_share_the_layer_local_stage(setup, inputs, extra, trainer
         assert [e[key] for e in two["layers"]] == pytest.approx([e[key] for e in one["layers"]], rel=1e-5)
     a, b = load_file(out1 / "model.safetensors"), load_file(out2 / "model.safetensors")
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_shared_layer_local_stage_resumes_after_kill_9(setup, conv4):
+    """A 2-process sharded run killed with ``kill -9`` once the first round of layers is checkpointed resumes after
+    that round and ends with the weights of an uninterrupted 2-process run."""
+    conv, args = conv4, ("local_inputs=teacher", *LOCAL, "shard=true")
+    ref, out = setup / "local-teacher-sharded", setup / "local-killed"  # ref: the uninterrupted run of the test above
+    if not ref.exists():
+        _run(setup, ref, 2, *args, converted=conv)
+    ckpt = work_dir(out) / LOCAL_CKPT
+    proc = subprocess.Popen(_command(setup, out, 2, *args, converted=conv), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert proc.poll() is None and time.time() < deadline, "no layer-local checkpoint appeared"
+        time.sleep(0.01)
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert torch.load(ckpt, weights_only=True)["done"] == 2  # the first round: layers 0 and 1
+    again = subprocess.run(_command(setup, out, 2, *args, converted=conv), env=_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"layer-local stage: resuming from {ckpt} after layer 2" in again.stdout + again.stderr
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    local = json.loads((out / "mla_conversion.json").read_text())["recovery"]["local"]
+    assert [e["process"] for e in local["layers"]] == [0, 1, 0, 1]
 
 
 def test_sharded_teacher_cache_gives_the_losses_of_one(setup):
