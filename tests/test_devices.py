@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from conftest import ROOT, cli, convert_tiny, make_tiny, one_error
@@ -236,6 +237,12 @@ def test_the_1b_8b_recipe_fits_a_converted_llama(setup, tmp_path):
     assert est["gradients"] == 4 * n and est["optimizer"] == 8 * n
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
     assert rec["memory"]["measured"]["peak_rss_bytes"] > est["weights"]  # the weights are resident while training
+    local = rec["local"]["memory"]  # the layer-local stage's: the whole student, 3 float32 (N, T, d) tensors, ...
+    weights = sum(t.numel() * 4 for t in load_file(setup / "conv" / "model.safetensors").values())  # float32 on the CPU
+    assert rec["local"]["windows"] == 256 // 64 and local["estimate"]["weights"] == weights
+    assert local["estimate"]["hidden_states"] == 3 * 4 * 64 * 64 * 4  # teacher inputs: x, next x, target
+    assert local["estimate"]["total"] == sum(v for k, v in local["estimate"].items() if k != "total")
+    assert local["measured"]["peak_rss_bytes"] > weights
 
 
 def test_memory_tool_on_a_real_shape():
@@ -252,4 +259,9 @@ def test_memory_tool_on_a_real_shape():
     bf16, line = run()
     fp32, _ = run("frozen_dtype=float32")
     assert bf16 <= 40, line
+    out = subprocess.run([sys.executable, "tools/recover_memory.py", "llama-3.1-8b", "--recipe",
+                          "recipes/gpu-1b-8b.yaml"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    local = out.strip().splitlines()[0]  # the layer-local stage: 256 windows of 1024, hidden 4096, 3 float32 copies
+    assert local.startswith("layer-local stage, 256 windows of 1024") and "hidden_states 12.0 GiB" in local, local
+    assert float(local.split(": ")[1].split(" GiB")[0]) <= 40, local
     assert fp32 > bf16 + 10  # an 8B model's ~7.7B frozen elements at 2 more bytes each, plus the teacher's

@@ -5,12 +5,15 @@
 The student is built on the meta device from the shape (``eval.bench_convert.SHAPES``) with uniform ranks at the KV
 budget (a conversion's per-layer ranks differ, their sum is the budget's), wrapped by peft as ``mla finetune`` wraps
 it, its frozen weights cast to ``frozen_dtype``; ``convert.recover.memory.estimate`` then gives the terms. The
-teacher's own bytes are its whole attention (an upper bound). Prints one line per term and the total.
+teacher's own bytes are its whole attention (an upper bound). Prints the layer-local stage's estimate
+(``estimate_local``, when ``local_tokens``; the whole student on each process, sharded or not), then the
+distillation's: one line each, its terms and total.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convert.config import load_recipe, parse_overrides  # noqa: E402
 from convert.recover.config import RecoverConfig  # noqa: E402
+from convert.recover.local import stage_estimate  # noqa: E402
 from convert.recover.memory import describe, estimate  # noqa: E402
 from convert.recover.models import cast_frozen, cast_untrained, wrap_peft  # noqa: E402
 from eval.bench_convert import SHAPES  # noqa: E402
@@ -59,6 +63,10 @@ def main(argv=None) -> int:
     with torch.device("meta"):
         student = MLAForCausalLM(student_config(dict(SHAPES[args.shape]), args.budget))
     cast_frozen(student, cfg, frozen)
+    if cfg.local_tokens:  # the stage before distillation, on the student as loaded (no adapters yet)
+        windows = math.ceil(cfg.local_tokens / cfg.seq_len)
+        print(f"layer-local stage, {windows} windows of {cfg.seq_len}, {cfg.local_step_windows} per step: "
+              f"{describe(stage_estimate(student, teacher, windows, cfg))}")
     model = wrap_peft(student, cfg)
     cast_untrained(model, frozen)
     micro = min(cfg.micro_batch or cfg.batch_size, cfg.batch_size)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import attention_prefix, read_layout, text_config
 from ..config import split_list
+from ..device import peak_memory, reset_peak_memory
 from ..errors import MLAError
 from ..layerwise import LayerwiseModel, causal_mask
 from ..readers import open_reader
@@ -41,6 +42,7 @@ from ..save import save_checkpoint
 from .checkpoint import fingerprinted_settings, read_checkpoint
 from .config import RecoverConfig
 from .losses import val_nll
+from .memory import describe, estimate_local
 from .models import matching_modules
 
 LOCAL_CKPT = "local.pt"
@@ -308,6 +310,20 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+    memory = {"estimate": stage_estimate(student, config, len(ids), cfg)}
+    say(f"layer-local stage memory per process, estimated: {describe(memory['estimate'])}")
+    reset_peak_memory(torch.device(device))
     state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra, autocast=autocast)
+    memory["measured"] = peak_memory(torch.device(device))
     del lw
-    return {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")} | {"windows": len(ids)}
+    record = {k: v for k, v in state.items() if k not in ("tensors", "fingerprint", "settings", "inputs")}
+    return record | {"windows": len(ids), "memory": memory}
+
+
+def stage_estimate(student, config, windows: int, cfg: RecoverConfig) -> dict[str, int]:
+    """``estimate_local`` for the stage on ``windows`` windows of ``student`` (on any device, ``meta`` included) with
+    the original's ``config``: the most elements one of its layers trains."""
+    most = max(sum(p.numel() for p in trained_params(student, i, cfg).values())
+               for i in range(len(student.model.layers)))
+    return estimate_local(student, config, windows, cfg.seq_len, cfg.local_step_windows, most,
+                          cfg.local_inputs == "student")

@@ -14,6 +14,10 @@ The terms, in bytes:
   layers' saved activations: every layer's input only under gradient checkpointing (plus one layer's working set),
   every layer's working set without it. A layer's working set is ``LAYER_WIDTHS`` hidden-size-wide, 4 MLP-wide and
   4 attention-wide (heads x head width) vectors per token in the activation dtype.
+
+The layer-local stage before it (``estimate_local``) holds other things: the whole student on the device (each
+process's, sharded or not), the stage's hidden states of all its windows, two of the original's layers, and one
+attention layer's training.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ LOGIT_COPIES = 6
 LAYER_WIDTHS = 8
 
 
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def attention_elements(config) -> int:
     """Elements of the original model's attention projections (the teacher's own weights), all layers."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text(config)
     d, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or d // heads
     return text.num_hidden_layers * d * head_dim * (2 * heads + 2 * kv)
@@ -68,3 +76,27 @@ def gib(n: float) -> str:
 def describe(terms: dict[str, int]) -> str:
     parts = ", ".join(f"{k} {gib(v)}" for k, v in terms.items() if k != "total")
     return f"{gib(terms['total'])} ({parts})"
+
+
+def estimate_local(student, teacher_config, windows: int, seq_len: int, step_windows: int, layer_trained: int,
+                   student_inputs: bool) -> dict[str, int]:
+    """The terms (bytes) of the layer-local stage's peak, and their ``total``: ``weights``, the student as it is (the
+    stage puts it whole on the device); ``hidden_states``, float32 ``(windows, seq_len, hidden)`` tensors (the
+    original's input, output and attention output of the current layer, and the student's own stream with
+    ``student_inputs``); ``original_layers``, the current and next layer of the original in float32; ``training``,
+    one layer's ``layer_trained`` elements with their gradients and Adam's moments (16 bytes each) and the float32
+    working set of ``step_windows`` windows through one attention layer (its scores included)."""
+    config = student.config
+    d, heads = config.hidden_size, config.num_attention_heads
+    inter = getattr(config, "intermediate_size", 4 * d)
+    width = heads * max(getattr(config, "v_head_dim", 0) or 0, getattr(config, "head_dim", 0) or d // heads)
+    layers = _text(teacher_config).num_hidden_layers
+    tokens = step_windows * seq_len
+    terms = {
+        "weights": sum(p.numel() * p.element_size() for p in student.parameters()),
+        "hidden_states": (4 if student_inputs else 3) * windows * seq_len * d * 4,
+        "original_layers": 2 * 4 * (attention_elements(teacher_config) // layers + 3 * d * inter + 2 * d),
+        "training": 16 * layer_trained + tokens * (LAYER_WIDTHS * d + 4 * width) * 4
+        + step_windows * heads * seq_len * seq_len * 4,
+    }
+    return terms | {"total": sum(terms.values())}
