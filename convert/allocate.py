@@ -268,12 +268,29 @@ def strided_plan(layout: Layout, cfg, eligible: set[int]) -> Strided:
     if total < 3:
         raise MLAError(f"--kv-budget {budget} leaves no room for a latent and a RoPE key ({total} values per token "
                        "per layer)")
+    aligned = block_widths(total, layout.rotary_dim, cfg.width_block)
+    if aligned is not None:
+        total, ropes = aligned
+        if not (cfg.rope_method == "rotate" and cfg.factor_method == "fisher"):  # one width: the share's nearest
+            ropes = [min(ropes, key=lambda r: abs(r - cfg.rope_share * total))]
+        return Strided(total, ropes, eligible)
     top = min(layout.rotary_dim, total - MIN_RANK)
     ropes = list(range(8, top + 1, 8)) if cfg.rope_method == "rotate" and cfg.factor_method == "fisher" else []
     if not ropes:
         share = 2 * round(cfg.rope_share * total / 2)
         ropes = [max(2, min(share, layout.rotary_dim, 2 * ((total - 1) // 2)))]
     return Strided(total, ropes, eligible)
+
+
+def block_widths(total: int, rotary_dim: int, block: int) -> tuple[int, list[int]] | None:
+    """``(cached width, RoPE widths)`` for ``--width-block``: the width rounded down to a multiple of ``block`` and
+    every RoPE width (up to ``rotary_dim``) at an odd multiple of ``block / 2``, so the latent's width is one too;
+    None when ``block`` is 0 or no such split leaves the latent ``MIN_RANK`` values."""
+    if not block:
+        return None
+    width = total // block * block
+    ropes = [r for r in range(block // 2, min(rotary_dim, width - MIN_RANK) + 1, block)]
+    return (width, ropes) if ropes else None
 
 
 def is_lossless(layout: Layout, plans: list[LayerPlan] | None) -> bool:

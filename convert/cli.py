@@ -38,6 +38,8 @@ COMMANDS = {
                           "eval.perplexity", "perplexity"),
     "bench": Command("decode and prefill speed, KV cache and peak memory: converted models beside the original",
                      "eval.bench", "bench"),
+    "gguf": Command("write a deepseek_v3 export as a llama.cpp GGUF that caches only the latent",
+                    "convert.gguf_export", "gguf"),
     "bench-convert": Command("peak memory and time of converting a random-weight bf16 checkpoint of a real shape",
                              "eval.bench_convert", "bench_convert"),
 }

@@ -70,6 +70,14 @@ class ConvertConfig:
     verify_seqs: int = opt(2, "Sequences of calibration text on which the export's logits are compared to the source's.")
     batch_size: int = opt(4, "Batch size for calibration and verification forwards.")
     overwrite: bool = opt(False, "Replace an existing non-empty OUT.")
+    width_block: int = opt(
+        16,
+        "--format deepseek_v3 from a budget: round the cached width (kv_lora_rank + qk_rope_head_dim) down to a "
+        "multiple of this, with both widths at an odd multiple of half of it (16: 8 mod 16). Those are the shapes on "
+        "which llama.cpp's CPU kernels score attention as a matrix product (AVX-512 and AVX2) and keep the latent "
+        "up-projections out of its AMX weight buffers (a whole multiple of 16 aborts there with flash attention). "
+        "0 keeps the budget's width exactly.",
+    )
     format: str = opt(
         "mla",
         "Export format: mla (our remote code: per-layer ranks, exact at budget 1) or deepseek_v3 (a stock "
@@ -98,6 +106,8 @@ class ConvertConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise MLAError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {quote(getattr(self, name))}")
+        if self.width_block < 0 or self.width_block % 4:
+            raise MLAError(f"--width-block must be 0 or a positive multiple of 4, got {self.width_block}")
         if not 0 <= self.rope_share < 1:
             raise MLAError(f"--rope-share must be in [0, 1), got {self.rope_share}")
         for name in ("calib_seqs", "calib_len", "batch_size", "rope_span", "verify_seqs"):

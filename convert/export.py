@@ -1,6 +1,7 @@
 """What an export says about itself: its config (``MLAConfig``), the tensors written layer by layer, its generation
 config and the conversion record ``mla_conversion.json``."""
 
+import json
 import platform
 from pathlib import Path
 
@@ -185,12 +186,24 @@ def conversion_record(src, source, cfg, layout: Layout, plans, freq_index, dtype
     }
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained``, naming the class ``PreTrainedTokenizerFast`` where transformers 5 writes its new
+    ``TokenizersBackend`` (the same tokenizer.json-backed class in 5.x): older transformers, and llama.cpp's converter
+    under its pinned 4.x, then read the export's tokenizer too."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    settings = json.loads(path.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
 def write_export_files(folder: Path, config, tokenizer, source):
     """Beside the weights: the config, the remote code, the tokenizer and the source's generation config."""
     try:
         config.save_pretrained(folder)
         copy_remote_code(folder)
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
         save_generation_config(source, folder)
     except OSError as err:
         raise write_error(err, folder) from None

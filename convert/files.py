@@ -30,14 +30,15 @@ def nearly_full(folder: Path) -> bool:
     return st.f_bavail * st.f_frsize < 2**20
 
 
-def write_text(path, text: str) -> None:
-    """Write an output file (``--json``) whole or not at all: a temporary sibling renamed into place, with the mode
-    the umask implies; on any failure (a full disk, a signal) the sibling is removed and the old file is untouched."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary sibling path of the output file ``path``; on success rename it into place with the mode the
+    umask implies, on any failure (an error, a signal, a full disk) remove it: ``path`` is whole or untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as err:
@@ -45,6 +46,12 @@ def write_text(path, text: str) -> None:
         if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise MLAError(f"cannot write {path}: {err.strerror or err}") from None
         raise
+
+
+def write_text(path, text: str) -> None:
+    """Write an output file (``--json``) whole or not at all (see ``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _overlap(out: Path, inputs: list[Path], what: str) -> None:

@@ -44,14 +44,16 @@ TINY = {
 RANDOM_NORMS = {"qwen3", "gemma3", "gemma2", "phi3", "olmo2", "granite", "smollm3"}
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, pre_tokenizer=None):
+    """A byte-level BPE tokenizer of VOCAB ids trained on Python's docs; ``pre_tokenizer`` (a ``tokenizers`` one)
+    replaces the plain GPT-2 byte-level split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     import pydoc_data.topics
 
     text = list(pydoc_data.topics.topics.values())[:40]
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -122,8 +122,9 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
     assert "auto_map" not in raw and not list(out.glob("*.py"))
     assert raw["q_lora_rank"] is None and raw["first_k_dense_replace"] == 2 and raw["num_nextn_predict_layers"] == 0
     assert raw["rope_parameters"]["rope_type"] == "default" and raw["rope_interleave"] is True
-    # the budget: round(0.3125 * 2 * 2 KV heads * 16) = 20 cached values per token and layer
-    assert raw["kv_lora_rank"] + raw["qk_rope_head_dim"] == 20
+    # the budget: round(0.3125 * 2 * 2 KV heads * 16) = 20 cached values per token and layer, rounded down to the
+    # width block 16, both widths 8 mod 16 (llama.cpp's fast, AMX-safe shapes)
+    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (8, 8)
     record = json.loads((out / "mla_conversion.json").read_text())
     assert record["format"] == "deepseek_v3"
     stride = record["deepseek_v3"]["rope_stride"]
@@ -286,3 +287,22 @@ def test_finetune_trains_the_latent_norm_and_writes_deepseek_v3(ds_exports, loss
     with pytest.raises(MLAError, match="latent norm"):
         finetune(lossless["llama-gqa"], tmp_path / "no", RecoverConfig(**{**cfg.__dict__, "format": "deepseek_v3"}),
                  log=lambda *_: None)
+
+
+def test_width_block_rounds_the_budget_down_to_llama_cpp_shapes():
+    from convert.allocate import MIN_RANK, block_widths
+
+    # SmolLM2 at 0.3125: 120 values -> 112, RoPE widths 8, 24, 40, 56 (latent 104, 88, 72, 56), head_dim 64
+    assert block_widths(120, 64, 16) == (112, [8, 24, 40, 56])
+    assert block_widths(120, 32, 16) == (112, [8, 24])  # no RoPE wider than the rotary dims
+    assert block_widths(20, 16, 16) == (16, [8])
+    assert block_widths(640, 128, 32) == (640, [16, 48, 80, 112])
+    assert block_widths(12, 16, 16) is None  # 12 -> 0: no room; the budget's width is kept
+    assert block_widths(8 + MIN_RANK - 1 + 16, 16, 16) == (16, [8])
+    assert block_widths(120, 64, 0) is None
+
+
+def test_width_block_zero_keeps_the_budget_exactly(tiny_models, tmp_path):
+    convert_tiny(tiny_models["llama-gqa"], tmp_path / "out", kv_budget=0.3125, format="deepseek_v3", width_block=0)
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw["kv_lora_rank"] + raw["qk_rope_head_dim"] == 20

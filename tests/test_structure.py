@@ -21,6 +21,8 @@ ORDER = [
     "convert.layerwise", "convert.calibrate", "convert.ropesplit", "convert.factorize", "convert.assemble",
     "convert.save", "convert.deepseek", "convert.allocate", "convert.export", "convert.verify",
     "convert.config", "convert.pipeline",
+    # mla gguf (a deepseek_v3 export as a llama.cpp GGUF)
+    "convert.gguf_vocab", "convert.gguf_export",
     # mla finetune
     "convert.recover.config", "convert.recover.checkpoint", "convert.recover.losses", "convert.recover.teacher_cache",
     "convert.recover.windows",
@@ -28,7 +30,7 @@ ORDER = [
     "convert.recover.models", "convert.recover.local", "convert.recover.export", "convert.recover.recipe",
     "convert.recover.run", "convert.recover",
     # what measures (a library convert/ never imports)
-    "eval", "eval.kernels", "eval.report", "eval.bigbench", "eval.tasks.mla_tasks", "eval.perplexity", "eval.bench",
+    "eval", "eval.llama_cpp", "eval.llama_run", "eval.kernels", "eval.report", "eval.bigbench", "eval.tasks.mla_tasks", "eval.perplexity", "eval.bench",
     "eval.bench_convert", "eval.evaluate", "eval.sweep",
     # the commands and the door
     "convert.commands", "convert.cli",

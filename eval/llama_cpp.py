@@ -1,0 +1,116 @@
+"""llama.cpp at a pinned release, built from source once (CPU) and cached: what the GGUF tests and benchmarks run.
+
+The source is the copy vendored in the ``llama-cpp-python`` sdist on PyPI (``PIN``; its CHANGELOG names the
+llama.cpp commit), so it comes through pip like every other dependency. ``binary(name)`` returns a built tool,
+building what is missing first: the sdist is downloaded once, its ``vendor/llama.cpp`` extracted, configured with
+cmake (native CPU, no network features) and only the needed targets compiled, all under
+``<cache>/llama.cpp/llama-cpp-python-<PIN>/`` with a lock, so concurrent runs wait for one build. A new ``PIN``
+builds in a new folder. The first build takes about 10-15 minutes on 2 cores; later calls return at once.
+
+    python -m eval.llama_cpp            # build (or find) the tools, print their folder
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from convert.cache import cache_dir
+from convert.errors import MLAError
+from convert.files import out_lock
+
+PIN = "0.3.36"  # llama-cpp-python sdist; vendors ggml-org/llama.cpp@0c1e57098
+COMMIT = "0c1e57098"
+TARGETS = ("llama-perplexity", "llama-bench", "llama-batched-bench", "llama-simple", "llama-quantize",
+           "llama-tokenize")
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF")
+
+
+def root() -> Path:
+    return cache_dir("llama.cpp", f"llama-cpp-python-{PIN}")
+
+
+def bin_dir() -> Path:
+    return root() / "build" / "bin"
+
+
+def _run(cmd: list[str], log: Path, what: str) -> None:
+    with open(log, "ab") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise MLAError(f"{what} failed (exit {done.returncode}; log {log}): {tail[0]}")
+
+
+def _fetch_source(dest: Path) -> None:
+    """``vendor/llama.cpp`` of the pinned sdist into ``dest`` (built in a temporary sibling, then renamed)."""
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".src.tmp-") as tmp:
+        tmp = Path(tmp)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={PIN}", "-d", str(tmp)], dest.parent / "fetch.log", "downloading llama-cpp-python")
+        sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
+        prefix = f"llama_cpp_python-{PIN}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            tar.extractall(tmp / "x", members=members, filter="data")
+        os.replace(tmp / "x" / prefix.rstrip("/"), dest)
+
+
+def _missing(targets) -> list[str]:
+    return [t for t in targets if not (bin_dir() / t).is_file()]
+
+
+def build(targets=TARGETS, log=print) -> Path:
+    """Build the missing ``targets`` (downloading the source first if needed); returns the folder of binaries."""
+    if not _missing(targets):
+        return bin_dir()
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise MLAError(f"building llama.cpp needs {tool} (Debian: apt-get install cmake g++)")
+    base = root()
+    with out_lock(base / "build", what="the llama.cpp build", wait=True):
+        missing = _missing(targets)
+        if not missing:
+            return bin_dir()
+        src = base / "src"
+        if not (src / "CMakeLists.txt").is_file():
+            log(f"llama.cpp: fetching the source of llama-cpp-python=={PIN} (llama.cpp {COMMIT}) into {base}")
+            shutil.rmtree(src, ignore_errors=True)
+            _fetch_source(src)
+        log(f"llama.cpp: building {', '.join(missing)} (the first build takes about 10-15 minutes on 2 cores; "
+            f"log {base / 'build.log'})")
+        _run(["cmake", "-S", str(src), "-B", str(base / "build"), *CMAKE_FLAGS], base / "build.log", "cmake configure")
+        jobs = str(os.cpu_count() or 2)
+        _run(["cmake", "--build", str(base / "build"), "-j", jobs, "--target", *missing], base / "build.log",
+             "building llama.cpp")
+    return bin_dir()
+
+
+def binary(name: str) -> Path:
+    """The path of the llama.cpp tool ``name`` (one of TARGETS), built first if needed."""
+    if name not in TARGETS:
+        raise MLAError(f"unknown llama.cpp tool {name!r} (one of {', '.join(TARGETS)})")
+    return build() / name
+
+
+def env() -> dict:
+    """The environment llama.cpp's tools run in: their shared libraries next to them."""
+    out = dict(os.environ)
+    out["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bin_dir()), out.get("LD_LIBRARY_PATH")]))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.llama_cpp", description=__doc__.split("\n\n")[0])
+    p.parse_args(argv)
+    print(build())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
