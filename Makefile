@@ -21,7 +21,7 @@ REPORT_OUT ?= out/report
 DS_RECIPE ?= recipes/smollm2-135m-deepseek-v3.yaml
 DS_OUT ?= out/smollm2-135m-ds-recovered
 
-.PHONY: setup demo demo-quick demo-deepseek eval test clean
+.PHONY: setup demo demo-quick demo-deepseek eval test clean llama-cpp bench-llama-cpp
 
 setup: $(BIN)/.installed
 
@@ -70,6 +70,21 @@ demo-deepseek: setup
 eval: setup
 	@test -n "$(wildcard $(QUICK_OUT) $(DEMO_OUT))" || { echo "error: run make demo (or make demo-quick) first"; exit 2; }
 	$(BIN)/mla eval $(wildcard $(QUICK_OUT) $(DEMO_OUT)) --baseline smollm2-135m --out $(REPORT_OUT) --overwrite
+
+# The pinned llama.cpp (CPU tools, built once under the cache: 10-15 minutes on 2 cores the first time).
+llama-cpp: setup
+	$(BIN)/python -m eval.llama_cpp
+
+# llama.cpp side by side (docs/llama-cpp.md): SmolLM2 as deepseek_v3, written by mla gguf, against the original written
+# by llama.cpp's own converter: perplexity, quantized pairs, decode by depth, batched decode, capacity (~30 minutes).
+LLAMA_OUT ?= out/llama-cpp
+bench-llama-cpp: setup
+	$(BIN)/pip install -q -e ".[test,llama-cpp]"
+	mkdir -p $(LLAMA_OUT)
+	$(BIN)/mla convert smollm2-135m $(LLAMA_OUT)/smollm2-135m-ds --format deepseek_v3 --overwrite
+	$(BIN)/mla gguf $(LLAMA_OUT)/smollm2-135m-ds $(LLAMA_OUT)/export-f16.gguf --overwrite
+	$(BIN)/python -m eval.llama_cpp --original smollm2-135m $(LLAMA_OUT)/original-f16.gguf
+	$(BIN)/python -m eval.llama_bench $(LLAMA_OUT)/original-f16.gguf $(LLAMA_OUT)/export-f16.gguf --out $(LLAMA_OUT)/bench
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -220,7 +220,7 @@ def write_gguf(folder, out, outtype: str = "f16", pre: str | None = None) -> dic
             total += data.nbytes
         writer.close()
     return {"tensors": len(plan), "bytes": total, "tied": tied, "tokenizer_pre": tokenizer_pre,
-            "kv_values_per_token_layer": shape.rank + shape.rope, "layers": shape.layers}
+            "kv_values_per_token_layer": shape.rank + shape.rope, "kv_lora_rank": shape.rank, "layers": shape.layers}
 
 
 def _planned_shapes(reader: SafetensorsReader, shape: Shape, tied: bool) -> dict[str, tuple[int, ...]]:
@@ -258,6 +258,11 @@ def gguf_command(args) -> int:
         raise MLAError(f"OUT.gguf {out} exists (use --overwrite to replace it)")
     with out_lock(out, what="OUT.gguf"):
         info = write_gguf(folder, out, args.outtype, args.tokenizer_pre)
+    width, rank = info["kv_values_per_token_layer"], info["kv_lora_rank"]
+    if width % 16 or rank % 16 == 0:
+        print(f"note: cached width {width} (kv_lora_rank {rank}): llama.cpp's CPU kernels are fastest with a width that "
+              "is a multiple of 16 and a kv_lora_rank that is not (AMX CPUs abort with flash attention otherwise); "
+              "mla convert --format deepseek_v3 picks such widths from a --kv-budget (--width-block)")
     print(f"mla gguf: {out} ({info['bytes'] / 2**20:.1f} MiB of {args.outtype} tensors, {info['tensors']} tensors, "
           f"head {'tied' if info['tied'] else 'untied'}, pre-tokenizer {info['tokenizer_pre']}); llama.cpp caches "
           f"{info['kv_values_per_token_layer']} values per token and layer")

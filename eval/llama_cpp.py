@@ -22,6 +22,7 @@ from pathlib import Path
 from convert.cache import cache_dir
 from convert.errors import MLAError
 from convert.files import out_lock
+from convert.sources import resolve_source
 
 PIN = "0.3.36"  # llama-cpp-python sdist; vendors ggml-org/llama.cpp@0c1e57098
 COMMIT = "0c1e57098"
@@ -105,10 +106,30 @@ def env() -> dict:
     return out
 
 
+def convert_original(folder: Path, out: Path, outtype: str = "f16") -> Path:
+    """The original model ``folder`` as llama.cpp's own converter writes it (``convert_hf_to_gguf.py`` of the pinned
+    source with its own gguf-py; Llama-family vocabularies need the ``sentencepiece`` package: the ``llama-cpp``
+    extra)."""
+    build()
+    src = root() / "src"
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype, "--outfile", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise MLAError(f"llama.cpp's convert_hf_to_gguf.py failed on {folder}: {tail}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.llama_cpp", description=__doc__.split("\n\n")[0])
-    p.parse_args(argv)
+    p.add_argument("--original", nargs=2, metavar=("SRC", "OUT.gguf"),
+                   help="also write SRC (a model folder or built-in name) as a GGUF with llama.cpp's own converter")
+    p.add_argument("--outtype", default="f16", help="with --original: f32, f16, bf16 or q8_0")
+    args = p.parse_args(argv)
     print(build())
+    if args.original:
+        print(convert_original(resolve_source(args.original[0]).local, Path(args.original[1]), args.outtype))
     return 0
 
 

@@ -18,7 +18,7 @@ from convert.errors import MLAError
 
 from .llama_cpp import binary, env
 
-TRIES = 8  # runs of llama-perplexity before giving up on a complete output (see _final_ppl)
+TRIES = 8  # runs of a tool before giving up on a complete output (see run_complete)
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
 _CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
 _RUNNING = re.compile(r"\[(\d+)\]([0-9.]+),")
@@ -38,6 +38,16 @@ def run(tool: str, *args, timeout: float = 3600) -> str:
     return out
 
 
+def run_complete(tool: str, *args, done) -> str:
+    """``run`` until ``done(output)`` holds: llama.cpp's logger runs in a thread of its own that its tools do not
+    flush at exit, so the last lines (where the results are) are sometimes lost."""
+    for _ in range(TRIES):
+        out = run(tool, *args)
+        if done(out):
+            return out
+    raise MLAError(f"{tool} printed no complete result in {TRIES} runs")
+
+
 def tokenize(gguf: Path, text: Path) -> list[int]:
     """The token ids llama.cpp reads ``text`` as (with BOS when the GGUF asks for it), as llama-perplexity does."""
     out = run("llama-tokenize", "-m", gguf, "-f", text, "--ids", "--log-disable")
@@ -47,8 +57,7 @@ def tokenize(gguf: Path, text: Path) -> list[int]:
 
 def _final_ppl(out: str) -> float | None:
     """The final estimate, or the running estimate after the last chunk (the same number); None when llama.cpp
-    exited before writing either (its logger runs in a thread of its own that the tools do not flush at exit, so
-    the last lines are sometimes lost)."""
+    exited before writing either (see run_complete)."""
     final = _PPL.search(out)
     if final:
         return float(final.group(1))
@@ -61,23 +70,20 @@ def _final_ppl(out: str) -> float | None:
 def perplexity(gguf: Path, text: Path, ctx: int, threads: int = 2, *extra) -> dict:
     """llama-perplexity's final estimate and the KV cache it allocated: MiB, cells per sequence, layers, sequences,
     K/V types and MiB, and the K/V values cached per token and layer (``k_width`` / ``v_width``)."""
-    for _ in range(TRIES):
-        out = run("llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "-t", threads, "-lv", 4, *extra)
-        ppl, kv, widths = _final_ppl(out), _KV.search(out), dict(_WIDTH.findall(out))
-        if ppl is not None and kv and set(widths) == {"k", "v"}:
-            break
-    else:
-        raise MLAError(f"llama-perplexity printed no {'PPL' if ppl is None else 'KV cache size'} for {gguf}")
-    total, cells, layers, seqs, k_type, k_mib, v_type, v_mib = kv.groups()
-    return {"ppl": ppl, "kv_mib": float(total), "cells": int(cells), "layers": int(layers),
+    out = run_complete("llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "-t", threads, "-lv", 4,
+                       *extra, done=lambda o: _final_ppl(o) is not None and _KV.search(o) and len(_WIDTH.findall(o)) == 2)
+    widths = dict(_WIDTH.findall(out))
+    total, cells, layers, seqs, k_type, k_mib, v_type, v_mib = _KV.search(out).groups()
+    return {"ppl": _final_ppl(out), "kv_mib": float(total), "cells": int(cells), "layers": int(layers),
             "seqs": int(seqs), "k_type": k_type, "k_mib": float(k_mib), "v_type": v_type, "v_mib": float(v_mib),
             "k_width": int(widths["k"]), "v_width": int(widths["v"])}
 
 
 @torch.no_grad()
-def reference_perplexity(model, tokens: list[int], ctx: int, bos_id: int | None) -> float:
-    """llama-perplexity's protocol on ``tokens`` with a transformers causal LM (float32, one chunk at a time)."""
-    n_chunk = len(tokens) // ctx
+def reference_perplexity(model, tokens: list[int], ctx: int, bos_id: int | None, chunks: int | None = None) -> float:
+    """llama-perplexity's protocol on ``tokens`` with a transformers causal LM (float32, one chunk at a time; the
+    first ``chunks`` only, as ``--chunks`` does)."""
+    n_chunk = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
     if n_chunk < 2:
         raise MLAError(f"{len(tokens)} tokens make fewer than 2 chunks of {ctx}")
     first, nll, count = ctx // 2, 0.0, 0
