@@ -30,6 +30,10 @@ from .layerwise import Spill, run_layers
 from .ropesplit import strided_pairs
 
 MIN_RANK = 4
+# llama.cpp on CPUs with AMX puts a float16 weight whose rows are a multiple of 16 into AMX buffers; its deepseek2
+# graph with flash attention then multiplies attn_v_b (rows: kv_lora_rank) by a tensor those buffers cannot take and
+# aborts when the context is created. A budget's deepseek_v3 split avoids such ranks when it can.
+AMX_BLOCK = 16
 DEFAULT_BUDGET = 0.3125  # --kv-budget when neither it nor explicit ranks are given
 
 
@@ -276,6 +280,7 @@ def strided_plan(layout: Layout, cfg, eligible: set[int]) -> Strided:
         return Strided(total, ropes, eligible)
     top = min(layout.rotary_dim, total - MIN_RANK)
     ropes = list(range(8, top + 1, 8)) if cfg.rope_method == "rotate" and cfg.factor_method == "fisher" else []
+    ropes = [r for r in ropes if (total - r) % AMX_BLOCK] or ropes  # see AMX_BLOCK
     if not ropes:
         share = 2 * round(cfg.rope_share * total / 2)
         ropes = [max(2, min(share, layout.rotary_dim, 2 * ((total - 1) // 2)))]

@@ -71,12 +71,12 @@ class ConvertConfig:
     batch_size: int = opt(4, "Batch size for calibration and verification forwards.")
     overwrite: bool = opt(False, "Replace an existing non-empty OUT.")
     width_block: int = opt(
-        16,
+        0,
         "--format deepseek_v3 from a budget: round the cached width (kv_lora_rank + qk_rope_head_dim) down to a "
-        "multiple of this, with both widths at an odd multiple of half of it (16: 8 mod 16). Those are the shapes on "
-        "which llama.cpp's CPU kernels score attention as a matrix product (AVX-512 and AVX2) and keep the latent "
-        "up-projections out of its AMX weight buffers (a whole multiple of 16 aborts there with flash attention). "
-        "0 keeps the budget's width exactly.",
+        "multiple of this, with both widths at an odd multiple of half of it (16: 8 mod 16), the shapes on which "
+        "llama.cpp's CPU kernels score attention as a matrix product (AVX-512, AVX2). 0 (default) keeps the budget's "
+        "width. Either way a kv_lora_rank that is a multiple of 16 is avoided: llama.cpp on CPUs with AMX aborts on "
+        "it with flash attention.",
     )
     format: str = opt(
         "mla",

@@ -26,7 +26,7 @@ _BATCHED = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\
                       r"\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|", re.M)
 
 
-def bench(models: list[Path], depths: str, threads: str, fa: str, n: int = 16, reps: int = 2, *extra) -> list[dict]:
+def bench(models: list[Path], depths: str, threads: str, fa: str, n: int = 16, reps: int = 1, *extra) -> list[dict]:
     """llama-bench decode rows (one per model x threads x fa x depth), both models in one invocation."""
     args = [str(binary("llama-bench"))]
     for m in models:

@@ -122,9 +122,8 @@ def test_deepseek_v3_export_is_stock_and_is_the_verified_model(ds_exports, name)
     assert "auto_map" not in raw and not list(out.glob("*.py"))
     assert raw["q_lora_rank"] is None and raw["first_k_dense_replace"] == 2 and raw["num_nextn_predict_layers"] == 0
     assert raw["rope_parameters"]["rope_type"] == "default" and raw["rope_interleave"] is True
-    # the budget: round(0.3125 * 2 * 2 KV heads * 16) = 20 cached values per token and layer, rounded down to the
-    # width block 16, both widths 8 mod 16 (llama.cpp's fast, AMX-safe shapes)
-    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (8, 8)
+    # the budget: round(0.3125 * 2 * 2 KV heads * 16) = 20 cached values per token and layer
+    assert raw["kv_lora_rank"] + raw["qk_rope_head_dim"] == 20
     record = json.loads((out / "mla_conversion.json").read_text())
     assert record["format"] == "deepseek_v3"
     stride = record["deepseek_v3"]["rope_stride"]
@@ -302,7 +301,15 @@ def test_width_block_rounds_the_budget_down_to_llama_cpp_shapes():
     assert block_widths(120, 64, 0) is None
 
 
-def test_width_block_zero_keeps_the_budget_exactly(tiny_models, tmp_path):
-    convert_tiny(tiny_models["llama-gqa"], tmp_path / "out", kv_budget=0.3125, format="deepseek_v3", width_block=0)
+def test_width_block_16_gives_widths_of_8_mod_16(tiny_models, tmp_path):
+    # 20 values -> 16: RoPE 8 (the only odd multiple of 8 up to head_dim 16 leaving MIN_RANK), latent 8
+    convert_tiny(tiny_models["llama-gqa"], tmp_path / "out", kv_budget=0.3125, format="deepseek_v3", width_block=16)
     raw = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert raw["kv_lora_rank"] + raw["qk_rope_head_dim"] == 20
+    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (8, 8)
+
+
+def test_a_budget_split_avoids_latent_widths_in_multiples_of_16(tiny_models, tmp_path):
+    # MHA tiny at 0.5: 64 values, RoPE 8 or 16 (head_dim 16) -> latent 56 or 48; 48 is a multiple of 16
+    convert_tiny(tiny_models["llama-mha"], tmp_path / "out", kv_budget=0.5, format="deepseek_v3")
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (raw["kv_lora_rank"], raw["qk_rope_head_dim"]) == (56, 8)

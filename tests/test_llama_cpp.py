@@ -54,8 +54,8 @@ EXPORTS = {
     "gqa": ("llama-gqa", {"kv_budget": 0.3125}, {}),
     "mqa": ("llama-mqa", {"kv_budget": 0.5}, {}),
     "gqa-untied": ("llama-gqa", {"kv_budget": 0.3125}, {"tie_word_embeddings": False}),
-    "mha-0.5": ("llama-mha", {"kv_budget": 0.5}, {}),
-    "gqa-unblocked": ("llama-gqa", {"kv_budget": 0.3125, "width_block": 0}, {}),  # 20 values: 12 + 8
+    "mha-0.5": ("llama-mha", {"kv_budget": 0.5}, {}),  # 56 + 8
+    "gqa-blocked": ("llama-gqa", {"kv_budget": 0.3125, "width_block": 16}, {}),  # 16 values: 8 + 8
 }
 
 
