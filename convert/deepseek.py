@@ -188,7 +188,7 @@ def deepseek_v3_config(config):
         moe_intermediate_size=config.intermediate_size, num_hidden_layers=n,
         num_attention_heads=heads, num_key_value_heads=heads, n_shared_experts=1, n_routed_experts=1,
         num_experts_per_tok=1, n_group=0, topk_group=0,  # no expert groups: llama.cpp asserts n_group < experts
-         first_k_dense_replace=n, moe_layer_freq=1,
+        first_k_dense_replace=n, moe_layer_freq=1,
         num_mtp_layers=0, kv_lora_rank=rank, q_lora_rank=None, qk_rope_head_dim=rope,
         qk_nope_head_dim=config.qk_nope_head_dim, v_head_dim=config.v_head_dim, hidden_act="silu",
         max_position_embeddings=config.max_position_embeddings, initializer_range=config.initializer_range,

@@ -201,3 +201,44 @@ def test_what_llama_cpp_cannot_run_is_one_line_and_no_file(exports, lossless, tm
     code, err = cli("gguf", exports["gqa"], out)
     assert_error(code, err, out, "--overwrite", out_exists=True)
     assert out.read_bytes() == b"x"
+
+
+def test_an_interrupted_write_leaves_nothing(exports, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, raised as an exception by the CLI) while tensors stream out: no OUT, no temporary file."""
+    from conftest import leftovers
+    from convert import gguf_export
+
+    calls = []
+
+    def interrupted(t, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(t, qtype)
+
+    real = gguf_export.encode
+    monkeypatch.setattr(gguf_export, "encode", interrupted)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(exports["gqa"], out, "f16")
+    assert not out.exists() and leftovers(out) == [] and len(calls) == 5
+
+
+@pytest.mark.network
+def test_the_export_tokenizer_loads_in_the_transformers_llama_cpp_converter_pins(exports, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py pins transformers 4.57.6, which knows no ``TokenizersBackend``: the
+    export names ``PreTrainedTokenizerFast``, and 4.57 tokenizes as the running transformers does."""
+    import json
+    import subprocess
+
+    from conftest import fresh_venv
+
+    python = fresh_venv("4.57.6")
+    sample = "In 2004, 1234567 users didn't say \"it's 3.14\";\n  x = 42 # end"
+    code = ("import json, sys; from transformers import AutoTokenizer; "
+            "t = AutoTokenizer.from_pretrained(sys.argv[1]); print(json.dumps(t(sys.argv[2])['input_ids']))")
+    done = subprocess.run([python, "-c", code, str(exports["gqa"]), sample], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = AutoTokenizer.from_pretrained(exports["gqa"])(sample)["input_ids"]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want
