@@ -274,20 +274,28 @@ def is_deepseek_v3(folder) -> bool:
         return False
 
 
+def dense_problems(ds) -> list[str]:
+    """What a ``DeepseekV3Config`` has that the dense exports of ``mla convert --format deepseek_v3`` never have."""
+    params = dict(ds.rope_parameters or {})
+    problems = {
+        "query compression (q_lora_rank)": ds.q_lora_rank is not None,
+        "mixture-of-experts layers": ds.first_k_dense_replace < ds.num_hidden_layers,
+        "biases": bool(ds.attention_bias),
+        "a rope_type other than default": params.get("rope_type", "default") != "default",
+        "qk_nope_head_dim != v_head_dim": ds.qk_nope_head_dim != ds.v_head_dim,
+        "RoPE in rotate-half pairs (rope_interleave false)": not getattr(ds, "rope_interleave", True),
+        f"the activation {ds.hidden_act!r}": ds.hidden_act != "silu",
+    }
+    return [what for what, present in problems.items() if present]
+
+
 def mla_config_from_deepseek(ds):
     """Our ``MLAConfig`` of a stock DeepSeek-V3 checkpoint written by ``write_deepseek_v3`` (dense, no query
     compression, no biases): frequencies ``theta'^(-2j/r)`` are the first ``r/2`` of a ``d_h``-wide table with
     ``theta = theta'^(d_h/r)``."""
     n = ds.num_hidden_layers
     params = dict(ds.rope_parameters or {})
-    problems = {
-        "query compression (q_lora_rank)": ds.q_lora_rank is not None,
-        "mixture-of-experts layers": ds.first_k_dense_replace < n,
-        "biases": bool(ds.attention_bias),
-        "a rope_type other than default": params.get("rope_type", "default") != "default",
-        "qk_nope_head_dim != v_head_dim": ds.qk_nope_head_dim != ds.v_head_dim,
-    }
-    bad = [what for what, present in problems.items() if present]
+    bad = dense_problems(ds)
     if bad:
         raise MLAError(f"this deepseek_v3 checkpoint has {bad[0]}: only the dense exports of mla convert --format "
                        "deepseek_v3 can be read back")

@@ -27,6 +27,7 @@ from transformers import DeepseekV3Config
 
 from mla_modeling.configuration_mla import MLAConfig
 
+from .deepseek import dense_problems
 from .errors import MLAError
 from .files import atomic_file, check_out_file, out_lock
 from .gguf_vocab import add_tokenizer
@@ -68,27 +69,18 @@ def read_export(folder: Path):
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise MLAError(f"cannot read {path}: {err}") from None
-    kind = raw.get("model_type")
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
     if kind == MLAConfig.model_type:
         raise MLAError(f"llama.cpp runs one latent width with a latent norm; {folder} is in our mla format: "
                        f"{_padding_cost(folder)}. Convert with --format deepseek_v3")
     if kind != "deepseek_v3":
         raise MLAError(f"{folder} is not an mla convert export (model_type {kind!r}); mla gguf writes deepseek_v3 ones")
     ds = DeepseekV3Config.from_pretrained(folder)
-    n = ds.num_hidden_layers
-    params = dict(ds.rope_parameters or {})
-    problems = {
-        "query compression (q_lora_rank)": ds.q_lora_rank is not None,
-        "mixture-of-experts layers": ds.first_k_dense_replace < n,
-        "attention biases": bool(ds.attention_bias),
-        f"rope_type {params.get('rope_type')!r}": params.get("rope_type", "default") != "default",
-        "RoPE in rotate-half layout (rope_interleave false)": not getattr(ds, "rope_interleave", True),
-        f"the activation {ds.hidden_act!r}": ds.hidden_act != "silu",
-    }
-    bad = [what for what, present in problems.items() if present]
+    bad = dense_problems(ds)
     if bad:
         raise MLAError(f"{folder} has {bad[0]}: mla gguf writes the dense exports of mla convert --format deepseek_v3")
-    shape = Shape(n, ds.num_attention_heads, ds.kv_lora_rank, ds.qk_rope_head_dim, ds.qk_nope_head_dim, ds.v_head_dim)
+    shape = Shape(ds.num_hidden_layers, ds.num_attention_heads, ds.kv_lora_rank, ds.qk_rope_head_dim,
+                  ds.qk_nope_head_dim, ds.v_head_dim)
     return ds, shape
 
 

@@ -6,6 +6,7 @@ only ``kv_lora_rank + qk_rope_head_dim`` f16 values per token and layer.
 The tiny sources get a final norm gain of 10, so their next-token distributions are far from uniform and the
 perplexity moves with any wrong weight, layout or scale (a random tiny model's is near the vocabulary size)."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -197,6 +198,15 @@ def test_what_llama_cpp_cannot_run_is_one_line_and_no_file(exports, lossless, tm
     assert_error(code, err, out, "config.json")
     code, err = cli("gguf", exports["gqa"], exports["gqa"] / "m.gguf")  # into the export: it would alter an input
     assert_error(code, err, exports["gqa"] / "m.gguf", "input")
+    moe = tmp_path / "moe"  # a DeepSeek-V3 with expert layers: not one of our dense exports
+    shutil.copytree(exports["gqa"], moe)
+    raw = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**raw, "first_k_dense_replace": 1}))
+    code, err = cli("gguf", moe, out)
+    assert_error(code, err, out, "mixture-of-experts")
+    (moe / "config.json").write_text("[1, 2]")
+    code, err = cli("gguf", moe, out)
+    assert_error(code, err, out, "not an mla convert export")
     out.write_bytes(b"x")
     code, err = cli("gguf", exports["gqa"], out)
     assert_error(code, err, out, "--overwrite", out_exists=True)
@@ -228,7 +238,6 @@ def test_an_interrupted_write_leaves_nothing(exports, tmp_path, monkeypatch):
 def test_the_export_tokenizer_loads_in_the_transformers_llama_cpp_converter_pins(exports, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py pins transformers 4.57.6, which knows no ``TokenizersBackend``: the
     export names ``PreTrainedTokenizerFast``, and 4.57 tokenizes as the running transformers does."""
-    import json
     import subprocess
 
     from conftest import fresh_venv
