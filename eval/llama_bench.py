@@ -75,7 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--ctx", type=int, default=512, help="llama-perplexity chunk size")
     p.add_argument("--chunks", type=int, default=32, help="chunks of --ctx tokens scored")
     p.add_argument("--depths", default="0,1024,2048,4096,8192")
-    p.add_argument("--threads", default="1,2")
+    p.add_argument("--threads", default="2")
+    p.add_argument("--fa", default="1", help="llama-bench -fa values (1: flash attention, llama.cpp's CPU default; "
+                   "0,1 for both; -fa 0 prefills a width that is not a multiple of 16 slowly)")
     p.add_argument("--out", type=Path, default=Path("out/llama-bench"))
     p.add_argument("--skip", default="", help="comma-separated parts to skip: ppl,quant,depth,batched,capacity")
     args = p.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         save("quantized", quant, "\n".join(f"{q}: original {v['original']:.4f}, export {v['export']:.4f}: "
                                            f"{v['ratio']:.4f}x" for q, v in quant.items()))
     if "depth" not in skip:
-        rows = bench([args.original, args.export], args.depths, args.threads, "0,1")
+        rows = bench([args.original, args.export], args.depths, args.threads, args.fa)
         save("decode_by_depth", rows, _table(rows, None))
     if "batched" not in skip:
         got = {k: batched(m, 4096, 16, 8, 8 * (4096 + 16), 2) for k, m in models.items()}
