@@ -16,6 +16,7 @@ Tensors stream one at a time from the safetensors shards into the file (no whole
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,22 +130,25 @@ def split_kv_b(t: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, torch.Tenso
     return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
 
 
-def tensor_plan(reader: SafetensorsReader, shape: Shape, tied: bool) -> list[tuple[str, callable]]:
-    """``(gguf name, loader)`` for every tensor, in file order; each loader reads only what it needs."""
-    def one(name):
-        return lambda: reader.get([name])[name]
+def tensor_plan(reader: SafetensorsReader, shape: Shape, tied: bool) -> list[tuple[str, tuple, Callable]]:
+    """``(gguf name, numpy shape, loader)`` for every tensor, in file order: shapes from the shard headers (no data
+    read), and each loader reads only what it needs."""
+    def one(gguf_name, name):
+        return gguf_name, tuple(reader.entries[name][2]), lambda: reader.get([name])[name]
 
-    plan = [("token_embd.weight", one("model.embed_tokens.weight"))]
+    def half(gguf_name, name, dims, k):
+        return gguf_name, dims, lambda: split_kv_b(reader.get([name])[name], shape)[k]
+
+    plan = [one("token_embd.weight", "model.embed_tokens.weight")]
     for i in range(shape.layers):
         hf, gg = f"model.layers.{i}.", f"blk.{i}."
-        for src, dst in LAYER_NAMES.items():
-            plan.append((gg + dst, one(hf + src)))
+        plan += [one(gg + dst, hf + src) for src, dst in LAYER_NAMES.items()]
         kv = hf + "self_attn.kv_b_proj.weight"
-        plan.append((gg + "attn_k_b.weight", lambda kv=kv: split_kv_b(reader.get([kv])[kv], shape)[0]))
-        plan.append((gg + "attn_v_b.weight", lambda kv=kv: split_kv_b(reader.get([kv])[kv], shape)[1]))
-    plan.append(("output_norm.weight", one("model.norm.weight")))
+        plan.append(half(gg + "attn_k_b.weight", kv, (shape.heads, shape.rank, shape.nope), 0))
+        plan.append(half(gg + "attn_v_b.weight", kv, (shape.heads, shape.v, shape.rank), 1))
+    plan.append(one("output_norm.weight", "model.norm.weight"))
     if not tied:
-        plan.append(("output.weight", one("lm_head.weight")))
+        plan.append(one("output.weight", "lm_head.weight"))
     return plan
 
 
@@ -192,41 +196,25 @@ def write_gguf(folder, out, outtype: str = "f16", pre: str | None = None) -> dic
     reader = SafetensorsReader(folder)
     tied = is_tied(reader)
     plan = tensor_plan(reader, shape, tied)
-    shapes = _planned_shapes(reader, shape, tied)
+    types = {name: ggml_type(name, dims, outtype) for name, dims, _ in plan}
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         add_metadata(writer, ds, shape, folder.name)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
         tokenizer_pre = add_tokenizer(writer, folder, ds.vocab_size, pre)
-        types = {name: ggml_type(name, shapes[name], outtype) for name, _ in plan}
-        for name, _ in plan:
-            writer.add_tensor_info(name, shapes[name], np.dtype(np.float32), nbytes(shapes[name], types[name]),
-                                   raw_dtype=types[name])
+        for name, dims, _ in plan:
+            writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes(dims, types[name]), raw_dtype=types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = 0
-        for name, load in tqdm(plan, desc="gguf tensors", unit="tensor", leave=False):
+        for name, _, load in tqdm(plan, desc="gguf tensors", unit="tensor", leave=False):
             data = encode(load(), types[name])
             writer.write_tensor_data(data)
             total += data.nbytes
         writer.close()
     return {"tensors": len(plan), "bytes": total, "tied": tied, "tokenizer_pre": tokenizer_pre,
             "kv_values_per_token_layer": shape.rank + shape.rope, "kv_lora_rank": shape.rank, "layers": shape.layers}
-
-
-def _planned_shapes(reader: SafetensorsReader, shape: Shape, tied: bool) -> dict[str, tuple[int, ...]]:
-    """Numpy shapes of every planned tensor from the shard headers (no data read)."""
-    header = {name: tuple(entry[2]) for name, entry in reader.entries.items()}
-    out = {"token_embd.weight": header["model.embed_tokens.weight"], "output_norm.weight": header["model.norm.weight"]}
-    if not tied:
-        out["output.weight"] = header["lm_head.weight"]
-    for i in range(shape.layers):
-        for src, dst in LAYER_NAMES.items():
-            out[f"blk.{i}.{dst}"] = header[f"model.layers.{i}.{src}"]
-        out[f"blk.{i}.attn_k_b.weight"] = (shape.heads, shape.rank, shape.nope)
-        out[f"blk.{i}.attn_v_b.weight"] = (shape.heads, shape.v, shape.rank)
-    return out
 
 
 def gguf_arguments(p: argparse.ArgumentParser) -> None:

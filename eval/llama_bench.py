@@ -56,7 +56,7 @@ def quantize(src: Path, dst: Path, qtype: str) -> Path:
     return dst
 
 
-def _table(rows: list[dict], key) -> str:
+def _table(rows: list[dict]) -> str:
     """Markdown: one line per (threads, fa, depth), both models' tokens/s and the export's ratio."""
     orig, export = rows[0]["model"], rows[-1]["model"]
     by = {(r["model"], r["threads"], r["fa"], r["depth"]): r["tok_s"] for r in rows}
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                                            f"{v['ratio']:.4f}x" for q, v in quant.items()))
     if "depth" not in skip:
         rows = bench([args.original, args.export], args.depths, args.threads, args.fa)
-        save("decode_by_depth", rows, _table(rows, None))
+        save("decode_by_depth", rows, _table(rows))
     if "batched" not in skip:
         got = {k: batched(m, 4096, 16, 8, 8 * (4096 + 16), 2) for k, m in models.items()}
         ratio = got["export"]["decode_tok_s"] / got["original"]["decode_tok_s"]
