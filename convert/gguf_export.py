@@ -15,7 +15,6 @@ Tensors stream one at a time from the safetensors shards into the file (no whole
 """
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from mla_modeling.configuration_mla import MLAConfig
 from .deepseek import dense_problems
 from .errors import MLAError
 from .files import atomic_file, check_out_file, out_lock
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, read_json_object
 from .readers import SafetensorsReader
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -65,19 +64,17 @@ def _padding_cost(folder: Path) -> str:
 
 def read_export(folder: Path):
     """The export's ``DeepseekV3Config`` and ``Shape``; MLAError for anything llama.cpp's deepseek2 cannot run."""
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise MLAError(f"cannot read {path}: {err}") from None
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    kind = read_json_object(folder / "config.json").get("model_type")
     if kind == MLAConfig.model_type:
         raise MLAError(f"llama.cpp runs one latent width with a latent norm; {folder} is in our mla format: "
                        f"{_padding_cost(folder)}. Convert with --format deepseek_v3")
     if kind != "deepseek_v3":
         raise MLAError(f"{folder} is not an mla convert export (model_type {kind!r}); mla gguf writes deepseek_v3 ones")
-    ds = DeepseekV3Config.from_pretrained(folder)
-    bad = dense_problems(ds)
+    try:
+        ds = DeepseekV3Config.from_pretrained(folder)
+        bad = dense_problems(ds)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise MLAError(f"{folder}/config.json is not a valid deepseek_v3 config: {err}") from None
     if bad:
         raise MLAError(f"{folder} has {bad[0]}: mla gguf writes the dense exports of mla convert --format deepseek_v3")
     shape = Shape(ds.num_hidden_layers, ds.num_attention_heads, ds.kv_lora_rank, ds.qk_rope_head_dim,

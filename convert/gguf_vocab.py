@@ -23,6 +23,22 @@ _SPLIT_PATTERNS = {
 }
 
 
+MAX_JSON = 256 * 2**20  # config.json / tokenizer.json larger than this are refused, not read
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object file of at most MAX_JSON bytes, or MLAError naming what is wrong with it."""
+    try:
+        if path.stat().st_size > MAX_JSON:
+            raise MLAError(f"{path} is larger than {MAX_JSON // 2**20} MiB: not a config or tokenizer file")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise MLAError(f"cannot read {path}: {err}") from None
+    if not isinstance(value, dict):
+        raise MLAError(f"{path} is not a JSON object")
+    return value
+
+
 def _parts(pre: dict | None) -> list[dict]:
     if not pre:
         return []
@@ -82,16 +98,20 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, pre: str | None = None)
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise MLAError(f"{folder} has no tokenizer.json: mla gguf writes byte-level BPE tokenizers from it")
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    spec = read_json_object(path)
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if not isinstance(model, dict) or not isinstance(decoder, dict) or model.get("type") != "BPE" or \
+            model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise MLAError(f"the tokenizer of {folder} is not byte-level BPE ({model.get('type')}, SentencePiece-style "
                        "byte fallback or another decoder): mla gguf does not write it yet")
     name = pre or pre_tokenizer(spec)
     if name is None:
         raise MLAError(f"the pre-tokenizer of {folder}/tokenizer.json is not one mla gguf recognises; name llama.cpp's "
                        "for it with --tokenizer-pre (e.g. llama-bpe, qwen2, gpt-2, smollm)")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise MLAError(f"could not load the tokenizer of {folder}: {err}") from None
     tokens, types = _tokens(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(name)

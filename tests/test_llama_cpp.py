@@ -206,7 +206,11 @@ def test_what_llama_cpp_cannot_run_is_one_line_and_no_file(exports, lossless, tm
     assert_error(code, err, out, "mixture-of-experts")
     (moe / "config.json").write_text("[1, 2]")
     code, err = cli("gguf", moe, out)
-    assert_error(code, err, out, "not an mla convert export")
+    assert_error(code, err, out, "not a JSON object")
+    (moe / "config.json").write_text(json.dumps(raw))
+    (moe / "tokenizer.json").write_text('{"model": ')  # truncated
+    code, err = cli("gguf", moe, out)
+    assert_error(code, err, out, "tokenizer.json")
     out.write_bytes(b"x")
     code, err = cli("gguf", exports["gqa"], out)
     assert_error(code, err, out, "--overwrite", out_exists=True)
