@@ -19,6 +19,7 @@ compare models only within one run.
 
 import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from convert.config import add_config_args, config_from_args, opt
 from convert.device import auto_dtype, device_name
-from convert.errors import MLAError, run_command
+from convert.errors import MLAError, quote, run_command
 from convert.files import check_out_file, write_text
 from convert.sources import TRUST_HELP, input_paths
 from eval.kernels import count_kernels
@@ -41,14 +42,21 @@ RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib
 CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "peak_memory_mib")
 
 
+MAX_INT = 2**31 - 1  # the largest batch, context, step or run count taken
+
+
 def int_list(value, flag: str) -> list[int]:
-    """``"1,16,64"`` (or an int) as ``[1, 16, 64]``; MLAError unless every item is an integer >= 1."""
+    """``"1,16,64"`` (or an int) as ``[1, 16, 64]``; MLAError unless every item is an integer from 1 to MAX_INT,
+    each given once."""
     try:
         items = [int(v) for v in str(value).split(",")]
     except ValueError:
         items = []
-    if not items or min(items) < 1:
-        raise MLAError(f"{flag} takes integers >= 1, comma-separated, got {value!r}")
+    if not items or min(items) < 1 or max(items) > MAX_INT:
+        raise MLAError(f"{flag} takes integers from 1 to {MAX_INT}, comma-separated, got {quote(value)}")
+    twice = next((v for i, v in enumerate(items) if v in items[:i]), None)
+    if twice is not None:
+        raise MLAError(f"{flag} lists {twice} twice: give each value once")
     return items
 
 
@@ -56,9 +64,10 @@ def int_list(value, flag: str) -> list[int]:
 class BenchConfig:
     """Settings of ``mla bench`` (each field is a ``--flag``)."""
 
-    batch: str = opt("1", "sequences decoded together; a comma list (1,16,64) measures each, with each --context")
+    batch: str = opt("1", "sequences decoded together; a comma list (1,16,64) measures each, with each --context "
+                     "(each value once: a repeat is refused)")
     context: str = opt("512", "prompt tokens per sequence, prefilled in one forward before decoding; a comma list "
-                       "measures each")
+                       "measures each (each value once: a repeat is refused)")
     new_tokens: int = opt(32, "timed decode steps per run")
     runs: int = opt(3, "decode runs; the median is reported")
     device: str = opt("auto", "cpu, cuda, cuda:1, ... ('auto': cuda when available)")
@@ -84,6 +93,10 @@ class BenchConfig:
         self.context = ",".join(map(str, int_list(self.context, "--context")))
         if min(self.new_tokens, self.runs, self.max_batch) < 1 or self.threads < 0:
             raise MLAError("--new-tokens, --runs and --max-batch must be >= 1 (and --threads >= 0)")
+        for flag, value in (("--new-tokens", self.new_tokens), ("--runs", self.runs), ("--max-batch", self.max_batch),
+                            ("--threads", self.threads), ("--seed", self.seed)):
+            if not 0 <= value <= MAX_INT:
+                raise MLAError(f"{flag} must be {'at most ' + str(MAX_INT) if value > 0 else '>= 0'}, got {value}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise MLAError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.absorbed not in ("", "bmm", "sdpa"):
@@ -92,8 +105,9 @@ class BenchConfig:
             raise MLAError(f"--attn must be sdpa or eager, got {self.attn!r}")
         if self.capacity and self.compile:
             raise MLAError("--capacity measures the eager decode: give --compile without --capacity")
-        if self.memory_limit_mib is not None and not (self.capacity and self.memory_limit_mib > 0):
-            raise MLAError(f"--memory-limit-mib must be > 0 and goes with --capacity, got {self.memory_limit_mib}"
+        limit = self.memory_limit_mib
+        if limit is not None and not (self.capacity and 0 < limit < math.inf):
+            raise MLAError(f"--memory-limit-mib must be a finite number > 0 and goes with --capacity, got {limit}"
                            f"{'' if self.capacity else ' without --capacity'}")
 
     @property
