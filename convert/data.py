@@ -67,6 +67,7 @@ FILE_PREFIX = "file:"
 MIXES = ("balanced", "all")
 BYTES_PER_TOKEN = 16
 MIN_READ_BYTES = 4 * 2**20
+READ_CHUNK = 2**20  # bytes per read of a local text file
 
 
 def read_budget(tokens: int | None = None) -> int:
@@ -249,7 +250,7 @@ def _read_prefix(path: Path, spec: str, limit: int) -> tuple[str, int, bool]:
     break (or, with none, before a split character) when the file is longer."""
     with _open_regular(path, spec) as f:
         try:
-            raw = f.read(limit + 1)
+            raw = _read_upto(f, limit + 1)
         except OSError as e:
             raise MLAError(f"text source {spec!r}: cannot read {path}: {e.strerror or e}") from None
     cut = len(raw) > limit
@@ -262,6 +263,19 @@ def _read_prefix(path: Path, spec: str, limit: int) -> tuple[str, int, bool]:
     except UnicodeDecodeError as e:
         raise MLAError(f"text source {spec!r}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text, len(raw), cut
+
+
+def _read_upto(f, n: int) -> bytes:
+    """At most ``n`` bytes of ``f``, read ``READ_CHUNK`` at a time: memory grows with what the file holds, never with
+    the budget (a read of ``n`` bytes at once allocates all ``n`` before reading)."""
+    parts = []
+    while n > 0:
+        part = f.read(min(n, READ_CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 def _txt_files(folder: Path, spec: str) -> list[Path]:
