@@ -20,13 +20,20 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+MAX_INT = 2**63 - 1  # an integer setting becomes a tensor size or index: it must fit a signed 64-bit integer
+
+
 def check_finite(cfg, flags: bool = True) -> None:
-    """MLAError naming the first float setting that is inf or nan (``--flag`` or ``key`` style)."""
+    """MLAError naming the first float setting that is inf or nan, or integer setting past ``MAX_INT`` either way
+    (``--flag`` or ``key`` style)."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
+        name = "--" + f.name.replace("_", "-") if flags else f.name
         if isinstance(value, float) and not math.isfinite(value):
-            name = "--" + f.name.replace("_", "-") if flags else f.name
             raise MLAError(f"{name} must be a finite number, got {value}")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            bound = f"at most {MAX_INT}" if value > 0 else f"at least {-MAX_INT}"
+            raise MLAError(f"{name} must be {bound}, got {value}")
 
 
 @dataclass
