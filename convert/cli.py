@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import Parser, run_command
+from .errors import MLAError, Parser, run_command
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Command:
     help: str
     module: str  # defines <prefix>_arguments(parser) and <prefix>_command(args)
     prefix: str
+    processes: bool = False  # runs as several processes of one launch (torchrun, accelerate launch)
 
     def functions(self):
         module = importlib.import_module(self.module)
@@ -30,7 +31,7 @@ COMMANDS = {
     "convert": Command("convert a checkpoint into an MLA model folder (loads with trust_remote_code=True)",
                        "convert.commands", "convert"),
     "finetune": Command("recover a converted model's quality: LoRA + distillation from the original, merged export",
-                        "convert.commands", "finetune"),
+                        "convert.commands", "finetune", processes=True),
     "sweep": Command("perplexity ratio vs KV budget for several methods (table + PNG plot)", "eval.sweep", "sweep"),
     "eval": Command("lm-eval tasks, perplexity, KV cache and decode speed: converted models beside the original",
                     "eval.evaluate", "eval"),
@@ -61,6 +62,32 @@ def build_parser(name: str | None = None) -> Parser:
     return parser
 
 
+def launch_processes() -> int:
+    """How many processes the launch that started this one has (torchrun and accelerate launch set ``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``): 1 for a plain run."""
+    counts = {"WORLD_SIZE": 0, "LOCAL_WORLD_SIZE": 0, "RANK": 1, "LOCAL_RANK": 1}  # a rank r means r + 1 processes
+    found = 1
+    for name, extra in counts.items():
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            found = max(found, int(value) + extra)
+    return found
+
+
+def check_launch(name: str) -> None:
+    """MLAError when command ``name`` runs in one process but was started as one of several."""
+    processes = launch_processes()
+    if processes > 1 and not COMMANDS[name].processes:
+        several = ", ".join(f"mla {n}" for n, c in COMMANDS.items() if c.processes)
+        raise MLAError(f"mla {name} runs in one process, but it was started as one of {processes} (torchrun, "
+                       f"accelerate launch): run it without a launcher (only {several} runs on several processes)")
+
+
+def _run(args) -> int:
+    check_launch(args.command)
+    return args.func(args)
+
+
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """``mla bench-convert SHAPE [options] -- <mla convert options>``: the part after ``--`` goes to mla convert."""
     if argv[:1] == ["bench-convert"] and "--" in argv:
@@ -85,7 +112,7 @@ def main(argv=None) -> int:
     from .sources import quiet_library_warnings  # after the parse: transformers loads only for a command that runs
 
     quiet_library_warnings()
-    return run_command(args.func, args)
+    return run_command(_run, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Launches and defaults that must not trap a user: a command that runs in one process refuses a multi-process launch
+(torchrun, accelerate launch) with one line; a multi-process ``mla finetune`` whose OUT is locked by another run ends
+at once, its other ranks too; ``mla convert``'s default calibration length fits a model with fewer positions; ``make
+clean`` removes only folders of the repository, whatever the environment says."""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, ROOT, _env, convert_tiny, leftovers, make_tiny, one_error
+from convert.cli import main
+from convert.files import out_lock
+
+pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny llama (2 layers, hidden 64) with 256 positions."""
+    folder = tmp_path_factory.mktemp("guards") / "src"
+    make_tiny(folder, "llama-gqa")
+    assert json.loads((folder / "config.json").read_text())["max_position_embeddings"] == 256
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(src):
+    out = src.parent / "conv"
+    convert_tiny(src, out, kv_budget=0.5)
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (torchrun's workers may live in sessions of their own)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return found
+
+
+def _launch(args: list[str], timeout: float) -> tuple[int | None, str, float]:
+    """``torchrun --nproc_per_node 2 -m convert.cli ARGS``: (exit status or None when it ran past ``timeout`` and
+    was killed with every process under it, stderr, seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "convert.cli", *map(str, args)]
+    start = time.time()
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err, time.time() - start
+    except subprocess.TimeoutExpired:
+        for pid in reversed(_descendants(proc.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        return None, err, time.time() - start
+
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+# --- a command that runs in one process refuses a launcher's several ---------------------------------------------
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2", "RANK": "0"}, {"LOCAL_WORLD_SIZE": "2"}, {"RANK": "1"}],
+                         ids=["world-size", "local-world-size", "rank"])
+def test_convert_refuses_a_multi_process_launch(src, tmp_path, capsys, monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    code = main(["convert", str(src), str(out), *FAST])
+    line = one_error(code, capsys.readouterr().err, "mla convert", "one process", "mla finetune")
+    assert "torchrun" in line and "accelerate launch" in line
+    assert not out.exists() and leftovers(out) == [] and not (tmp_path / ".out.lock").exists()
+
+
+def test_other_commands_refuse_a_multi_process_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for argv in (["perplexity", str(tmp_path / "missing")], ["sweep", str(tmp_path / "missing")],
+                 ["bench", str(tmp_path / "missing")]):
+        one_error(main(argv), capsys.readouterr().err, f"mla {argv[0]}", "one process")
+
+
+def test_convert_under_torchrun_leaves_nothing(src, tmp_path):
+    """Both ranks stop at once with the one line; no lock, no OUT, no checkpoint folder stays."""
+    out = tmp_path / "out"
+    code, err, _ = _launch(["convert", src, out, *FAST], timeout=60)
+    assert code not in (0, None), err[-3000:]
+    lines = _errors(err)
+    assert len(lines) == 2 and all("one process" in line for line in lines), err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
