@@ -106,3 +106,20 @@ def test_convert_under_torchrun_leaves_nothing(src, tmp_path):
     assert len(lines) == 2 and all("one process" in line for line in lines), err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+
+# --- a multi-process finetune into a locked OUT ends at once ----------------------------------------------------
+
+def test_finetune_ranks_end_at_once_when_out_is_locked(converted, tmp_path):
+    """Rank 0 refuses the held lock; rank 1, waiting to join the process group, must end on the launcher's SIGTERM
+    instead of waiting for its SIGKILL (half a minute later)."""
+    out = tmp_path / "out"
+    args = ["finetune", converted, out, "data=pydoc", "val_data=", "seq_len=32", "batch_size=2", "tokens=128",
+            "device=cpu"]
+    with out_lock(out):
+        code, err, seconds = _launch(args, timeout=90)
+    assert code is not None, f"still running after {seconds:.0f}s:\n{err[-3000:]}"
+    assert code != 0 and any("being written by another mla process" in line for line in _errors(err)), err[-3000:]
+    # torchrun's report: rank 1 ended by the SIGTERM (exit code -15), not by the SIGKILL that follows it (-9)
+    assert re.search(r"exitcode\s*:\s*-15\b", err) and not re.search(r"exitcode\s*:\s*-9\b", err), err[-3000:]
+    assert not out.exists() and leftovers(out) == [] and not Path(f"{out}.ckpt").exists()
+

@@ -8,10 +8,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..cli import launch_processes
 from ..data import source_paths
+from ..device import resolve_device
 from ..errors import MLAError, quote
 from ..files import check_out, out_lock
 from ..pipeline import convert
@@ -28,6 +31,35 @@ from .windows import data_inputs
 def _is_main_launch_process() -> bool:
     """False in the non-zero ranks of torchrun / accelerate launch (only rank 0 locks and writes OUT)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+@contextlib.contextmanager
+def _default_signals():
+    """SIGTERM and SIGHUP at their default action (end the process) for the body (main thread only; elsewhere a
+    no-op)."""
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):
+            previous[signum] = signal.signal(signum, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _join_launch(device: str) -> None:
+    """Join the process group of a multi-process launch (accelerate's ``PartialState``, which ``Accelerator`` then
+    reuses). The join waits for every rank inside torch's C++ code, where Python's signal handlers cannot run: when a
+    sibling has failed (rank 0 refused a locked OUT), the launcher's SIGTERM must end this process at once, not after
+    its SIGKILL. Nothing is written yet that a handler would have to clean up (the lock file, at most)."""
+    if launch_processes() < 2:
+        return
+    from accelerate import PartialState
+
+    cuda = resolve_device(device, "device=").type == "cuda"
+    with _default_signals():
+        PartialState(cpu=not cuda)
 
 
 def check_recipe_model(recipe: str | Path, model: str | None, record: dict) -> None:
@@ -77,7 +109,8 @@ def finetune(converted: str | Path, out: str | Path, cfg: RecoverConfig, overwri
     if ckpt_dir is None:
         check_out(work_dir(out), True, readers, what="the checkpoint folder")
     lock = out_lock(out) if _is_main_launch_process() else contextlib.nullcontext()
-    with lock:
+    with lock:  # rank 0 locks OUT before joining the group: a second launch into OUT fails before any wait
+        _join_launch(cfg.device)
         try:
             return Recovery(converted, out, record, teacher, cfg, overwrite, restart, ckpt_dir, log).run()
         except BaseException:  # checkpoints stay for the next run to resume from; an empty folder does not
