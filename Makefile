@@ -1,6 +1,8 @@
 # make setup: .venv with the project (CPU torch here); make demo: the main job; make test: the suite.
-PYTHON ?= python3
-VENV ?= .venv
+# The interpreter and every folder a target writes or removes are set here, never taken from the environment (an
+# exported VENV must not decide what make clean removes); give them on the command line: make demo DEMO_OUT=out/x.
+PYTHON := python3
+VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; users elsewhere get whatever torch>=2.6 pip picks. Where
 # $(PYTHON)'s own torch already runs on CUDA (a GPU machine's image), the venv uses it (--system-site-packages) instead
@@ -11,15 +13,15 @@ OWN_TORCH ?= auto
 GPU_RECIPE := recipes/smollm2-135m-gpu.yaml
 CPU_RECIPE := recipes/smollm2-135m.yaml
 DEMO_RECIPE ?=
-DEMO_OUT ?= out/smollm2-135m-mla-recovered
-QUICK_OUT ?= out/smollm2-135m-mla
+DEMO_OUT := out/smollm2-135m-mla-recovered
+QUICK_OUT := out/smollm2-135m-mla
 QUICK_BUDGET ?= 0.3125
 EVAL_ARGS ?= --baseline smollm2-135m --text bbc:tech --tokens 16384
 
-REPORT_OUT ?= out/report
+REPORT_OUT := out/report
 
 DS_RECIPE ?= recipes/smollm2-135m-deepseek-v3.yaml
-DS_OUT ?= out/smollm2-135m-ds-recovered
+DS_OUT := out/smollm2-135m-ds-recovered
 
 .PHONY: setup demo demo-quick demo-deepseek eval test clean llama-cpp bench-llama-cpp
 
@@ -77,7 +79,7 @@ llama-cpp: setup
 
 # llama.cpp side by side (docs/llama-cpp.md): SmolLM2 as deepseek_v3, written by mla gguf, against the original written
 # by llama.cpp's own converter: perplexity, quantized pairs, decode by depth, batched decode, capacity (~30 minutes).
-LLAMA_OUT ?= out/llama-cpp
+LLAMA_OUT := out/llama-cpp
 bench-llama-cpp: setup
 	$(BIN)/pip install -q -e ".[test,llama-cpp]"
 	mkdir -p $(LLAMA_OUT)
@@ -89,8 +91,11 @@ bench-llama-cpp: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Removes VENV only when it names a folder inside the repository (make clean VENV=/ must not remove /).
 clean:
-	rm -rf $(VENV) out
+	@case "$$(realpath -m -- '$(VENV)' 2>/dev/null)/" in "$(CURDIR)"/?*/) ;; \
+	  *) echo "error: make clean: VENV=$(VENV) is not a folder inside $(CURDIR): not removed" >&2; exit 2 ;; esac
+	rm -rf -- '$(VENV)' out
 
 # GPU machine only (see ../shared/GPU.md; needs .gpu/whl and .gpu/tok from make gpu-prep): eager, compiled and
 # capacity decode benchmarks of random-weight Llama-3.2-1B and -3.1-8B shapes against their MLA exports, results in

@@ -123,3 +123,55 @@ def test_finetune_ranks_end_at_once_when_out_is_locked(converted, tmp_path):
     assert re.search(r"exitcode\s*:\s*-15\b", err) and not re.search(r"exitcode\s*:\s*-9\b", err), err[-3000:]
     assert not out.exists() and leftovers(out) == [] and not Path(f"{out}.ckpt").exists()
 
+
+# --- make clean removes only what the repository holds -----------------------------------------------------------
+
+def _fake_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the Makefile in a folder with a ``.venv`` and an ``out`` (the repository), and a folder beside it
+    that no target may touch (the victim)."""
+    repo, victim = tmp_path / "repo", tmp_path / "victim"
+    for folder in (repo / ".venv" / "bin", repo / "out", victim):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("x")
+    shutil.copy(ROOT / "Makefile", repo / "Makefile")
+    (repo / "pyproject.toml").write_text("")
+    return repo, victim
+
+
+def _make(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(repo), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=30)
+
+
+def test_exported_paths_do_not_reach_make(tmp_path):
+    """An exported VENV, PYTHON or DEMO_OUT is not what make clean removes, nor what make demo writes."""
+    repo, victim = _fake_repo(tmp_path)
+    env = {"VENV": str(victim), "PYTHON": str(victim / "python"), "DEMO_OUT": str(victim),
+           "QUICK_OUT": str(victim), "DS_OUT": str(victim), "REPORT_OUT": str(victim), "LLAMA_OUT": str(victim)}
+    for target in ("demo", "demo-quick", "demo-deepseek", "bench-llama-cpp"):
+        planned = _make(repo, "-n", target, **env)
+        assert planned.returncode == 0 and str(victim) not in planned.stdout, planned.stdout + planned.stderr
+    done = _make(repo, "clean", **env)
+    assert done.returncode == 0, done.stderr
+    assert (victim / "keep.txt").exists()
+    assert not (repo / ".venv").exists() and not (repo / "out").exists()
+
+
+@pytest.mark.parametrize("venv", ["{victim}", "..", ".", "out/../..", ""], ids=["outside", "parent", "repo",
+                                                                               "dotdot", "empty"])
+def test_make_clean_refuses_a_venv_outside_the_repository(tmp_path, venv):
+    repo, victim = _fake_repo(tmp_path)
+    done = _make(repo, "clean", f"VENV={venv.format(victim=victim)}")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[:1] and "VENV" in lines[0], done.stderr
+    assert (victim / "keep.txt").exists() and (repo / "Makefile").exists() and (repo / ".venv" / "bin" / "keep.txt").exists()
+
+
+def test_make_clean_removes_a_venv_given_on_the_command_line_inside_the_repository(tmp_path):
+    repo, victim = _fake_repo(tmp_path)
+    (repo / "env2" / "bin").mkdir(parents=True)
+    done = _make(repo, "clean", "VENV=env2")
+    assert done.returncode == 0, done.stderr
+    assert not (repo / "env2").exists() and not (repo / "out").exists() and (repo / ".venv").exists()
+    assert (victim / "keep.txt").exists()
