@@ -13,8 +13,11 @@ of the prefill and of the decode runs are reported apart. One more decode step i
 compute ops (CPU, see ``eval/kernels.py``). ``--compile`` decodes with a ``StaticCache`` through ``torch.compile``
 (CUDA graphs on cuda) after untimed warm-up steps. ``--capacity`` searches the largest batch whose decode fits at
 each context (1, 2, 4, ... then bisection; on CUDA in one child per model, on a CPU in one child per probe): each
-probe fills a cache of random keys and values (no prefill activations) and runs the decode. A benchmark, not a test: the numbers depend on the machine, so
-compare models only within one run.
+probe fills a cache of random keys and values (no prefill activations) and runs the decode. A probe that runs out of
+memory (CUDA's allocator or the CPU's) does not fit. No child process may grow past 90% of the memory available
+(MemAvailable) when it starts: it is stopped there, a probe then does not fit and any other run is an error; on a
+CPU, ``--memory-limit-mib`` bounds probes lower still. ``--json`` is rewritten after every run and every probe. A
+benchmark, not a test: the numbers depend on the machine, so compare models only within one run.
 """
 
 import itertools
@@ -40,6 +43,8 @@ from eval.perplexity import load_model
 RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib", "peak_memory_mib",
               "kernels_per_step", "kernels_per_layer")
 CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "peak_memory_mib")
+OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "can't allocate memory")  # CUDA, cuBLAS, the CPU allocator
+AVAILABLE_SHARE = 0.9  # a child process may grow to this share of the memory available (MemAvailable) at its start
 
 
 MAX_INT = 2**31 - 1  # the largest batch, context, step or run count taken
@@ -80,9 +85,11 @@ class BenchConfig:
     capacity: bool = opt(False, "instead of the --batch list: the largest batch whose decode fits at each --context, "
                          "per model: 1, 2, 4, ... then bisection, each probe a cache of batch x context random tokens "
                          "(no prefill: a server prefills in chunks) and the decode runs; on cuda in one process per "
-                         "model, where a probe that runs out of memory does not fit; on a cpu one process per probe")
+                         "model, where a probe that runs out of memory does not fit; on a cpu one process per probe, "
+                         "stopped (does not fit) when it passes 90%% of the memory available at its start")
     memory_limit_mib: float | None = opt(None, "with --capacity: a probe whose peak memory (cuda max allocated, "
-                                         "process max RSS on a cpu) exceeds this does not fit either")
+                                         "process max RSS on a cpu) exceeds this does not fit either (a finite "
+                                         "number of MiB; on a cpu the memory available bounds probes anyway)")
     max_batch: int = opt(1024, "with --capacity: the largest batch tried")
     absorbed: str = opt("", "MLA exports: how the absorbed decode attends over the latent, bmm or sdpa (default: "
                         "the export's config.absorbed_attention, auto: sdpa on a cpu, bmm on a gpu)")
@@ -339,8 +346,8 @@ def _fill_probe(model, cfg: BenchConfig, batch: int, context: int) -> dict:
             peak = _peak_mib(cuda)
     except (torch.OutOfMemoryError, MemoryError) as e:
         return {"batch": batch, "context": context, "oom": True, "error": _first_line(e)}
-    except RuntimeError as e:  # raised through torch.compile, or by cuBLAS failing to allocate its workspace
-        if not any(m in str(e) for m in ("out of memory", "ALLOC_FAILED")):
+    except RuntimeError as e:  # raised through torch.compile, by cuBLAS failing to allocate its workspace, or by
+        if not any(m in str(e) for m in OOM_MARKERS):  # the CPU allocator (DefaultCPUAllocator)
             raise
         return {"batch": batch, "context": context, "oom": True, "error": _first_line(e)}
     decode_s = statistics.median(times)
@@ -356,8 +363,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or ["out of memory"])[0][:200]
 
 
-def search(probe, cfg: BenchConfig) -> dict:
-    """The largest batch for which ``probe(batch)`` (a row) fits: its row, ``max_batch`` and every probe."""
+def search(probe, cfg: BenchConfig, progress=None) -> dict:
+    """The largest batch for which ``probe(batch)`` (a row) fits: its row, ``max_batch`` and every probe (each
+    also handed to ``progress`` as it is made)."""
     rows, probes = {}, []
 
     def fits(batch: int) -> bool:
@@ -365,29 +373,133 @@ def search(probe, cfg: BenchConfig) -> dict:
         ok, why = _fits(row, cfg.memory_limit_mib)
         probes.append({"batch": batch, "fits": ok, "why": why, "peak_memory_mib": row.get("peak_memory_mib")})
         print(f"batch {batch}: {'fits' if ok else 'does not fit'} ({why})", file=sys.stderr, flush=True)
+        if progress is not None:
+            progress(probes[-1])
         return ok
 
     best = largest_batch(fits, cfg.max_batch)
     return {**rows.get(best, {}), "max_batch": best, "probes": probes}
 
 
-def capacity(path: str, cfg: BenchConfig, context: int) -> dict:
+def capacity(path: str, cfg: BenchConfig, context: int, progress=None) -> dict:
     """``search`` in this process, the model loaded once: each probe a filled cache and its decode runs."""
     model, device, dtype = _load(path, cfg)
-    row = search(lambda batch: _fill_probe(model, cfg, batch, context), cfg)
+    row = search(lambda batch: _fill_probe(model, cfg, batch, context), cfg, progress)
     return {"path": path, "model_type": model.config.model_type, "device": device, "dtype": dtype,
             "cache": "static" if cfg.compile else "dynamic", "compiled": cfg.compile,
             "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, **row}
 
 
-def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "measure") -> dict:
+def _mem_available_mib() -> float | None:
+    """The memory the kernel can give without swapping (MemAvailable of /proc/meminfo), in MiB; None where unknown."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _host_bound() -> float | None:
+    """The resident memory (MiB) a child process may reach: AVAILABLE_SHARE of what is available now."""
+    available = _mem_available_mib()
+    return None if available is None else AVAILABLE_SHARE * available
+
+
+BOUND_KIND = f"{AVAILABLE_SHARE:.0%} of the memory available"
+
+
+@dataclass
+class Finished:
+    """A child process's exit status and output; ``over``: the resident MiB at which it was stopped for passing its
+    bound (None: it was not)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    over: float | None = None
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _run(cmd: list[str], env, rss_limit_mib: float | None = None, on_line=None) -> Finished:
+    """Run ``cmd``, reading its resident memory every 50 ms: past ``rss_limit_mib`` it is killed (``over``), before
+    the machine runs out. ``on_line`` gets each line of its stdout as it comes. Killed too on any error here (or
+    Ctrl-C, SIGTERM)."""
+    import queue
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out, err, lines = [], [], queue.Queue()
+
+    def read(stream, into, forward):
+        for line in stream:
+            into.append(line)
+            if forward:
+                lines.put(line)
+
+    readers = [threading.Thread(target=read, args=(proc.stdout, out, on_line is not None), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err, False), daemon=True)]
+    for t in readers:
+        t.start()
+
+    def drain():
+        while not lines.empty():
+            on_line(lines.get())
+
+    over = None
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+            drain()
+            rss = _rss_mib(proc.pid) if rss_limit_mib is not None and over is None else None
+            if rss is not None and rss > rss_limit_mib and proc.poll() is None:
+                over = rss
+                proc.kill()
+        for t in readers:
+            t.join()
+        drain()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Finished(proc.returncode, "".join(out), "".join(err), over)
+
+
+def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "measure", on_line=None) -> dict:
     """``measure`` (``mode="probe"``: one capacity probe; ``"capacity"``: the whole ``capacity`` search at
-    ``context``) in a fresh Python process, so each run's peak memory is its own."""
+    ``context``) in a fresh Python process, so each run's peak memory is its own. The process may not grow past
+    ``_host_bound()`` (a CPU probe: ``cfg.memory_limit_mib``, which ``_capacity`` sets no higher): a probe stopped
+    there does not fit, any other run is an error."""
     cmd = [sys.executable, "-m", "eval.bench", "--worker", path, json.dumps(asdict(cfg)), str(batch), str(context),
            mode]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cpu_probe = mode == "probe" and not _device(cfg).startswith("cuda")
+    bound = cfg.memory_limit_mib if cpu_probe else _host_bound()
+    run = _run(cmd, env, bound, on_line)
+    what = f"batch {batch} x context {context}" if mode != "capacity" else f"the search at context {context}"
+    killed = run.over is not None or run.returncode == -9
+    why = (f"stopped at {run.over:.0f} MiB, over its bound of {bound:g} MiB" if run.over is not None
+           else "killed by SIGKILL (the kernel's out-of-memory killer?)")
+    if killed and mode == "probe":
+        return {"batch": batch, "context": context, "oom": True, "why": why, "peak_memory_mib": run.over}
+    if killed:
+        raise MLAError(f"benchmark of {path} at {what} {why}" + (f" ({BOUND_KIND})" if run.over is not None else "")
+                       + ": give a smaller --batch or --context")
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
         err = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("error:")]
@@ -422,11 +534,15 @@ def largest_batch(fits, max_batch: int) -> int:
 
 
 def _fits(row: dict, limit: float | None) -> tuple[bool, str]:
+    """(whether a probe's ``row`` fits, why): not when it ran out of memory or its peak passed ``limit`` (or the
+    row's own ``limit_mib``, the bound of a CPU probe, ``limit_kind`` saying what it is)."""
     if row.get("oom"):
-        return False, "out of memory"
+        return False, row.get("why", "out of memory")
+    limit = row.get("limit_mib", limit)
     peak = max(p for p in (row.get("prefill_peak_mib"), row["peak_memory_mib"]) if p is not None)
     if limit is not None and peak > limit:
-        return False, f"peak {peak:.0f} MiB > {limit:g} MiB"
+        return False, f"peak {peak:.0f} MiB > {limit:g} MiB" + (f" ({row['limit_kind']})" if row.get("limit_kind")
+                                                                else "")
     return True, f"peak {peak:.0f} MiB"
 
 
@@ -446,9 +562,17 @@ def _pairs(entries, cfg: BenchConfig, result: dict, save, log) -> None:
             save()
 
 
+def _cpu_bound(cfg: BenchConfig) -> tuple[float | None, str | None]:
+    """(MiB, what it is) a CPU probe's peak may reach: --memory-limit-mib, and never past the memory available."""
+    limit, available = cfg.memory_limit_mib, _host_bound()
+    if available is not None and (limit is None or available < limit):
+        return available, BOUND_KIND
+    return limit, None
+
+
 def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
     """The largest batch that fits, per context and model: on CUDA one process per search (the model loaded once),
-    on a CPU one per probe."""
+    on a CPU one per probe, bounded by the memory available when it starts. JSON is saved after every probe."""
     result["capacity"] = []
     for context in cfg.contexts:
         block = {"context": context, "memory_limit_mib": cfg.memory_limit_mib, "max_batch_tried": cfg.max_batch,
@@ -458,14 +582,36 @@ def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
         for name, path in entries:
             log(f"[{name}] {path}: largest batch at {context} tokens (1, 2, 4, ... then bisection, up to "
                 f"{cfg.max_batch})")
+            row = {"name": name, "path": path, "max_batch": None, "probes": []}  # saved as the search goes
+            block["models"].append(row)
+            save()
+
+            def progress(probe):
+                row["probes"].append(probe)
+                save()
+
             if _device(cfg).startswith("cuda"):  # the allocator's own peak per probe: one process, one model load
-                row = {"name": name, **_child(path, cfg, 0, context, mode="capacity")}
+                def on_line(line):
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        return
+                    if isinstance(message, dict) and isinstance(message.get("probe"), dict):
+                        progress(message["probe"])
+
+                found = {"name": name, **_child(path, cfg, 0, context, mode="capacity", on_line=on_line)}
             else:  # a process's peak RSS keeps what its allocator kept: a fresh process per probe
-                row = {"name": name, "path": path, **search(lambda b: _child(path, cfg, b, context, mode="probe"),
-                                                            cfg)}
+
+                def probe(batch):
+                    bound, kind = _cpu_bound(cfg)
+                    got = _child(path, replace(cfg, memory_limit_mib=bound), batch, context, mode="probe")
+                    return {**got, "limit_mib": bound, "limit_kind": kind}
+
+                found = {"name": name, "path": path, **search(probe, cfg, progress)}
+            row.clear()
+            row.update(found)
             log(f"[{name}] max batch {row['max_batch']}: " + ", ".join(
                 f"{p['batch']} {'fits' if p['fits'] else 'no'} ({p['why']})" for p in row["probes"]))
-            block["models"].append(row)
             if result["baseline"]:
                 _add_ratios(block["models"], CAPACITY_KEYS)
             save()
@@ -566,8 +712,9 @@ def _worker(argv: list[str]) -> int:
     """One measurement in this child process; its result is the last line of stdout."""
     path, settings, batch, context, mode = argv
     cfg = BenchConfig(**json.loads(settings))
-    if mode == "capacity":
-        print(json.dumps(capacity(path, cfg, int(context))))
+    if mode == "capacity":  # each probe a line as it is made (the parent saves it), the result last
+        row = capacity(path, cfg, int(context), lambda probe: print(json.dumps({"probe": probe}), flush=True))
+        print(json.dumps(row))
     elif mode == "probe":
         model, device, dtype = _load(path, cfg)
         row = _fill_probe(model, cfg, int(batch), int(context))

@@ -97,7 +97,7 @@ def test_largest_batch_doubles_then_bisects(max_batch):
         assert len(tried) <= 2 * math.ceil(math.log2(max_batch + 1)) + 1
 
 
-def _fake_child(path, cfg, batch, context, mode="measure"):
+def _fake_child(path, cfg, batch, context, mode="measure", on_line=None):
     """Stand-in for the capacity search's process, with monotone probes: the original runs out of memory above 4
     sequences, the converted model peaks at 100 + 2 * batch MiB (so a 150 MiB limit stops it at 25)."""
     assert mode in ("capacity", "probe") and cfg.capacity

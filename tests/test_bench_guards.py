@@ -2,11 +2,18 @@
 that run out of memory counted as not fitting, and a ``--json`` file kept up to date after every probe. Out of memory
 is simulated (a raising function, a fake MemAvailable), never reached."""
 
+import json
+import sys
+
 import pytest
 
 import eval.bench as bench_mod
 from conftest import make_tiny, one_error
 from convert.cli import main
+from convert.errors import MLAError
+from eval.bench import BenchConfig
+
+ALLOC_ERROR = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes. Error code 12"
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +50,140 @@ def test_repeats_are_refused_by_name(tiny, monkeypatch, capsys):
     monkeypatch.setattr(bench_mod, "_child", _no_child)
     assert main(["bench", str(tiny), "--batch", "4,2,4"]) == 2
     assert "4 twice" in capsys.readouterr().err
+
+
+def test_cpu_allocator_failure_does_not_fit(tiny, monkeypatch):
+    """The one-process search (CUDA's): a probe whose cache cannot be allocated by the CPU allocator does not fit,
+    and the search goes on."""
+    real = bench_mod._filled_cache
+
+    def filled(model, batch, context, gen):
+        if batch > 2:
+            raise RuntimeError(ALLOC_ERROR)
+        return real(model, batch, context, gen)
+
+    monkeypatch.setattr(bench_mod, "_filled_cache", filled)
+    cfg = BenchConfig(context="8", new_tokens=1, runs=1, capacity=True, max_batch=8, device="cpu")
+    row = bench_mod.capacity(str(tiny), cfg, 8)
+    assert row["max_batch"] == 2 and row["batch"] == 2
+    assert [(p["batch"], p["fits"]) for p in row["probes"]] == [(1, True), (2, True), (4, False), (3, False)]
+    assert row["probes"][2]["why"] == "out of memory"
+
+
+def _fake_probe(peak_of, seen, json_path=None):
+    """A CPU probe process: peak ``peak_of(batch)`` MiB; records (batch, bound given, probes already in the JSON)."""
+
+    def child(path, cfg, batch, context, mode="measure"):
+        assert mode == "probe"
+        saved = None
+        if json_path is not None and json_path.exists():
+            saved = [len(m.get("probes", [])) for b in json.loads(json_path.read_text())["capacity"]
+                     for m in b["models"]]
+        seen.append((batch, cfg.memory_limit_mib, saved))
+        return {"path": path, "batch": batch, "context": context, "decode_tok_s": 1.0 * batch,
+                "kv_cache_mib": 1.0 * batch, "prefill_peak_mib": None, "peak_memory_mib": peak_of(batch)}
+
+    return child
+
+
+@pytest.mark.parametrize("limit, expect", [(None, 8), (5000, 8), (500, 4)])
+def test_capacity_on_cpu_is_bounded_by_available_memory(tiny, tmp_path, monkeypatch, capsys, limit, expect):
+    """MemAvailable 1000 MiB: probes may peak at 90% of it (900 MiB) with no --memory-limit-mib, or with a larger
+    one; a smaller limit still wins. Peak 100 + 100 * batch MiB: batch 8 fits 900, batch 4 fits 500."""
+    seen = []
+    monkeypatch.setattr(bench_mod, "_mem_available_mib", lambda: 1000.0, raising=False)
+    monkeypatch.setattr(bench_mod, "_device", lambda cfg: "cpu")
+    monkeypatch.setattr(bench_mod, "_child", _fake_probe(lambda b: 100.0 + 100 * b, seen))
+    out = tmp_path / "cap.json"
+    extra = [] if limit is None else ["--memory-limit-mib", str(limit)]
+    assert main(["bench", str(tiny), "--context", "64", "--capacity", "--max-batch", "1024", *extra,
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["capacity"][0]["models"][0]
+    bound = 900.0 if limit in (None, 5000) else 500.0
+    assert row["max_batch"] == expect
+    assert all(b <= 2 * expect + 1 for b, _, _ in seen)
+    assert {given for _, given, _ in seen} == {bound}  # each probe process is held to the bound
+    for p in row["probes"]:
+        assert p["fits"] == (100 + 100 * p["batch"] <= bound)
+        if not p["fits"]:
+            assert f"{bound:g} MiB" in p["why"]
+
+
+def test_json_is_rewritten_after_every_probe(tiny, tmp_path, monkeypatch, capsys):
+    seen = []
+    child = _fake_probe(lambda b: 100.0 + b, seen, json_path=tmp_path / "cap.json")
+
+    def failing(path, cfg, batch, context, mode="measure"):
+        if len(seen) == 2:
+            raise MLAError("the machine went away")
+        return child(path, cfg, batch, context, mode)
+
+    monkeypatch.setattr(bench_mod, "_mem_available_mib", lambda: 10**6, raising=False)
+    monkeypatch.setattr(bench_mod, "_device", lambda cfg: "cpu")
+    monkeypatch.setattr(bench_mod, "_child", failing)
+    out = tmp_path / "cap.json"
+    assert main(["bench", str(tiny), "--context", "64", "--capacity", "--json", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the machine went away"
+    assert [saved for _, _, saved in seen] == [[0], [1]]  # written as the model starts and after each probe
+    row = json.loads(out.read_text())["capacity"][0]["models"][0]
+    assert [(p["batch"], p["fits"]) for p in row["probes"]] == [(1, True), (2, True)]
+    assert row["max_batch"] is None  # not found: the search was cut short
+
+
+GROW = ("import sys, time\nchunks = []\nfor _ in range(50):\n    chunks.append(b'x' * (8 << 20))\n"
+        "    time.sleep(0.02)\nprint('{\"done\": true}')\n")
+
+
+def test_a_process_over_the_bound_is_killed(tmp_path):
+    """A process that would grow to 400 MiB is stopped near a 120 MiB bound; one under it runs to the end."""
+    killed = bench_mod._run([sys.executable, "-c", GROW], env=None, rss_limit_mib=120.0)
+    assert killed.over is not None and 120 <= killed.over < 400 and killed.returncode != 0
+    done = bench_mod._run([sys.executable, "-c", GROW], env=None, rss_limit_mib=2000.0)
+    assert done.over is None and done.returncode == 0 and done.stdout.strip() == '{"done": true}'
+
+
+def test_a_killed_probe_does_not_fit_and_a_killed_run_is_one_line(tiny, monkeypatch):
+    bounds = []
+
+    def run(cmd, env, rss_limit_mib, on_line=None):
+        bounds.append(rss_limit_mib)
+        return bench_mod.Finished(returncode=-9, stdout="", stderr="", over=rss_limit_mib + 3)
+
+    monkeypatch.setattr(bench_mod, "_run", run)
+    monkeypatch.setattr(bench_mod, "_mem_available_mib", lambda: 500.0)
+    cfg = BenchConfig(context="8", capacity=True, memory_limit_mib=300.0, device="cpu")
+    row = bench_mod._child(str(tiny), cfg, 4, 8, mode="probe")  # a CPU probe: held to the limit it is given
+    assert row["oom"] and row["batch"] == 4 and "303 MiB" in row["why"] and "300 MiB" in row["why"]
+    assert bench_mod._fits(row, None) == (False, row["why"])
+    with pytest.raises(MLAError, match="batch 4 x context 8") as err:  # any other run: 90% of what is available
+        bench_mod._child(str(tiny), BenchConfig(context="8", device="cpu"), 4, 8)
+    assert "450 MiB" in str(err.value) and "\n" not in str(err.value)
+    assert bounds == [300.0, 450.0]
+
+
+def test_the_one_process_search_hands_each_probe_over_as_it_is_made(tiny, tmp_path, monkeypatch, capsys):
+    """CUDA's search runs in one process: it prints each probe as a line before its result, and the parent saves
+    the JSON at each of those lines."""
+    from dataclasses import asdict
+
+    cfg = BenchConfig(context="8", new_tokens=1, runs=1, capacity=True, max_batch=2, device="cpu")
+    assert bench_mod._worker([str(tiny), json.dumps(asdict(cfg)), "0", "8", "capacity"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    final = json.loads(lines[-1])
+    assert [json.loads(line) for line in lines[:-1]] == [{"probe": p} for p in final["probes"]]
+    assert [p["batch"] for p in final["probes"]] == [1, 2] and final["max_batch"] == 2
+
+    out, saved = tmp_path / "cap.json", []
+
+    def child(path, cfg, batch, context, mode="measure", on_line=None):
+        assert mode == "capacity"
+        for line in ["a warning\n", *(line + "\n" for line in lines[:-1])]:
+            on_line(line)
+            saved.append(json.loads(out.read_text())["capacity"][0]["models"][0]["probes"])
+        return final
+
+    monkeypatch.setattr(bench_mod, "_device", lambda cfg: "cuda")
+    monkeypatch.setattr(bench_mod, "_child", child)
+    assert main(["bench", str(tiny), "--context", "8", "--capacity", "--json", str(out)]) == 0
+    assert saved == [[], final["probes"][:1], final["probes"]]
+    assert json.loads(out.read_text())["capacity"][0]["models"][0] == {"name": "tiny", **final}
