@@ -75,38 +75,62 @@ def test_cache_holds_only_latent_and_rope_key(tiny_models, tmp_path, budget):
     assert record["budget"]["achieved_kv_budget"] == sum(per_token_layer) / (original * len(per_token_layer))
 
 
+def _generate(model, inputs, **kw):
+    """Greedy ``generate`` with the logits of every step: (sequences, logits (batch, steps, vocab))."""
+    out = model.generate(**inputs, **kw, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 def test_generate_parity_greedy_and_left_padding(tiny_models, lossless):
+    """Every decoding step's logits (latent cache, left padding) equal the source's at budget 1, where the conversion
+    is exact; each row alone (no padding) has the logits it has in the padded batch."""
     from transformers import AutoTokenizer
 
     src = AutoModelForCausalLM.from_pretrained(tiny_models["llama-gqa"], dtype=torch.float32).eval()
     mla = _load(lossless["llama-gqa"])
     tok = AutoTokenizer.from_pretrained(lossless["llama-gqa"])
     tok.padding_side = "left"
-    batch = tok(["The class statement", "A function definition is an executable statement that"],
-                return_tensors="pt", padding=True)
+    texts = ["The class statement", "A function definition is an executable statement that"]
+    batch = tok(texts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    ref = src.generate(**batch, **kw)
-    got = mla.generate(**batch, **kw)
+    ref, ref_logits = _generate(src, batch, **kw)
+    got, got_logits = _generate(mla, batch, **kw)
+    assert got_logits.shape == (2, 12, 320) and (got_logits - ref_logits).abs().max().item() < TOL
     assert torch.equal(ref, got)
-    # each row alone (no padding) gives the same continuation as in the padded batch
     for row in range(2):
-        single = tok([["The class statement", "A function definition is an executable statement that"][row]],
-                     return_tensors="pt")
-        alone = mla.generate(**single, **kw)
+        alone, alone_logits = _generate(mla, tok([texts[row]], return_tensors="pt"), **kw)
+        assert (alone_logits[0] - got_logits[row]).abs().max().item() < TOL
         assert torch.equal(alone[0, -12:], got[row, -12:])
 
 
-def test_generate_sampling(lossless):
+def test_generate_sampling(tiny_models, lossless):
+    """Sampling (top-k, temperature) draws what a plain sampler draws from the source's logits with the same seed:
+    full forwards (no cache) of the original, temperature, top-k, softmax and one multinomial draw a step; the raw
+    logits of every step are the source's."""
     mla = _load(lossless["qwen2"])
+    src = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
     ids = _ids(batch=2, length=8)
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
     torch.manual_seed(0)
-    a = mla.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
+    a, steps = _generate(mla, {"input_ids": ids}, **kw)
     torch.manual_seed(0)
-    b = mla.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, temperature=0.9)
-    assert a.shape == (2, 14) and torch.equal(a, b)
+    b = mla.generate(ids, **kw)
+    torch.manual_seed(0)
+    want, want_steps = ids, []
+    with torch.no_grad():
+        for _ in range(6):
+            want_steps.append(src(want, use_cache=False).logits[:, -1])
+            scores = want_steps[-1] / 0.9
+            scores[scores < scores.topk(20).values[:, -1:]] = -float("inf")
+            want = torch.cat([want, torch.multinomial(scores.softmax(-1), 1)], 1)
+    assert 2 not in want[:, 8:]  # no end of sequence drawn: nothing padded after it
+    assert a.shape == (2, 14) and torch.equal(a, want) and torch.equal(a, b)
+    assert (steps - torch.stack(want_steps, 1)).abs().max().item() < TOL
 
 
 def test_labels_loss_backward_and_gradient_checkpointing(lossless):
+    """The loss with labels is the shifted cross-entropy; with gradient checkpointing on, each layer's attention runs
+    again in the backward pass and the gradient is the loss's derivative (a central difference in float64)."""
     mla = _load(lossless["llama-gqa"])
     ids = _ids(batch=2, length=16)
     ref = mla(ids, labels=ids).loss
@@ -114,14 +138,34 @@ def test_labels_loss_backward_and_gradient_checkpointing(lossless):
     assert abs(ref.item() - manual.item()) < 1e-5
     mla.train()
     mla.gradient_checkpointing_enable()
+    calls = []
+    mla.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
     loss = mla(ids, labels=ids).loss
+    assert len(calls) == 1
     loss.backward()
-    grad = mla.model.layers[0].self_attn.kv_b_proj.weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert len(calls) == 2  # recomputed in the backward pass: checkpointing is on
+    grad = mla.model.layers[0].self_attn.kv_b_proj.weight.grad.double()
     assert abs(loss.item() - ref.item()) < 1e-4
 
+    def shifted_ce(model):
+        logits = model(ids).logits[:, :-1].reshape(-1, 320).double()
+        return torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)).item()
 
-def test_sdpa_eager_bf16(lossless):
+    apart = _load(lossless["llama-gqa"]).double()
+    weight = apart.model.layers[0].self_attn.kv_b_proj.weight
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps, start = 1e-3, weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(start + eps * direction)
+        plus = shifted_ce(apart)
+        weight.copy_(start - eps * direction)
+        minus = shifted_ce(apart)
+    assert (grad * direction).sum().item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-3)
+
+
+def test_sdpa_eager_bf16(tiny_models, lossless):
+    """sdpa == eager in float32; in bfloat16 the logits (and every step of a greedy decode) are within two bf16
+    epsilons of the logits' scale of the float32 source's."""
     ids = _ids(batch=2, length=16)
     sdpa = _load(lossless["llama-mha"], attn_implementation="sdpa")
     eager = _load(lossless["llama-mha"], attn_implementation="eager")
@@ -131,9 +175,14 @@ def test_sdpa_eager_bf16(lossless):
     bf16 = AutoModelForCausalLM.from_pretrained(lossless["llama-mha"], trust_remote_code=True, dtype=torch.bfloat16)
     with torch.no_grad():
         c = bf16(ids).logits.float()
-    assert c.dtype == torch.float32 and (a - c).abs().max().item() < 0.5
-    out = bf16.generate(ids, max_new_tokens=4, do_sample=False)
+    tol = 2 * torch.finfo(torch.bfloat16).eps * a.abs().max().item()  # 2 * 2**-7 * ~1.1
+    assert c.dtype == torch.float32 and (a - c).abs().max().item() < tol
+    out, steps = _generate(bf16, {"input_ids": ids}, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 20)
+    src = AutoModelForCausalLM.from_pretrained(tiny_models["llama-mha"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.stack([src(out[:, : 16 + t], use_cache=False).logits[:, -1] for t in range(4)], 1)
+    assert (steps.float() - want).abs().max().item() < tol
 
 
 def test_auto_classes_and_save_pretrained_round_trip(lossless, tmp_path):
