@@ -605,6 +605,8 @@ def _capacity(entries, cfg: BenchConfig, result: dict, save, log) -> None:
                 def probe(batch):
                     bound, kind = _cpu_bound(cfg)
                     got = _child(path, replace(cfg, memory_limit_mib=bound), batch, context, mode="probe")
+                    if got.get("oom") and "why" in got and kind:
+                        got["why"] += f" ({kind})"
                     return {**got, "limit_mib": bound, "limit_kind": kind}
 
                 found = {"name": name, "path": path, **search(probe, cfg, progress)}

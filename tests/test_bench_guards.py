@@ -187,3 +187,29 @@ def test_the_one_process_search_hands_each_probe_over_as_it_is_made(tiny, tmp_pa
     assert main(["bench", str(tiny), "--context", "8", "--capacity", "--json", str(out)]) == 0
     assert saved == [[], final["probes"][:1], final["probes"]]
     assert json.loads(out.read_text())["capacity"][0]["models"][0] == {"name": "tiny", **final}
+
+
+@pytest.mark.parametrize("limit", [None, 500])
+def test_a_probe_stopped_at_its_bound_does_not_fit_and_says_which_bound(tiny, tmp_path, monkeypatch, capsys, limit):
+    """Probe processes that would peak at 100 + 100 * batch MiB, stopped at their bound: 90% of a MemAvailable of
+    1000 MiB (900), or a --memory-limit-mib of 500."""
+    def run(cmd, env, rss_limit_mib, on_line=None):
+        batch, context = int(cmd[-3]), int(cmd[-2])
+        if 100 + 100 * batch > rss_limit_mib:
+            return bench_mod.Finished(returncode=-9, stdout="", stderr="", over=rss_limit_mib + 1)
+        row = {"batch": batch, "context": context, "decode_tok_s": 1.0, "kv_cache_mib": 1.0,
+               "prefill_peak_mib": None, "peak_memory_mib": 100.0 + 100 * batch}
+        return bench_mod.Finished(returncode=0, stdout="a note\n" + json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench_mod, "_mem_available_mib", lambda: 1000.0)
+    monkeypatch.setattr(bench_mod, "_device", lambda cfg: "cpu")
+    monkeypatch.setattr(bench_mod, "_run", run)
+    out = tmp_path / "cap.json"
+    extra = [] if limit is None else ["--memory-limit-mib", str(limit)]
+    assert main(["bench", str(tiny), "--context", "64", "--capacity", *extra, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["capacity"][0]["models"][0]
+    bound = limit or 900
+    assert row["max_batch"] == (bound - 100) // 100
+    stopped = [p for p in row["probes"] if not p["fits"]]
+    assert stopped and all(p["why"] == f"stopped at {bound + 1} MiB, over its bound of {bound} MiB"
+                           + ("" if limit else " (90% of the memory available)") for p in stopped)
