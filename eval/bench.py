@@ -502,10 +502,24 @@ def _child(path: str, cfg: BenchConfig, batch: int, context: int, mode: str = "m
                        + ": give a smaller --batch or --context")
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
-        err = [ln for ln in run.stderr.strip().splitlines() if ln.startswith("error:")]
-        why = err[-1].removeprefix("error: ") if err else (run.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MLAError(f"benchmark of {path} failed: {why}")
+        raise MLAError(f"benchmark of {path} failed: {_failure(run.stderr)}")
     return json.loads(lines[-1])
+
+
+def _failure(stderr: str) -> str:
+    """What a failed child said: its last ``error:`` line, else the first line of the exception that ended its last
+    traceback, else its last line."""
+    lines = stderr.strip().splitlines()
+    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1]
+    marker = "Traceback (most recent call last):"
+    if marker in lines:
+        start = len(lines) - lines[::-1].index(marker)
+        ends = [ln for ln in lines[start:] if ln.strip() and not ln.startswith(" ")]
+        if ends:
+            return ends[0][:200]
+    return (lines or ["no output"])[-1][:200]
 
 
 def _add_ratios(rows: list[dict], keys) -> None:
@@ -722,7 +736,13 @@ def _worker(argv: list[str]) -> int:
         row = _fill_probe(model, cfg, int(batch), int(context))
         print(json.dumps({"path": path, "device": device, "dtype": dtype, **row}))
     else:
-        print(json.dumps(measure(path, cfg, int(batch), int(context))))
+        try:
+            row = measure(path, cfg, int(batch), int(context))
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not (isinstance(e, MemoryError) or any(m in str(e) for m in OOM_MARKERS)):
+                raise
+            raise MLAError(f"out of memory at batch {batch} x context {context}: {_first_line(e)}") from None
+        print(json.dumps(row))
     return 0
 
 

@@ -213,3 +213,23 @@ def test_a_probe_stopped_at_its_bound_does_not_fit_and_says_which_bound(tiny, tm
     stopped = [p for p in row["probes"] if not p["fits"]]
     assert stopped and all(p["why"] == f"stopped at {bound + 1} MiB, over its bound of {bound} MiB"
                            + ("" if limit else " (90% of the memory available)") for p in stopped)
+
+
+def test_a_crashed_run_is_named_by_its_exception_not_by_its_last_line(tiny, monkeypatch):
+    """A child's traceback whose message runs over several lines: the error names the exception's first line."""
+    stderr = ('Traceback (most recent call last):\n  File "bench.py", line 1, in <module>\n    main()\n'
+              'RuntimeError: a message that\nruns over lines with a quote\n"\n')
+    monkeypatch.setattr(bench_mod, "_run", lambda *a, **k: bench_mod.Finished(1, "", stderr))
+    with pytest.raises(MLAError) as err:
+        bench_mod._child(str(tiny), BenchConfig(context="8", device="cpu"), 1, 8)
+    assert str(err.value) == f"benchmark of {tiny} failed: RuntimeError: a message that"
+
+
+def test_a_run_out_of_cpu_memory_is_one_line(tiny, monkeypatch, capsys):
+    def measure(path, cfg, batch, context, kernels=True):
+        raise RuntimeError(ALLOC_ERROR + "\nmore detail")
+
+    monkeypatch.setattr(bench_mod, "measure", measure)
+    settings = json.dumps({"context": "8", "device": "cpu"})
+    assert bench_mod.run_command(bench_mod._worker, [str(tiny), settings, "3", "8", "measure"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: out of memory at batch 3 x context 8: {ALLOC_ERROR}"
