@@ -349,3 +349,24 @@ def bigbench_standin(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+def calibrate_tiny(src, spill_dir, seq_len: int = 64, n_seqs: int = 4, batch_size: int = 2, gradients: bool = True):
+    """``(reader, layout, stats per layer, windows)``: the statistics ``convert.calibrate.sweep`` gathers on a tiny
+    source (``n_seqs`` pydoc windows of ``seq_len`` tokens), with gradients unless told otherwise."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from convert.adapters import read_layout
+    from convert.calibrate import sweep
+    from convert.data import load_texts, token_windows
+    from convert.layerwise import LayerwiseModel, Spill
+    from convert.readers import SafetensorsReader
+
+    config = AutoConfig.from_pretrained(src)
+    layout = read_layout(config)
+    reader = SafetensorsReader(src)
+    lw = LayerwiseModel(config, reader, "cpu", torch.float32, layout.layer_types)
+    windows = token_windows(AutoTokenizer.from_pretrained(src), load_texts("pydoc"), seq_len, n_seqs, seed=0)
+    stats = [None] * layout.num_layers
+    sweep(lw, layout, windows, batch_size, gradients, stats.__setitem__, Spill(spill_dir, 0))
+    return reader, layout, stats, windows
