@@ -1,5 +1,6 @@
-"""The end of a run: the merged weights and the peft adapter written atomically to OUT and checked by reloading, with
-the ``recovery`` record in ``mla_conversion.json`` and the validation curve in ``recovery.png``."""
+"""The end of a run: the merged weights, this package's remote code and the peft adapter written atomically to OUT
+and checked, loaded as a user loads them, against the trained model, with the ``recovery`` record in
+``mla_conversion.json`` and the validation curve in ``recovery.png``."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from pathlib import Path
 import torch
 
 from ..adapters import HEAD
-from ..deepseek import is_deepseek_v3, load_mla, write_deepseek_v3
+from ..deepseek import write_deepseek_v3
 from ..errors import MLAError
 from ..files import atomic_dir
-from ..save import AUTO_MAP, copy_remote_code, save_state_dict, write_json
+from ..nll import token_nll
+from ..save import AUTO_MAP, REMOTE_CODE_FILES, copy_remote_code, save_state_dict, write_json
 from .config import RecoverConfig
-from .losses import val_nll
 from .models import output_format
 
 
 ADAPTER_DIR = "adapter"
+# What OUT gets anew, never from CONVERTED: the weights, the config, the remote code, the record and the plot.
+WRITTEN = ("config.json", "mla_conversion.json", "recovery.png", *REMOTE_CODE_FILES)
 
 
 def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
@@ -34,27 +37,33 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
             local: dict | None = None, facts: dict | None = None) -> dict:
     """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
-    checking the reloaded export against the trained model on ``val``; ``facts`` of the run join it, e.g. its memory)
-    and the plot. Returns the new record."""
+    checking the export, loaded as a user loads it, against the trained model on ``val``; ``facts`` of the run join
+    it, e.g. its memory) and the plot. Returns the new record."""
     fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
+    trained = None
+    if val is not None:  # before the merge: what the trained model itself gives every validation token
+        with acc.autocast():
+            trained = token_nll(model, val, micro, desc="val")
     with atomic_dir(out, overwrite) as tmp:
         _save_adapter(model, tmp, converted, ckpt_dir, cfg.adapters)
         config = _save_merged(model, tmp, dtype, cfg.adapters)
-        _copy_files(converted, tmp, fmt, config)
-        verify = None if val is None else _verify(model, tmp, val, micro, acc, evals, dtype)
+        _write_files(converted, tmp, fmt, config)
+        verify = None if val is None else _verify(model, tmp, fmt, val, trained, micro, acc, dtype)
         record = dict(record)
         record["format"] = fmt
         record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
                                               started)
+        record["recovery"]["untied_embeddings"] = _untied(converted, config)
         record["recovery"].update(facts or {})
         write_json(tmp / "mla_conversion.json", record)
         _plot(evals, tmp / "recovery.png")
     rec = record["recovery"]
     ratio = f"; val perplexity {evals[0]['ratio']:.3f}x -> {evals[-1]['ratio']:.3f}x the teacher's" if evals else ""
+    untied = "; lm_head untied from embed_tokens (an adapter trained one of them)" if rec["untied_embeddings"] else ""
     print(f"recovered {converted.name} -> {out}: {rec['tokens_seen']} tokens in {rec['steps']} steps, final KL "
-          f"{rec['final_kl']:.4f}{ratio}; {rec['elapsed_s']:.0f}s")
+          f"{rec['final_kl']:.4f}{ratio}{untied}; {rec['elapsed_s']:.0f}s")
     return record
 
 
@@ -88,34 +97,66 @@ def _save_merged(model, folder: Path, dtype: torch.dtype, adapters: bool):
     return config
 
 
-def _copy_files(converted: Path, folder: Path, fmt: str, config) -> None:
-    """The converted model's other files (tokenizer, remote code), and the config in the output format."""
+def _write_files(converted: Path, folder: Path, fmt: str, config) -> None:
+    """The converted model's other files (tokenizer, generation config), and the config and this package's remote
+    code in the output format (CONVERTED's own code may be another release's, or edited)."""
     for item in converted.iterdir():
-        if item.is_file() and not item.name.startswith("model.safetensors") and item.name != "mla_conversion.json":
+        if item.is_file() and not item.name.startswith("model.safetensors") and item.name not in WRITTEN:
             shutil.copyfile(item, folder / item.name)
     if fmt == "deepseek_v3":
         write_deepseek_v3(folder, config)
-    elif is_deepseek_v3(converted):  # read from deepseek_v3, written as our own format
+    else:
         config.architectures, config.auto_map = ["MLAForCausalLM"], dict(AUTO_MAP)
         config.save_pretrained(folder)
         copy_remote_code(folder)
 
 
-def _verify(model, folder: Path, val: torch.LongTensor, micro: int, acc, evals: list[dict],
+def _untied(converted: Path, config) -> bool:
+    """Whether the run gave the output head its own weight (``models.untie_trained_embeddings``)."""
+    tied = json.loads((converted / "config.json").read_text()).get("tie_word_embeddings", False)
+    return bool(tied) and not config.tie_word_embeddings
+
+
+def _load_written(folder: Path, fmt: str, device) -> torch.nn.Module:
+    """The export in ``folder`` as a user loads it: with the remote code in the folder (what ``trust_remote_code``
+    runs where this package is not installed: here the Auto classes would pick the package's registered classes), or
+    as a stock ``DeepseekV3ForCausalLM``; MLAError naming a weight it lacks or does not use."""
+    from transformers import AutoModelForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    cls, kwargs = AutoModelForCausalLM, {}
+    if fmt != "deepseek_v3":
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        config = get_class_from_dynamic_module(auto_map["AutoConfig"], folder).from_pretrained(folder)
+        cls, kwargs = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], folder), {"config": config}
+    model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
+    tied = model.config.tie_word_embeddings
+    wrong = [k for k in info.get("missing_keys", []) if not (tied and k == HEAD)] + [
+        *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
+    if wrong:
+        raise MLAError(f"the merged export does not load as the trained model: {len(wrong)} weights missing, unused "
+                       f"or misshapen, e.g. {sorted(map(str, wrong))[0]}")
+    return model.to(device).eval()
+
+
+def _verify(model, folder: Path, fmt: str, val: torch.LongTensor, trained: torch.Tensor, micro: int, acc,
             dtype: torch.dtype) -> dict:
-    """The export in ``folder`` reloaded in place of ``model`` and evaluated as training evaluated (under ``acc``'s
-    autocast): MLAError unless it reproduces the last validation (within 0.02 in NLL when either is bf16)."""
-    final = evals[-1] if evals else None
-    model.to("meta")  # the trained weights are saved; the reloaded export takes their place in memory
-    reloaded = load_mla(folder).to(acc.device)
+    """The export in ``folder`` loaded in place of ``model`` (``_load_written``) and evaluated as training evaluated
+    (under ``acc``'s autocast): MLAError unless every validation token's NLL is the one the trained model gave
+    (``trained``), within 1e-3 on average (0.05 when either is bf16)."""
+    model.to("meta")  # the trained weights are saved; the export takes their place in memory
+    written = _load_written(folder, fmt, acc.device)
     with acc.autocast():
-        nll = val_nll(reloaded, val, micro)
-    del reloaded
-    verify = {"val_ppl_reloaded": math.exp(nll), "val_ppl_trained": final["val_ppl"]}
+        nll = token_nll(written, val, micro, desc="val")
+    del written
+    diff = float((nll.double() - trained.double()).abs().mean())
+    verify = {"val_ppl_reloaded": math.exp(nll.double().mean()), "val_ppl_trained": math.exp(trained.double().mean()),
+              "val_nll_mean_abs_diff": diff}
     loose = dtype != torch.float32 or acc.mixed_precision == "bf16"
-    if abs(nll - math.log(final["val_ppl"])) > 1e-3 + (0.02 if loose else 0):
+    if not diff <= (0.05 if loose else 1e-3):
         raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
-                       f"{math.exp(nll):.3f} vs {final['val_ppl']:.3f})")
+                       f"{verify['val_ppl_reloaded']:.3f} vs {verify['val_ppl_trained']:.3f}; per-token NLL off by "
+                       f"{diff:.2e} on average)")
     return verify
 
 

@@ -190,7 +190,24 @@ def wrap_peft(model, cfg: RecoverConfig):
             raise MLAError(f"full_targets: no module named {name!r}")
     if not cfg.adapters:  # all-parameter training: no adapter, the full targets train in place
         return _train_in_place(model, full)
+    untie_trained_embeddings(model, [*lora, *full])
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora,
                         modules_to_save=full or None, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)
     return get_peft_model(model, config)
+
+
+def untie_trained_embeddings(model, targets: list[str]) -> bool:
+    """Give the output head its own copy of the weight it shares with the input embeddings (``tie_word_embeddings``
+    becomes False) when an adapter trains either of them (``targets``: the LoRA and full targets): peft trains one
+    module of the pair, and merging into the one shared matrix would change the other too, so the export would not be
+    the trained model. Returns whether the embeddings were untied (an export then holds ``lm_head.weight``)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if not model.config.tie_word_embeddings or head is None or head.weight is not embed.weight:
+        return False
+    trained = {id(module) for _, module in matching_modules(model, targets)}
+    if id(head) not in trained and id(embed) not in trained:
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return True
