@@ -49,12 +49,16 @@ class RecoverConfig:
     lora_targets: str = opt(
         LORA_DEFAULT_TARGETS, "Comma-separated module names that get LoRA adapters. '' for none: every trained module "
         "is then a full parameter (all-parameter training: put the MLP's gate_proj,up_proj,down_proj in full_targets), "
-        "and OUT has no adapter folder.")
+        "and OUT has no adapter folder. On a model whose lm_head shares its weight with embed_tokens "
+        "(tie_word_embeddings), an adapter on either of them (LoRA on lm_head, or either in full_targets beside LoRA) "
+        "unties them first, as peft advises: only the module named trains, and OUT gets its own lm_head.weight "
+        "(vocab x hidden more) with tie_word_embeddings false (recovery.untied_embeddings in mla_conversion.json).")
     full_targets: str = opt(
         FULL_DEFAULT_TARGETS,
         "Comma-separated module names trained as full parameters (peft modules_to_save; matched as suffixes of module "
         "paths, so 'norm' also matches every *_layernorm and QK-norm). Default: the MLA attention projections and the "
-        "norms the model has ('' for none).",
+        "norms the model has ('' for none). With tied embeddings, lm_head or embed_tokens here trains the one shared "
+        "matrix when lora_targets is '' (as transformers does), and is untied first beside LoRA (see lora_targets).",
     )
     kd_weight: float = opt(1.0, "Weight of the distillation loss: KL(teacher || student) of next-token distributions.")
     ce_weight: float = opt(0.0, "Weight of the next-token cross-entropy on the training text.")
