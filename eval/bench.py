@@ -45,8 +45,6 @@ RATIO_KEYS = ("decode_tok_s", "prefill_tok_s", "kv_cache_mib", "prefill_peak_mib
 CAPACITY_KEYS = ("max_batch", "decode_tok_s", "kv_cache_mib", "peak_memory_mib")
 OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "can't allocate memory")  # CUDA, cuBLAS, the CPU allocator
 AVAILABLE_SHARE = 0.9  # a child process may grow to this share of the memory available (MemAvailable) at its start
-
-
 MAX_INT = 2**31 - 1  # the largest batch, context, step or run count taken
 
 
