@@ -26,7 +26,7 @@ from .checkpoint import (CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, 
 from .config import RecoverConfig
 from .export import write_recovered
 from .local import LOCAL_CKPT, run_stage
-from .memory import describe, estimate
+from .memory import activations, check_batch, describe, estimate, local_processes
 from . import shard
 from .losses import distill_loss, lr_at, val_nll
 from .models import cast_frozen, cast_untrained, check_teacher, load_student, load_teacher, param_bytes, wrap_peft
@@ -98,6 +98,9 @@ class Recovery:
         self.teacher_config = load_config(self.teacher_source)
         check_teacher(self.teacher, self.teacher_config, self.student.config, self.record)
         check_positions(self.teacher_config, self.cfg.seq_len, "seq_len", self.teacher)
+        cfg = self.cfg  # a batch whose activations alone cannot fit: refused before the text is read
+        check_batch({"activations": activations(self.student.config, cfg.seq_len, self.micro,
+                                                cfg.gradient_checkpointing, self.bf16)}, self.acc.device, (), cfg, self.micro)
 
     def load_data(self) -> None:
         """The training and validation windows, what identifies the run, and its checkpoint (if any) to resume."""
@@ -109,9 +112,10 @@ class Recovery:
         self.fingerprint = run_fingerprint(cfg, self.inputs)
         self.saved = read_checkpoint(self.ckpt_path, self.fingerprint, cfg, self.inputs, self.restart)
         self.total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
-        if cfg.teacher_topk:  # every window the run passes over may be kept
+        if cfg.teacher_topk:  # every window a process passes over may be kept, by each process of the host
             check_fits(cfg.teacher_topk, self.student.config.vocab_size,
-                       min(len(self.windows), self.total_steps * cfg.batch_size), cfg.seq_len)
+                       min(len(self.windows), self.total_steps * self.local_batch), cfg.seq_len,
+                       processes=local_processes())
         self.say(f"training text: {cfg.data} ({len(self.windows)} windows of {cfg.seq_len}); {self.total_steps} steps "
                  f"of {cfg.batch_size} x {cfg.seq_len} tokens"
                  f"{'' if acc.num_processes == 1 else f' on {acc.num_processes} processes'}")
@@ -188,6 +192,7 @@ class Recovery:
         self.memory = {"estimate": estimate(self.inner, self.teacher_config, cfg.seq_len, self.micro,
                                             cfg.gradient_checkpointing, self.frozen_dtype, self.bf16, own, shards)}
         self.say(f"memory per process, estimated: {describe(self.memory['estimate'])}")
+        check_batch(self.memory["estimate"], self.acc.device, ("weights", "teacher"), cfg, self.micro)
 
     def train(self) -> None:
         """Distillation from ``start_step`` to the last step; on Ctrl-C a checkpoint, then KeyboardInterrupt."""

@@ -11,16 +11,24 @@ from ..errors import MLAError
 from .losses import topk_targets
 
 
-def check_fits(k: int, vocab: int, windows: int, seq_len: int, host_bytes: int | None = None) -> int:
-    """The bytes the cache holds once every window is kept (``k`` clamped to vocab - 1 as ``topk_targets`` does);
-    MLAError when that exceeds half of the host's memory (``host_bytes``, default the machine's physical memory)."""
+def host_memory() -> int:
+    """The host's physical memory, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(k: int, vocab: int, windows: int, seq_len: int, host_bytes: int | None = None,
+               processes: int = 1) -> int:
+    """The bytes the caches of the host hold once every window is kept: each of its ``processes`` keeps its own, of
+    up to ``windows`` windows (``k`` clamped to vocab - 1 as ``topk_targets`` does); MLAError when that exceeds half
+    of the host's memory (``host_bytes``, default ``host_memory()``)."""
     k = min(k, vocab - 1)
-    need = windows * seq_len * (8 * k + 4)  # float32 log-probabilities + int32 ids per kept token, float32 rest
-    host = host_bytes if host_bytes is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = processes * windows * seq_len * (8 * k + 4)  # float32 log-probabilities + int32 ids per kept token, float32 rest
+    host = host_bytes if host_bytes is not None else host_memory()
     if need > host // 2:
-        raise MLAError(f"teacher_topk={k}: the cache of {windows} windows of {seq_len} would hold "
-                       f"{need / 2**30:.1f} GiB on the host, more than half of its {host / 2**30:.1f} GiB; lower "
-                       "teacher_topk")
+        held = f"the cache of {windows} windows of {seq_len}" if processes == 1 else \
+            f"the caches of {processes} processes, each of up to {windows} windows of {seq_len},"
+        raise MLAError(f"teacher_topk={k}: {held} would hold {need / 2**30:.1f} GiB on the host, more than half of "
+                       f"its {host / 2**30:.1f} GiB; lower teacher_topk")
     return need
 
 
