@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convert.config import load_recipe, parse_overrides  # noqa: E402
 from convert.recover.config import RecoverConfig  # noqa: E402
-from convert.recover.local import stage_estimate  # noqa: E402
+from convert.recover.local import stage_estimate, step_windows  # noqa: E402
 from convert.recover.memory import describe, estimate  # noqa: E402
 from convert.recover.models import cast_frozen, cast_untrained, wrap_peft  # noqa: E402
 from eval.bench_convert import SHAPES  # noqa: E402
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     cast_frozen(student, cfg, frozen)
     if cfg.local_tokens:  # the stage before distillation, on the student as loaded (no adapters yet)
         windows = math.ceil(cfg.local_tokens / cfg.seq_len)
-        print(f"layer-local stage, {windows} windows of {cfg.seq_len}, {cfg.local_step_windows} per step: "
+        print(f"layer-local stage, {windows} windows of {cfg.seq_len}, {step_windows(cfg, windows)} per step: "
               f"{describe(stage_estimate(student, teacher, windows, cfg))}")
     model = wrap_peft(student, cfg)
     cast_untrained(model, frozen)

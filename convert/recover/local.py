@@ -42,7 +42,7 @@ from ..save import save_checkpoint
 from .checkpoint import fingerprinted_settings, read_checkpoint
 from .config import RecoverConfig
 from .losses import val_nll
-from .memory import describe, estimate_local
+from .memory import check_memory, describe, estimate_local
 from .models import matching_modules
 
 LOCAL_CKPT = "local.pt"
@@ -54,6 +54,11 @@ def local_windows(windows: torch.LongTensor, cfg: RecoverConfig) -> torch.LongTe
     n = min(len(windows), math.ceil(cfg.local_tokens / cfg.seq_len))
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919))  # host
     return windows[order[:n].sort().values]
+
+
+def step_windows(cfg: RecoverConfig, windows: int) -> int:
+    """Windows per step of the stage over ``windows`` windows: ``local_step_windows``, at most all of them."""
+    return min(cfg.local_step_windows, windows)
 
 
 def trained_params(student, i: int, cfg: RecoverConfig) -> dict[str, torch.nn.Parameter]:
@@ -130,7 +135,8 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     n_layers = len(student.model.layers)
     state = resume or {"fingerprint": fingerprint, "done": 0, "tensors": {}, "layers": [], "elapsed_s": 0.0,
                        **(extra or {})}
-    state["steps_per_layer"] = steps = max(1, round(cfg.local_epochs * len(ids) / cfg.local_step_windows))
+    batch = step_windows(cfg, len(ids))
+    state["steps_per_layer"] = steps = max(1, round(cfg.local_epochs * len(ids) / batch))
     _restore(student, state, cfg, ckpt_path)
     if state["done"] >= n_layers:
         return state
@@ -160,7 +166,7 @@ def run_local(student, lw, ids: torch.LongTensor, cfg: RecoverConfig, ckpt_path:
     bar.close()
     before, after = (sum(e[key] for e in state["layers"]) / n_layers for key in ("error_before", "error_after"))
     shared = f" on {share.world} processes" if share.world > 1 else ""
-    say(f"layer-local stage: {n} windows, {steps} steps of {cfg.local_step_windows} per layer{shared}; mean relative "
+    say(f"layer-local stage: {n} windows, {steps} steps of {batch} per layer{shared}; mean relative "
         f"error of the attention output {before:.4f} -> {after:.4f}; {state['elapsed_s']:.0f}s")
     return state
 
@@ -259,7 +265,8 @@ def _fit(runner: _Student, i: int, x_in: torch.Tensor, target: torch.Tensor, sca
          params: dict[str, torch.nn.Parameter], cfg: RecoverConfig, steps: int) -> None:
     """``steps`` Adam steps on ``params`` over batches of ``x_in`` rows (a seeded order per layer, reshuffled when
     used up), the learning rate cosine from ``local_lr`` to 0."""
-    device, n, batch = runner.device, len(x_in), cfg.local_step_windows
+    device, n = runner.device, len(x_in)
+    batch = step_windows(cfg, n)
     optimizer = torch.optim.Adam(list(params.values()), lr=cfg.local_lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
     order = torch.empty(0, dtype=torch.long)  # host: row order, moved with .to(device) when used
@@ -296,13 +303,19 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     path = ckpt_dir / LOCAL_CKPT
     fingerprint, inputs = run_id
     resume = read_checkpoint(path, fingerprint, cfg, inputs, restart)
+    ids = local_windows(windows, cfg)
+    memory = {"estimate": stage_estimate(student, config, len(ids), cfg)}
+    say(f"layer-local stage memory per process, estimated: {describe(memory['estimate'])}")
+    on_device = next(student.parameters()).device.type == torch.device(device).type
+    check_memory(memory["estimate"], torch.device(device), ("weights",) if on_device else (),
+                 f"the layer-local stage ({len(ids)} windows of {cfg.seq_len}, steps of {step_windows(cfg, len(ids))})",
+                 "lower local_tokens or local_batch (or seq_len)")
     student.requires_grad_(False)
     student.to(device)
     extra = {"settings": fingerprinted_settings(cfg), "inputs": inputs}
     if resume is None and val is not None:  # the starting point, for the record
         with autocast():
             extra["val_nll_before"] = val_nll(student, val, cfg.micro_batch or cfg.batch_size)
-    ids = local_windows(windows, cfg)
     if resume is not None:
         say(f"layer-local stage: resuming from {path} after layer {resume['done']}")
     layout = read_layout(config)
@@ -310,8 +323,6 @@ def run_stage(student, source, config, windows, val, cfg: RecoverConfig, device,
     lw = LayerwiseModel(text, open_reader(source, text), device, torch.float32, layout.layer_types, layout.decoder)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    memory = {"estimate": stage_estimate(student, config, len(ids), cfg)}
-    say(f"layer-local stage memory per process, estimated: {describe(memory['estimate'])}")
     reset_peak_memory(torch.device(device))
     state = run_local(student, lw, ids, cfg, path, fingerprint, resume, main, say, extra=extra, autocast=autocast)
     memory["measured"] = peak_memory(torch.device(device))
@@ -325,5 +336,5 @@ def stage_estimate(student, config, windows: int, cfg: RecoverConfig) -> dict[st
     the original's ``config``: the most elements one of its layers trains."""
     most = max(sum(p.numel() for p in trained_params(student, i, cfg).values())
                for i in range(len(student.model.layers)))
-    return estimate_local(student, config, windows, cfg.seq_len, cfg.local_step_windows, most,
+    return estimate_local(student, config, windows, cfg.seq_len, step_windows(cfg, windows), most,
                           cfg.local_inputs == "student")
