@@ -70,6 +70,13 @@ def _disk_full(err: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocator's failure as torch raises it: ``DefaultCPUAllocator: can't allocate memory`` on the CPU, or
+    ``torch.OutOfMemoryError`` (CUDA)."""
+    return isinstance(err, RuntimeError) and (type(err).__name__ == "OutOfMemoryError"
+                                              or "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
 def run_command(func, *args) -> int:
     """``func(*args)`` with every ending mapped to one ``error:`` line and its exit status; SIGTERM and SIGHUP raise
     ``Terminated`` meanwhile, so the cleanups of Ctrl-C (temporary folders, locks, child processes) run for them."""
@@ -94,6 +101,8 @@ def _guarded(func, *args) -> int:
     except MemoryError:
         return _fail("out of memory", 2)
     except Exception as err:
+        if _out_of_memory(err):  # the first line says how much was asked for
+            return _fail(f"out of memory: {(str(err).splitlines() or [''])[0]}", 2)
         if _disk_full(err):
             return _fail("no space left on the device: free some space and run again (OUT was not written)", 2)
         if isinstance(err, OSError):
