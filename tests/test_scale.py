@@ -152,10 +152,20 @@ def test_export_dtype_follows_the_source(tmp_path):
     rec = convert_tiny(tmp_path / "src", tmp_path / "auto")
     assert rec["method"]["dtype"] == "bfloat16" and rec["kv_cache"]["dtype_bytes"] == 2
     assert {t.dtype for t in _state(tmp_path / "auto").values()} == {torch.bfloat16}
-    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", trust_remote_code=True, dtype=torch.bfloat16)
-    assert torch.isfinite(mla(torch.arange(3, 30)[None]).logits).all()
     convert_tiny(tmp_path / "src", tmp_path / "f32", dtype="float32")
-    assert {t.dtype for t in _state(tmp_path / "f32").values()} == {torch.float32}
+    f32 = _state(tmp_path / "f32")
+    assert {t.dtype for t in f32.values()} == {torch.float32}
+    # the same conversion, stored in bf16: the float32 export's weights rounded to bf16, and logits within two bf16
+    # epsilons of the logits' scale
+    auto = _state(tmp_path / "auto")
+    assert auto.keys() == f32.keys() and all(torch.equal(auto[k], f32[k].to(torch.bfloat16)) for k in auto)
+    ids = torch.arange(3, 30)[None]
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", trust_remote_code=True,
+                                                   dtype=torch.bfloat16)(ids).logits.float()
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "f32", trust_remote_code=True,
+                                                    dtype=torch.float32)(ids).logits
+    assert (got - want).abs().max().item() < 2 * torch.finfo(torch.bfloat16).eps * want.abs().max().item()
 
 
 def _vm_hwm() -> int:
