@@ -12,7 +12,6 @@ import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..cli import launch_processes
 from ..data import source_paths
 from ..device import resolve_device
 from ..errors import MLAError, quote
@@ -53,9 +52,10 @@ def _join_launch(device: str) -> None:
     reuses). The join waits for every rank inside torch's C++ code, where Python's signal handlers cannot run: when a
     sibling has failed (rank 0 refused a locked OUT), the launcher's SIGTERM must end this process at once, not after
     its SIGKILL. Nothing is written yet that a handler would have to clean up (the lock file, at most)."""
-    if launch_processes() < 2:
+    world = os.environ.get("WORLD_SIZE", "").strip()  # what torch's process group is joined by
+    if not (world.isdigit() and int(world) > 1):
         return
-    from accelerate import PartialState
+    from accelerate import PartialState  # accelerate: heavy, only under a launcher
 
     cuda = resolve_device(device, "device=").type == "cuda"
     with _default_signals():
