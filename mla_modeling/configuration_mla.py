@@ -4,11 +4,14 @@ Self-contained remote code: imports only torch and transformers. Names follow tr
 ``configuration_deepseek_v3.py``.
 """
 
+import math
+import numbers
 import re
 import warnings
 
 import transformers
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 # The transformers minor versions this remote code is tested with (tests/test_versions.py runs each one).
 TESTED_TRANSFORMERS = ((5, 23), (5, 25))
@@ -29,6 +32,83 @@ def check_transformers_version(version: str = transformers.__version__) -> None:
 
 
 check_transformers_version()
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _fail(name: str, rule: str, value) -> None:
+    text = repr(value)
+    raise ValueError(f"MLAConfig: {name} must be {rule}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _integer(name: str, value, low: int = 1) -> int:
+    """``value`` as an int when it is an integer (not a bool, not a float) of at least ``low``; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        _fail(name, f"an integer >= {low}", value)
+    return int(value)
+
+
+def _number(name: str, value, low: float | None = None, *, above: bool = False, below: float | None = None) -> float:
+    """``value`` as a float when it is a finite number, >= ``low`` (> with ``above``) and < ``below`` where given;
+    else ValueError."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if (not ok or low is not None and (value < low or above and value == low)
+            or below is not None and value >= below):
+        rule = "a finite number" + (f" {'>' if above else '>='} {low:g}" if low is not None else "")
+        _fail(name, rule + (f" and < {below:g}" if below is not None else ""), value)
+    return float(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, "true or false", value)
+    return value
+
+
+def _per_layer_ints(name: str, value, layers: int, low: int) -> list[int]:
+    """One integer >= ``low`` per layer from an int or a list of ``layers`` ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != layers:
+            _fail(name, f"an integer or a list of one per layer ({layers})", value)
+        return [_integer(f"{name}[{i}]", v, low) for i, v in enumerate(value)]
+    return [_integer(name, value, low)] * layers
+
+
+def _check_rope_parameters(sets: dict, head_dim: int) -> dict:
+    """``{layer_type or None: number of source RoPE frequencies}``; ValueError naming a bad ``rope_theta`` or
+    ``partial_rotary_factor``."""
+    counts = {}
+    for layer_type, params in sets.items():
+        where = "rope_parameters" + (f".{layer_type}" if layer_type is not None else "")
+        if params is None:  # a layer type without RoPE
+            counts[layer_type] = 0
+            continue
+        if not isinstance(params, dict):
+            _fail(where, "a mapping of RoPE settings", params)
+        _number(f"{where}.rope_theta", params.get("rope_theta"), 0, above=True)
+        factor = _number(f"{where}.partial_rotary_factor", params.get("partial_rotary_factor", 1.0), 0, above=True)
+        if factor > 1:
+            _fail(f"{where}.partial_rotary_factor", "in (0, 1]", factor)
+        if not isinstance(params.get("rope_type", "default"), str):
+            _fail(f"{where}.rope_type", "a string", params.get("rope_type"))
+        counts[layer_type] = int(head_dim * factor) // 2
+    return counts
+
+
+def _check_rope_indices(indices, ropes: list[int], frequencies: list[int]) -> list[list[int]]:
+    """Per layer, ``qk_rope_head_dim // 2`` integer indices into the layer's ``frequencies`` source RoPE frequencies."""
+    if not isinstance(indices, (list, tuple)) or len(indices) != len(ropes):
+        _fail("rope_freq_indices", f"a list of one list of indices per layer ({len(ropes)})", indices)
+    checked = []
+    for layer, (idx, d, count) in enumerate(zip(indices, ropes, frequencies)):
+        if not isinstance(idx, (list, tuple)) or len(idx) != d // 2:
+            _fail(f"rope_freq_indices[{layer}]", f"a list of qk_rope_head_dim // 2 = {d // 2} indices", idx)
+        for j, i in enumerate(idx):
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < count:
+                _fail(f"rope_freq_indices[{layer}][{j}]", f"an integer in [0, {count}) (the source's RoPE "
+                      "frequencies)", i)
+        checked.append([int(i) for i in idx])
+    return checked
 
 
 class MLAConfig(PretrainedConfig):
@@ -158,13 +238,18 @@ class MLAConfig(PretrainedConfig):
         absorbed_attention="auto",
         **kwargs,
     ):
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
+                            ("num_attention_heads", num_attention_heads), ("qk_nope_head_dim", qk_nope_head_dim),
+                            ("v_head_dim", v_head_dim), ("max_position_embeddings", max_position_embeddings)):
+            _integer(name, value)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.num_key_value_heads = _integer("num_key_value_heads", num_key_value_heads or num_attention_heads)
+        self.head_dim = _integer("head_dim", head_dim or hidden_size // num_attention_heads)
         if q_lora_rank is not None:
             raise ValueError("MLAConfig: query compression (q_lora_rank) is not supported; use None")
         self.kv_lora_rank = kv_lora_rank
@@ -172,61 +257,71 @@ class MLAConfig(PretrainedConfig):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.qk_nope_head_dim = qk_nope_head_dim
         self.v_head_dim = v_head_dim
-        self.kv_a_layernorm = bool(kv_a_layernorm)
+        self.kv_a_layernorm = _flag("kv_a_layernorm", kv_a_layernorm)
+        if not isinstance(hidden_act, str) or hidden_act not in ACT2FN:
+            _fail("hidden_act", "an activation transformers knows (silu, gelu_pytorch_tanh, ...)", hidden_act)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
-        self.initializer_range = initializer_range
-        self.rms_norm_eps = rms_norm_eps
-        self.use_cache = use_cache
+        self.initializer_range = _number("initializer_range", initializer_range, 0)
+        self.rms_norm_eps = _number("rms_norm_eps", rms_norm_eps, 0, above=True)
+        self.use_cache = _flag("use_cache", use_cache)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            _fail("rope_parameters", "a mapping of RoPE settings", rope_parameters)
         self.rope_parameters = {k: (dict(v) if isinstance(v, dict) else v) for k, v in
                                 (rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}).items()}
-        self.attention_bias = attention_bias
-        self.o_proj_bias = o_proj_bias
-        self.attention_dropout = attention_dropout
-        self.mlp_bias = mlp_bias
-        self.sliding_window = sliding_window
+        self.attention_bias = _flag("attention_bias", attention_bias)
+        self.o_proj_bias = _flag("o_proj_bias", o_proj_bias)
+        self.attention_dropout = _number("attention_dropout", attention_dropout, 0, below=1)
+        self.mlp_bias = _flag("mlp_bias", mlp_bias)
+        self.sliding_window = None if sliding_window is None else _integer("sliding_window", sliding_window)
         if layer_types is None:
             kind = "sliding_attention" if sliding_window else "full_attention"
             layer_types = [kind] * num_hidden_layers
+        if (not isinstance(layer_types, (list, tuple)) or len(layer_types) != num_hidden_layers
+                or any(t not in LAYER_TYPES for t in layer_types)):
+            _fail("layer_types", f"a list of {num_hidden_layers} of {', '.join(LAYER_TYPES)}", layer_types)
         self.layer_types = list(layer_types)
+        frequencies = _check_rope_parameters(self.rope_parameter_sets(), self.head_dim)
         for params in self.rope_parameter_sets().values():
-            params.setdefault("rope_type", "default")
+            if params is not None:
+                params.setdefault("rope_type", "default")
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"MLAConfig: qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
         if norm_layout not in ("pre", "sandwich", "post"):
             raise ValueError(f"MLAConfig: norm_layout must be 'pre', 'sandwich' or 'post', got {norm_layout!r}")
         self.qk_norm = qk_norm
         self.norm_layout = norm_layout
-        self.rms_norm_unit_offset = bool(rms_norm_unit_offset)
-        self.rms_norm_float_weight = bool(rms_norm_float_weight)
-        self.embedding_multiplier = float(embedding_multiplier)
-        self.residual_multiplier = float(residual_multiplier)
-        self.logits_scaling = float(logits_scaling)
+        self.rms_norm_unit_offset = _flag("rms_norm_unit_offset", rms_norm_unit_offset)
+        self.rms_norm_float_weight = _flag("rms_norm_float_weight", rms_norm_float_weight)
+        self.embedding_multiplier = _number("embedding_multiplier", embedding_multiplier)
+        self.residual_multiplier = _number("residual_multiplier", residual_multiplier)
+        self.logits_scaling = _number("logits_scaling", logits_scaling, 0, above=True)
+        for name, cap in (("attn_logit_softcapping", attn_logit_softcapping),
+                          ("final_logit_softcapping", final_logit_softcapping)):
+            if cap is not None:
+                _number(name, cap, 0, above=True)
         self.attn_logit_softcapping = attn_logit_softcapping
         self.final_logit_softcapping = final_logit_softcapping
         if absorb not in ("auto", "always", "never"):
             raise ValueError(f"MLAConfig: absorb must be 'auto', 'always' or 'never', got {absorb!r}")
         self.absorb = absorb
-        self.absorb_max_query = absorb_max_query
+        self.absorb_max_query = _integer("absorb_max_query", absorb_max_query, 0)
         if absorbed_attention not in ("auto", "bmm", "sdpa"):
             raise ValueError(f"MLAConfig: absorbed_attention must be 'auto', 'bmm' or 'sdpa', got {absorbed_attention!r}")
         self.absorbed_attention = absorbed_attention
-        self._per_layer(kv_lora_rank)  # validates the length of a per-layer list
-        ropes = self._per_layer(qk_rope_head_dim)
+        _per_layer_ints("kv_lora_rank", kv_lora_rank, num_hidden_layers, 1)
+        ropes = _per_layer_ints("qk_rope_head_dim", qk_rope_head_dim, num_hidden_layers, 0)
         if any(d % 2 for d in ropes):
-            raise ValueError(f"MLAConfig: qk_rope_head_dim must be even, got {qk_rope_head_dim}")
+            _fail("qk_rope_head_dim", "even", qk_rope_head_dim)
         if rope_freq_indices is None:
             rope_freq_indices = [list(range(d // 2)) for d in ropes]
-        if len(rope_freq_indices) != num_hidden_layers or any(
-            len(idx) != d // 2 for idx, d in zip(rope_freq_indices, ropes)
-        ):
-            raise ValueError("MLAConfig: rope_freq_indices needs one list of qk_rope_head_dim // 2 indices per layer")
-        self.rope_freq_indices = [[int(i) for i in idx] for idx in rope_freq_indices]
+        layer_frequencies = [frequencies.get(None if None in frequencies else t, 0) for t in self.layer_types]
+        self.rope_freq_indices = _check_rope_indices(rope_freq_indices, ropes, layer_frequencies)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
+            tie_word_embeddings=_flag("tie_word_embeddings", tie_word_embeddings),
             **kwargs,
         )
 
