@@ -4,7 +4,7 @@ import math
 import os
 import stat
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -18,6 +18,11 @@ from .ropesplit import ROPE_METHODS
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+class Default(int):
+    """An integer setting's default value, unlike one the user gave (a plain ``int``): the command may fit it to the
+    model (``fit_to_model``)."""
 
 
 MAX_INT = 2**63 - 1  # an integer setting becomes a tensor size or index: it must fit a signed 64-bit integer
@@ -68,7 +73,8 @@ class ConvertConfig:
         "16 bytes per token used (at least 4 MiB). Never calibrate on your evaluation text.",
     )
     calib_seqs: int = opt(16, "Number of calibration sequences.")
-    calib_len: int = opt(512, "Tokens per calibration sequence.")
+    calib_len: int = opt(Default(512), "Tokens per calibration sequence (the default is cut to the model's "
+                         "max_position_embeddings when that is smaller; a value you give is refused then).")
     seed: int = opt(0, "Seed for choosing calibration windows (the export is deterministic given the seed).")
     dtype: str = opt("auto", "Dtype of the exported weights: auto (the source's: a bf16 source gives a bf16 export), "
                      "float32, bfloat16 or float16.")
@@ -120,6 +126,16 @@ class ConvertConfig:
         for name in ("calib_seqs", "calib_len", "batch_size", "rope_span", "verify_seqs"):
             if getattr(self, name) < 1:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def fit_to_model(cfg: ConvertConfig, model_config) -> ConvertConfig:
+    """``cfg`` with a default ``calib_len`` the model has fewer positions for (``max_position_embeddings``) cut to
+    them; a length the user gave is left as given, for ``check_positions`` to refuse."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(cfg.calib_len, Default) and type(limit) is int and 0 < limit < cfg.calib_len:
+        return replace(cfg, calib_len=limit)
+    return cfg
 
 
 def split_list(value: str) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 
 from .adapters import text_config
 from .allocate import convert_layers, plan
-from .config import ConvertConfig
+from .config import ConvertConfig, fit_to_model
 from .data import calibration_data, source_paths
 from .deepseek import write_deepseek_v3
 from .device import StageClock, compute_dtype, export_dtype, resolve_device
@@ -25,7 +25,7 @@ from .export import ExportSink, build_config, conversion_record, write_export_fi
 from .files import atomic_dir, check_out, out_lock
 from .layerwise import LayerwiseModel, Spill
 from .readers import open_reader
-from .sources import input_paths, load_tokenizer, open_source
+from .sources import check_positions, input_paths, load_tokenizer, open_source
 from .verify import verify_export
 
 VLLM_MLA_WIDTHS = (320, 512, 576)  # vLLM 0.33 MLA head sizes (docs/deepseek-v3-serving-research.md)
@@ -48,7 +48,9 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     """The stages in order; each call below goes to the file that owns that stage."""
     clock = StageClock()
     device = resolve_device(cfg.device)
-    source, full_config, layout = open_source(src, {"--calib-len": cfg.calib_len})  # sources, adapters, weights
+    source, full_config, layout = open_source(src, {})  # sources, adapters, weights
+    cfg = fit_to_model(cfg, full_config)  # config: a default length fits the model's positions
+    check_positions(full_config, cfg.calib_len, "--calib-len", src)
     tokenizer = load_tokenizer(source)
     src_config = text_config(full_config)  # adapters: the model converted (a multimodal checkpoint's text model)
     _announce(source, layout, device, log)

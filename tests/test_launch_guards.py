@@ -175,3 +175,28 @@ def test_make_clean_removes_a_venv_given_on_the_command_line_inside_the_reposito
     assert done.returncode == 0, done.stderr
     assert not (repo / "env2").exists() and not (repo / "out").exists() and (repo / ".venv").exists()
     assert (victim / "keep.txt").exists()
+
+
+# --- a default fits the model; a value the user gave is checked -------------------------------------------------
+
+SMALL = ["--calib", "pydoc", "--calib-seqs", "2", "--verify-seqs", "1", "--kv-budget", "0.5"]  # no --calib-len
+
+
+def test_default_calibration_length_fits_a_model_with_fewer_positions(src, tmp_path, capsys):
+    """The default --calib-len (512) is cut to the tiny model's 256 positions instead of refusing the model."""
+    positions = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), *SMALL]) == 0, capsys.readouterr().err
+    record = json.loads((out / "mla_conversion.json").read_text())
+    assert record["calibration"]["seq_len"] == positions == 256
+
+
+def test_a_calibration_length_the_user_gave_is_still_refused(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["convert", str(src), str(out), *SMALL, "--calib-len", "512"])
+    one_error(code, capsys.readouterr().err, "--calib-len needs 512 positions", "max_position_embeddings 256")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("convert:\n  calib_len: 300\n")
+    code = main(["convert", str(src), str(out), *SMALL, "--recipe", str(recipe)])
+    one_error(code, capsys.readouterr().err, "--calib-len needs 300 positions")
+    assert not out.exists() and leftovers(out) == []
