@@ -37,20 +37,20 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
             n_train: int, overwrite: bool, val, micro: int, acc, started: float, ckpt_dir: Path,
             local: dict | None = None, facts: dict | None = None) -> dict:
     """Write OUT atomically: the adapter, the merged weights, the converted model's other files, the record (after
-    checking the export, loaded as a user loads it, against the trained model on ``val``; ``facts`` of the run join
-    it, e.g. its memory) and the plot. Returns the new record."""
+    checking the export, loaded as a user loads it, against the trained model on ``val``, or without it on random
+    tokens; ``facts`` of the run join it, e.g. its memory) and the plot. Returns the new record."""
     fmt = output_format(converted, cfg)
     model.eval()
     dtype = getattr(torch, str(record.get("method", {}).get("dtype", "float32")), torch.float32)
-    trained = None
-    if val is not None:  # before the merge: what the trained model itself gives every validation token
-        with acc.autocast():
-            trained = token_nll(model, val, micro, desc="val")
+    windows = val if val is not None else _random_windows(model.config.vocab_size, cfg)
+    with acc.autocast():  # before the merge: what the trained model itself gives every token checked
+        trained = token_nll(model, windows, micro, desc="check")
     with atomic_dir(out, overwrite) as tmp:
         _save_adapter(model, tmp, converted, ckpt_dir, cfg.adapters)
         config = _save_merged(model, tmp, dtype, cfg.adapters)
         _write_files(converted, tmp, fmt, config)
-        verify = None if val is None else _verify(model, tmp, fmt, val, trained, micro, acc, dtype)
+        verify = _verify(model, tmp, fmt, windows, trained, micro, acc, dtype)
+        verify["tokens"] = "val_data" if val is not None else "random"
         record = dict(record)
         record["format"] = fmt
         record["recovery"] = _recovery_record(cfg, teacher, history, evals, n_train, acc.num_processes, local, verify,
@@ -111,6 +111,13 @@ def _write_files(converted: Path, folder: Path, fmt: str, config) -> None:
         copy_remote_code(folder)
 
 
+def _random_windows(vocab_size: int, cfg: RecoverConfig) -> torch.LongTensor:
+    """Two windows of random token ids (fixed by the seed) to check the export on when there is no validation text:
+    the check compares two models token by token, which needs no meaningful text."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(0, vocab_size, (2, min(cfg.seq_len, 128)), generator=generator)
+
+
 def _untied(converted: Path, config) -> bool:
     """Whether the run gave the output head its own weight (``models.untie_trained_embeddings``)."""
     tied = json.loads((converted / "config.json").read_text()).get("tie_word_embeddings", False)
@@ -139,22 +146,22 @@ def _load_written(folder: Path, fmt: str, device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def _verify(model, folder: Path, fmt: str, val: torch.LongTensor, trained: torch.Tensor, micro: int, acc,
+def _verify(model, folder: Path, fmt: str, windows: torch.LongTensor, trained: torch.Tensor, micro: int, acc,
             dtype: torch.dtype) -> dict:
-    """The export in ``folder`` loaded in place of ``model`` (``_load_written``) and evaluated as training evaluated
-    (under ``acc``'s autocast): MLAError unless every validation token's NLL is the one the trained model gave
+    """The export in ``folder`` loaded in place of ``model`` (``_load_written``) and evaluated on ``windows`` as
+    training evaluated (under ``acc``'s autocast): MLAError unless every token's NLL is the one the trained model gave
     (``trained``), within 1e-3 on average (0.05 when either is bf16)."""
     model.to("meta")  # the trained weights are saved; the export takes their place in memory
     written = _load_written(folder, fmt, acc.device)
     with acc.autocast():
-        nll = token_nll(written, val, micro, desc="val")
+        nll = token_nll(written, windows, micro, desc="check")
     del written
     diff = float((nll.double() - trained.double()).abs().mean())
     verify = {"val_ppl_reloaded": math.exp(nll.double().mean()), "val_ppl_trained": math.exp(trained.double().mean()),
               "val_nll_mean_abs_diff": diff}
     loose = dtype != torch.float32 or acc.mixed_precision == "bf16"
     if not diff <= (0.05 if loose else 1e-3):
-        raise MLAError(f"the merged export does not reproduce the trained model (val perplexity "
+        raise MLAError(f"the merged export does not reproduce the trained model (perplexity "
                        f"{verify['val_ppl_reloaded']:.3f} vs {verify['val_ppl_trained']:.3f}; per-token NLL off by "
                        f"{diff:.2e} on average)")
     return verify
