@@ -91,16 +91,27 @@ def test_a_layer_local_stage_that_cannot_fit_is_refused_before_it_runs(setup, mo
         finetune(setup / "conv", setup / "local-huge", _cfg(setup, local_tokens=64 * 1000), log=lambda *_: None)
 
 
-def test_local_batch_beyond_the_windows_takes_the_windows(setup):
+class _StageDone(Exception):
+    pass
+
+
+def test_local_batch_beyond_the_windows_takes_the_windows(setup, monkeypatch):
     """local_batch=1e9 over 8 windows: steps of 8 windows, local_epochs x 8 / 8 = 2 of them per layer, and the estimate
-    of a run with local_batch=8 (it was 1 step and an estimate for 1e9 windows a step)."""
+    of a run with local_batch=8 (it was 1 step and an estimate for 1e9 windows a step). The run stops after the
+    stage."""
+    import convert.recover.recipe as recipe
     from convert.recover.local import stage_estimate
     from convert.recover.models import load_student
 
-    said = []
-    record = finetune(setup / "conv", setup / "local-batch", _cfg(setup, local_tokens=64 * 8, local_batch=10**9,
-                                                                   lr=1e-30), log=said.append)
-    local = record["recovery"]["local"]
+    def stage_only(*args, **kwargs):
+        raise _StageDone(run_stage(*args, **kwargs))
+
+    run_stage, said = recipe.run_stage, []
+    monkeypatch.setattr(recipe, "run_stage", stage_only)
+    with pytest.raises(_StageDone) as done:
+        finetune(setup / "conv", setup / "local-batch", _cfg(setup, local_tokens=64 * 8, local_batch=10**9,
+                                                              val_data=""), log=said.append)
+    local = done.value.args[0]
     assert local["windows"] == 8 and local["steps_per_layer"] == 2
     assert any("2 steps of 8 per layer" in line for line in said), said
     student = load_student(setup / "conv")
