@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import convert_tiny
 from convert.cli import main
 
 FAST = ["--calib", "pydoc", "--calib-seqs", "2", "--calib-len", "64", "--tokens", "256", "--seq-len", "64"]
@@ -18,7 +19,8 @@ def eval_text(tmp_path):
 
 
 def _stock_perplexity(model_dir, text_path, seq_len=64, tokens=256) -> float:
-    """The original's perplexity on the sweep's windows, with stock transformers and a plain cross-entropy."""
+    """A model's perplexity on the sweep's windows (the source's, or an export's with its remote code), with stock
+    transformers and a plain cross-entropy."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,7 +29,7 @@ def _stock_perplexity(model_dir, text_path, seq_len=64, tokens=256) -> float:
     from eval.perplexity import eval_windows
 
     windows = eval_windows(AutoTokenizer.from_pretrained(model_dir), load_texts(str(text_path)), seq_len, tokens)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
     with torch.no_grad():
         logits = model(input_ids=windows).logits[:, :-1]  # (n, T-1, V)
     return torch.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))).item()
@@ -43,12 +45,20 @@ def test_sweep_writes_table_and_plot(tiny_models, tmp_path, eval_text, capsys):
     result = json.loads((out / "sweep.json").read_text())
     rows = result["rows"]
     assert [(r["method"], r["budget"]) for r in rows] == [(m, b) for m in ("default", "norm-svd") for b in (1, 0.5, 0.25)]
-    assert result["original_perplexity"] == pytest.approx(_stock_perplexity(tiny_models["llama-gqa"], eval_text),
-                                                          rel=1e-4)
+    original = _stock_perplexity(tiny_models["llama-gqa"], eval_text)
+    assert result["original_perplexity"] == pytest.approx(original, rel=1e-4)
     for r in rows:
         assert r["achieved_budget"] == pytest.approx(round(r["budget"] * 64) / 64)
         if r["budget"] == 1:
             assert r["ratio"] == pytest.approx(1.0, abs=1e-4)  # lossless, and the same windows as the original
+    # a lossy point is what mla convert exports with the same method and budget, measured by stock transformers
+    methods = {"default": {}, "norm-svd": dict(rope_method="norm", factor_method="svd", rank_alloc="uniform",
+                                               rope_share=0.4)}
+    for r in (rows[2], rows[5]):  # budget 0.25; the calibration text read is the sweep's (2 verification windows)
+        export = tmp_path / f"{r['method']}-{r['budget']}"
+        convert_tiny(tiny_models["llama-gqa"], export, kv_budget=r["budget"], calib_seqs=2, verify_seqs=2,
+                     **methods[r["method"]])
+        assert r["ratio"] == pytest.approx(_stock_perplexity(export, eval_text) / original, rel=1e-4), r
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "sweep.csv").read_text().splitlines()[0].startswith("method,budget")
     assert "| default | 0.5 |" in (out / "sweep.md").read_text()
