@@ -3,6 +3,7 @@ trains one of them, the remote code is this package's own, and the export is che
 the trained model."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def test_the_remote_code_written_is_the_package_s_own(tied, tmp_path):
     finetune(conv, out, _cfg(tied), log=lambda *_: None)
     for name in REMOTE_CODE_FILES:
         assert (out / name).read_bytes() == (MODELING_DIR / name).read_bytes(), name
+    # the check imported that code from OUT's temporary folder: transformers' copy of it is not left in its cache
+    from transformers.utils import HF_MODULES_CACHE
+
+    copies = Path(HF_MODULES_CACHE) / "transformers_modules"
+    assert not list(copies.glob(f"_dot_out_dot_tmp_hyphen_{os.getpid()}_hyphen_*"))
 
 
 def test_the_export_is_verified_through_the_code_it_ships(tied, tmp_path, monkeypatch):

@@ -125,17 +125,14 @@ def _untied(converted: Path, config) -> bool:
 
 
 def _load_written(folder: Path, fmt: str, device) -> torch.nn.Module:
-    """The export in ``folder`` as a user loads it: with the remote code in the folder (what ``trust_remote_code``
-    runs where this package is not installed: here the Auto classes would pick the package's registered classes), or
-    as a stock ``DeepseekV3ForCausalLM``; MLAError naming a weight it lacks or does not use."""
+    """The export in ``folder`` as a user loads it: with the remote code in the folder (``_remote_classes``), or as a
+    stock ``DeepseekV3ForCausalLM``; MLAError naming a weight it lacks or does not use."""
     from transformers import AutoModelForCausalLM
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     cls, kwargs = AutoModelForCausalLM, {}
     if fmt != "deepseek_v3":
-        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
-        config = get_class_from_dynamic_module(auto_map["AutoConfig"], folder).from_pretrained(folder)
-        cls, kwargs = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], folder), {"config": config}
+        config_class, cls = _remote_classes(folder)
+        kwargs["config"] = config_class.from_pretrained(folder)
     model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
     tied = model.config.tie_word_embeddings
     wrong = [k for k in info.get("missing_keys", []) if not (tied and k == HEAD)] + [
@@ -144,6 +141,26 @@ def _load_written(folder: Path, fmt: str, device) -> torch.nn.Module:
         raise MLAError(f"the merged export does not load as the trained model: {len(wrong)} weights missing, unused "
                        f"or misshapen, e.g. {sorted(map(str, wrong))[0]}")
     return model.to(device).eval()
+
+
+def _remote_classes(folder: Path) -> tuple[type, type]:
+    """The config and model classes of the remote code in ``folder``, imported as ``trust_remote_code`` imports them
+    where this package is not installed (here the Auto classes would pick the package's registered classes); the
+    copy transformers makes of the code under its modules cache is removed once imported."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.utils import HF_MODULES_CACHE
+
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    copies = set()
+    try:
+        classes = []
+        for name in ("AutoConfig", "AutoModelForCausalLM"):
+            classes.append(get_class_from_dynamic_module(auto_map[name], folder))
+            copies.add(Path(HF_MODULES_CACHE, *classes[-1].__module__.split(".")[:2]))
+    finally:
+        for path in copies:
+            shutil.rmtree(path, ignore_errors=True)
+    return classes[0], classes[1]
 
 
 def _verify(model, folder: Path, fmt: str, windows: torch.LongTensor, trained: torch.Tensor, micro: int, acc,
