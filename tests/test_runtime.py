@@ -29,6 +29,18 @@ def _cache_kw(cache) -> dict:
     return {CACHE_ARG: cache}
 
 
+def _reference(model, ids, attention_mask=None):
+    """Logits of one full forward without a cache on the decompressed path (``absorb="never"``): no cache layer
+    and no absorbed attention, the expectation of every cached or absorbed run."""
+    saved = model.config.absorb
+    model.config.absorb = "never"
+    try:
+        with torch.no_grad():
+            return model(ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        model.config.absorb = saved
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_models, tmp_path_factory):
     """Each of NAMES at budget 0.5 (ranks and RoPE widths per layer)."""
@@ -40,14 +52,18 @@ def exports(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_static_cache_generate_equals_dynamic_and_uncached(name, exports):
+    """Greedy ``generate`` with a dynamic cache, a static cache and none: the logits of every step equal those of
+    a full forward of the generated sequence without a cache (decompressed path)."""
     model = _load(exports[name])
     ids = _ids()
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        dynamic = model.generate(ids, **kw)
-        static = model.generate(ids, cache_implementation="static", **kw)
-        uncached = model.generate(ids, use_cache=False, **kw)
-    assert torch.equal(static, dynamic) and torch.equal(dynamic, uncached)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    for label, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"}),
+                         ("uncached", {"use_cache": False})):
+        with torch.no_grad():
+            out = model.generate(ids, **kw, **extra)
+        steps = torch.stack(out.logits, 1)  # (B, 10, V)
+        expected = _reference(model, out.sequences)[:, ids.shape[1] - 1 : -1]
+        assert (steps - expected).abs().max().item() < TOL, label
 
 
 def test_static_cache_holds_one_latent_buffer_per_full_layer(exports):
@@ -61,7 +77,6 @@ def test_static_cache_holds_one_latent_buffer_per_full_layer(exports):
     mask[1, :3] = 0
     cache = StaticCache(config=model.config, max_cache_len=20)
     with torch.no_grad():
-        full = model(ids, attention_mask=mask).logits
         steps = [model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True, **_cache_kw(cache)).logits]
         for t in range(8, 12):
             steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
@@ -73,29 +88,27 @@ def test_static_cache_holds_one_latent_buffer_per_full_layer(exports):
     assert layer.keys.data_ptr() == layer.latent.data_ptr() and layer.values._base is layer.latent
     assert int(layer.get_seq_length()) == 12
     got = torch.cat(steps, 1)
-    assert (got - full)[mask.bool()].abs().max().item() < TOL
+    assert (got - _reference(model, ids, mask))[mask.bool()].abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("name", ["llama-gqa"])  # gemma3 (sliding + full layers) passes too, in 3 minutes
 def test_compiled_decode_on_static_cache_equals_eager(exports, name):
-    """``torch.compile`` of the forward (as ``generate`` does on a GPU with a static cache) traces the decode step
-    and gives the eager logits."""
+    """``torch.compile`` of the forward (as ``generate`` does on a GPU with a static cache) traces the decode step;
+    compiled and eager decode steps on a static cache both give the logits of a full forward without a cache."""
     model = _load(exports[name])
-    ids = _ids(batch=1, length=6)
+    ids = _ids(batch=1, length=10)
+    expected = _reference(model, ids)[:, 6:]
     compiled = torch.compile(model.forward, dynamic=False, fullgraph=True)  # no graph break in a decode step
-    outs = {}
-    for name, fwd in (("eager", model.forward), ("compiled", compiled)):
+    for label, fwd in (("eager", model.forward), ("compiled", compiled)):
         cache = StaticCache(config=model.config, max_cache_len=12)
+        logits = []
         with torch.no_grad():
-            out = model(ids, use_cache=True, **_cache_kw(cache))
-            token, logits = out.logits[:, -1:].argmax(-1), []
-            for t in range(4):
-                pos = torch.tensor([[6 + t]])
-                step = fwd(input_ids=token, position_ids=pos, use_cache=True, **_cache_kw(cache)).logits
-                logits.append(step)
-                token = step[:, -1:].argmax(-1)
-        outs[name] = torch.cat(logits, 1)
-    assert (outs["compiled"] - outs["eager"]).abs().max().item() < TOL
+            model(ids[:, :6], use_cache=True, **_cache_kw(cache))
+            for t in range(6, 10):
+                pos = torch.tensor([[t]])
+                logits.append(fwd(input_ids=ids[:, t:t + 1], position_ids=pos, use_cache=True,
+                                  **_cache_kw(cache)).logits)
+        assert (torch.cat(logits, 1) - expected).abs().max().item() < TOL, label
 
 
 def test_both_cache_argument_names_and_no_deprecation_warning(exports):
@@ -217,6 +230,44 @@ def test_short_prompt_into_a_static_cache_equals_a_full_forward(exports, absorb,
     model.config.absorb, model.config.absorbed_attention = absorb, kernel
     ids = _ids(length=8)
     with torch.no_grad():
-        full = model(ids).logits
         got = model(ids, use_cache=True, **_cache_kw(StaticCache(config=model.config, max_cache_len=12))).logits
-    assert (got - full).abs().max().item() < TOL
+    assert (got - _reference(model, ids)).abs().max().item() < TOL
+
+
+def test_reordered_cache_decodes_the_reordered_sequences(exports):
+    """Beam search reorders the cache (``reorder_cache``): the latent layer rebuilds its buffer from the reordered
+    keys, and the next steps give the logits of the reordered sequences."""
+    model = _load(exports["llama-gqa"])
+    ids = _ids(batch=3, length=12, seed=5)
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True)[CACHE_FIELD]
+        cache.reorder_cache(order)
+        steps = [model(ids[order, t:t + 1], use_cache=True, **_cache_kw(cache)).logits for t in range(8, 12)]
+    assert (torch.cat(steps, 1) - _reference(model, ids[order])[:, 8:]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("kernel", ["bmm", "sdpa"])
+def test_latent_norm_model_decodes_with_a_cache_like_a_full_forward(exports, kernel):
+    """Our model with the latent norm (``kv_a_layernorm``: what ``load_mla`` makes of a deepseek_v3 export), random
+    gains: a prefill and one-token steps on a dynamic and on a static cache (absorbed attention over the normalised
+    latent) give the logits of a full forward without a cache."""
+    from mla_modeling.configuration_mla import MLAConfig
+    from mla_modeling.modeling_mla import MLAForCausalLM
+
+    config = MLAConfig.from_pretrained(exports["llama-gqa"])
+    config.kv_a_layernorm, config.absorbed_attention = True, kernel
+    model = MLAForCausalLM.from_pretrained(exports["llama-gqa"], config=config, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            weight = layer.self_attn.kv_a_layernorm.weight
+            weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=gen))
+    ids = _ids(batch=2, length=12, seed=6)
+    expected = _reference(model, ids)
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=16)):
+        with torch.no_grad():
+            steps = [model(ids[:, :7], use_cache=True, **_cache_kw(cache)).logits]
+            for t in range(7, 12):
+                steps.append(model(ids[:, t:t + 1], use_cache=True, **_cache_kw(cache)).logits)
+        assert (torch.cat(steps, 1) - expected).abs().max().item() < TOL, type(cache).__name__
