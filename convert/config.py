@@ -128,13 +128,13 @@ class ConvertConfig:
                 raise MLAError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def fit_to_model(cfg: ConvertConfig, model_config) -> ConvertConfig:
-    """``cfg`` with a default ``calib_len`` the model has fewer positions for (``max_position_embeddings``) cut to
-    them; a length the user gave is left as given, for ``check_positions`` to refuse."""
+def fit_to_model(cfg, model_config, name: str = "calib_len"):
+    """``cfg`` (a config dataclass) with its length ``name`` cut to the model's positions (``max_position_embeddings``)
+    when it is a ``Default`` past them; a length the user gave is left as given, for ``check_positions`` to refuse."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    limit = getattr(text, "max_position_embeddings", None)
-    if isinstance(cfg.calib_len, Default) and type(limit) is int and 0 < limit < cfg.calib_len:
-        return replace(cfg, calib_len=limit)
+    limit, value = getattr(text, "max_position_embeddings", None), getattr(cfg, name)
+    if isinstance(value, Default) and type(limit) is int and 0 < limit < value:
+        return replace(cfg, **{name: limit})
     return cfg
 
 

@@ -200,3 +200,18 @@ def test_a_calibration_length_the_user_gave_is_still_refused(src, tmp_path, caps
     code = main(["convert", str(src), str(out), *SMALL, "--recipe", str(recipe)])
     one_error(code, capsys.readouterr().err, "--calib-len needs 300 positions")
     assert not out.exists() and leftovers(out) == []
+
+
+def test_default_training_length_fits_a_model_with_fewer_positions(converted, tmp_path, capsys):
+    """mla finetune's default seq_len (512) is cut to the teacher's 256 positions; seq_len=512 given is refused."""
+    positions = json.loads((converted.parent / "src" / "config.json").read_text())["max_position_embeddings"]
+    common = ["data=pydoc", "val_data=", "batch_size=1", "tokens=256", "device=cpu"]
+    out = tmp_path / "out"
+    assert main(["finetune", str(converted), str(out), *common]) == 0, capsys.readouterr().err
+    recovery = json.loads((out / "mla_conversion.json").read_text())["recovery"]
+    assert recovery["settings"]["seq_len"] == positions == 256 and recovery["tokens_seen"] == 256
+    capsys.readouterr()  # the run's progress
+    refused = tmp_path / "refused"
+    code = main(["finetune", str(converted), str(refused), *common, "seq_len=512"])
+    one_error(code, capsys.readouterr().err, "seq_len needs 512 positions", "max_position_embeddings 256")
+    assert not refused.exists() and leftovers(refused) == []

@@ -5,7 +5,7 @@ Its field docs become ``mla finetune --help``; recipe YAML keys and ``key=value`
 
 from dataclasses import dataclass
 
-from ..config import check_finite, opt, split_list
+from ..config import Default, check_finite, opt, split_list
 from ..data import MIXES, split_sources
 from ..deepseek import FORMATS
 from ..errors import MLAError, quote
@@ -31,7 +31,8 @@ class RecoverConfig:
         "source as the smallest has: every source weighs the same) or all (every window of every source, interleaved: "
         "more distinct text before the windows repeat, each source weighing by its size).")
     tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
-    seq_len: int = opt(512, "Tokens per training sequence (BOS + text).")
+    seq_len: int = opt(Default(512), "Tokens per training sequence (BOS + text); the default is cut to the model's "
+                       "max_position_embeddings when that is smaller.")
     batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
     micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
     lr: float = opt(3e-4, "Peak learning rate (AdamW) of the full_targets parameters (and of LoRA without lora_lr).")

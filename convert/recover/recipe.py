@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..device import peak_memory, reset_peak_memory, resolve_device
+from ..config import fit_to_model
 from ..errors import MLAError
 from ..sources import check_positions, load_config, load_tokenizer, resolve_source
 from .checkpoint import (CKPT_NAME, StopFlag, read_checkpoint, run_fingerprint, run_inputs, trainable_state, work_dir,
@@ -97,6 +98,7 @@ class Recovery:
         self.teacher_source = resolve_source(self.teacher)
         self.teacher_config = load_config(self.teacher_source)
         check_teacher(self.teacher, self.teacher_config, self.student.config, self.record)
+        self.cfg = fit_to_model(self.cfg, self.teacher_config, "seq_len")  # a default length fits the model
         check_positions(self.teacher_config, self.cfg.seq_len, "seq_len", self.teacher)
         cfg = self.cfg  # a batch whose activations alone cannot fit: refused before the text is read
         check_batch({"activations": activations(self.student.config, cfg.seq_len, self.micro,
