@@ -269,10 +269,27 @@ def test_data_mix_all_trains_on_every_window(setup, tmp_path):
         RecoverConfig(**_args(setup, data_mix="most")).validate()
 
 
-def test_conversion_and_recovery_on_a_mix(setup, tmp_path):
+def test_conversion_and_recovery_on_a_mix(setup, tmp_path, monkeypatch):
+    """A mix reaches both stages: the conversion calibrates on windows of each source in turn (4 calibration + 1
+    verification window: 3 of the first source, 2 of the second, round robin), and the balanced training set holds as
+    many windows of each source as the smaller one has."""
+    import convert.pipeline
+    from convert.data import load_sources, token_windows
+    from convert.sources import load_tokenizer, resolve_source
+
     spec = f"pydoc,{setup / 'train.txt'}"
+    seen = []
+    real = convert.pipeline.calibration_data
+    monkeypatch.setattr(convert.pipeline, "calibration_data", lambda *a: seen.append(real(*a)) or seen[-1])
     record = convert_tiny(setup / "src", tmp_path / "conv", kv_budget=0.25, calib=spec)
     assert record["calibration"]["data"] == spec
+    tok = load_tokenizer(resolve_source(str(setup / "src")))
+    every = [token_windows(tok, docs, 64, None).tolist() for docs in load_sources(spec)]
+    each = [set(map(tuple, windows)) for windows in every]
+    (calib, verify), = seen
+    assert calib.shape == (4, 64) and tuple(verify[0].tolist()) in each[0]
+    assert len(each[0] & each[1]) < 20  # (a few windows of the same text in both)
+    assert [[tuple(row) in windows for windows in each] for row in calib.tolist()] == [[True, False], [False, True]] * 2
     cfg = RecoverConfig(**_args(setup, data=spec, local_tokens=0, tokens=64 * 4 * 2, val_data=""))
     result = finetune(tmp_path / "conv", tmp_path / "out", cfg, log=lambda *_: None)
-    assert result["recovery"]["data"] == spec and result["recovery"]["steps"] == 2
+    assert result["recovery"]["steps"] == 2 and result["recovery"]["data_windows"] == 2 * min(map(len, every))
