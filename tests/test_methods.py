@@ -194,14 +194,32 @@ def test_budget_accounting_is_exact(calibrated, alloc, rope, budget):
 
 
 def test_methods_end_to_end_and_recorded(tiny_models, tmp_path):
-    """Every RoPE method x factorization converts, records what it did and stays within the budget."""
+    """Every RoPE method x factorization converts, records what it did and stays within the budget; the recorded
+    verification is the source's and the export's (loaded as remote code, no cache, decompressed attention) logits
+    compared here on the same verification windows."""
     import json
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert.data import calibration_data
+
+    src = tiny_models["llama-gqa"]
+    settings = dict(calib="pydoc", calib_seqs=4, calib_len=64, verify_seqs=1)  # convert_tiny's
+    _, windows = calibration_data(AutoTokenizer.from_pretrained(src), ConvertConfig(**settings), 10**9, str(src))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(windows).logits.log_softmax(-1)
     for rope in ROPE_METHODS:
         for factor in FACTOR_METHODS:
             out = tmp_path / f"{rope}-{factor}"
-            rec = convert_tiny(tiny_models["llama-gqa"], out, kv_budget=0.3125, rope_method=rope, factor_method=factor)
+            rec = convert_tiny(src, out, kv_budget=0.3125, rope_method=rope, factor_method=factor, **settings)
             saved = json.loads((out / "mla_conversion.json").read_text())
             assert saved["method"]["rope"] == rope and saved["method"]["factorization"] == factor
             assert saved["budget"]["achieved_kv_budget"] == pytest.approx(round(0.3125 * 64) / 64)
-            assert rec["verify"]["top1_agreement"] > 0.2
+            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+            model.config.absorb = "never"
+            with torch.no_grad():
+                got = model(windows, use_cache=False).logits.log_softmax(-1)
+            kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+            agree = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+            assert rec["verify"]["mean_kl"] == pytest.approx(kl, rel=1e-3), (rope, factor)
+            assert rec["verify"]["top1_agreement"] == pytest.approx(agree, abs=1.5 / windows.numel())
