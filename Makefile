@@ -91,6 +91,12 @@ bench-llama-cpp: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Break one line of the maths at a time (tools/mutants.py: factorize, RoPE split, calibration, allocation, assembly,
+# attention, RoPE, caches) and check that the tests notice; in a temporary copy (about 15 minutes on 2 cores).
+.PHONY: mutants
+mutants: setup
+	$(BIN)/python tools/mutants.py
+
 # Removes VENV only when it names a folder inside the repository (make clean VENV=/ must not remove /).
 clean:
 	@case "$$(realpath -m -- '$(VENV)' 2>/dev/null)/" in "$(CURDIR)"/?*/) ;; \
