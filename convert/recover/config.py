@@ -33,7 +33,8 @@ class RecoverConfig:
     tokens: int = opt(300_000, "Training tokens in all (steps = tokens / (batch_size * seq_len), rounded up).")
     seq_len: int = opt(Default(512), "Tokens per training sequence (BOS + text); the default is cut to the model's "
                        "max_position_embeddings when that is smaller.")
-    batch_size: int = opt(4, "Sequences per optimizer step (over all processes).")
+    batch_size: int = opt(4, "Sequences per optimizer step (over all processes). A batch whose memory estimate "
+                          "exceeds the available memory (the GPU's, or the host's) is refused before training.")
     micro_batch: int | None = opt(None, "Sequences per forward pass (gradient accumulation); default batch_size.")
     lr: float = opt(3e-4, "Peak learning rate (AdamW) of the full_targets parameters (and of LoRA without lora_lr).")
     lora_lr: float | None = opt(
@@ -69,7 +70,8 @@ class RecoverConfig:
         "and distil later passes over it from that cache instead of a teacher forward (0: a forward every step). The "
         "KL is then over the k tokens plus one bucket for the rest of the vocabulary. Saves the teacher's forward on "
         "every epoch after the first (the mix repeats when tokens exceed its windows); host memory: windows x "
-        "seq_len x (8 k + 4) bytes.")
+        "seq_len x (8 k + 4) bytes in each process of the host (each keeps the windows it passes over), refused "
+        "before training past half of the host's memory.")
     hidden_weight: float = opt(
         0.0, "Weight of an extra loss on every layer's output hidden states: mean over layers and tokens of "
         "|h_student - h_teacher|^2 / |h_teacher|^2.")
@@ -80,8 +82,8 @@ class RecoverConfig:
     local_epochs: float = opt(
         2.0, "Passes over the layer-local tokens per layer (steps = epochs * windows / local_batch).")
     local_batch: int | None = opt(
-        None, "Windows per step of the layer-local stage; default batch_size. Smaller batches give more steps per "
-        "layer over the same tokens (a step runs one attention block).")
+        None, "Windows per step of the layer-local stage (at most the stage's windows); default batch_size. Smaller "
+        "batches give more steps per layer over the same tokens (a step runs one attention block).")
     local_lr: float = opt(1e-3, "Peak learning rate of the layer-local stage (Adam, cosine to 0 within each layer).")
     local_inputs: str = opt(
         "teacher", "Hidden states the layer-local stage feeds each attention: teacher (the original model's) or "
