@@ -102,7 +102,8 @@ class Recovery:
         check_positions(self.teacher_config, self.cfg.seq_len, "seq_len", self.teacher)
         cfg = self.cfg  # a batch whose activations alone cannot fit: refused before the text is read
         check_batch({"activations": activations(self.student.config, cfg.seq_len, self.micro,
-                                                cfg.gradient_checkpointing, self.bf16)}, self.acc.device, (), cfg, self.micro)
+                                                cfg.gradient_checkpointing, self.bf16)},
+                    self.acc.device, (), cfg, self.micro)
 
     def load_data(self) -> None:
         """The training and validation windows, what identifies the run, and its checkpoint (if any) to resume."""

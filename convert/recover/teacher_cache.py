@@ -22,7 +22,7 @@ def check_fits(k: int, vocab: int, windows: int, seq_len: int, host_bytes: int |
     up to ``windows`` windows (``k`` clamped to vocab - 1 as ``topk_targets`` does); MLAError when that exceeds half
     of the host's memory (``host_bytes``, default ``host_memory()``)."""
     k = min(k, vocab - 1)
-    need = processes * windows * seq_len * (8 * k + 4)  # float32 log-probabilities + int32 ids per kept token, float32 rest
+    need = processes * windows * seq_len * (8 * k + 4)  # float32 log-probabilities + int32 ids per token, float32 rest
     host = host_bytes if host_bytes is not None else host_memory()
     if need > host // 2:
         held = f"the cache of {windows} windows of {seq_len}" if processes == 1 else \
