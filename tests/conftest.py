@@ -4,6 +4,7 @@ virtualenvs (only torch + one transformers version) to load exports in, cached a
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -370,3 +371,42 @@ def calibrate_tiny(src, spill_dir, seq_len: int = 64, n_seqs: int = 4, batch_siz
     stats = [None] * layout.num_layers
     sweep(lw, layout, windows, batch_size, gradients, stats.__setitem__, Spill(spill_dir, 0))
     return reader, layout, stats, windows
+
+
+def psd_root(c: torch.Tensor) -> torch.Tensor:
+    """``F`` with ``F F^T = c`` (c symmetric PSD)."""
+    evals, evecs = torch.linalg.eigh(c)
+    return evecs * evals.clamp_min(0).sqrt()
+
+
+def reference_factorization(z, n_key: int, rank: int, method: str, zs) -> torch.Tensor:
+    """``B A`` (D, d+1) of a rank-``rank`` factorization of ``Z = z x~``, written from each method's definition:
+    the latent spans the top ``rank`` directions of ``L C^1/2`` (a whitened SVD; ``L z`` for svd), the
+    up-projection is ``L^-1 P`` or, for fisher, the least-squares fit of the keys under ``C_k`` and of the values
+    under ``C_v`` (torch.linalg.lstsq). For fisher ``L^T L = G`` (a Cholesky factor: any square root of the
+    metric gives the same latent)."""
+    total = z.shape[0]
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    if method == "fisher":
+        trace_s = (zs.trace_k + zs.trace_v) / 2
+        roots = []
+        for grad, trace_own in ((zs.grad_k, zs.trace_k), (zs.grad_v, zs.trace_v)):
+            n = grad.shape[0]
+            g = (grad + 1e-2 * torch.trace(grad) / n * eye(n)) * (trace_own / trace_s)
+            roots.append(torch.linalg.cholesky(g).T)
+        metric, cov = torch.block_diag(*roots), (zs.cov_k + zs.cov_v) / 2
+    else:  # keys scaled so that K and V carry equal energy
+        cov = zs.cov
+        alpha = math.sqrt(float(torch.trace(cov[n_key:, n_key:]) / torch.trace(cov[:n_key, :n_key])))
+        metric = torch.diag(torch.tensor([alpha] * n_key + [1.0] * (total - n_key), dtype=torch.float64))
+    target = metric @ z if method == "svd" else metric @ psd_root(cov)
+    basis = torch.linalg.svd(target, full_matrices=False).U[:, :rank]  # (D, r)
+    down = basis.T @ metric @ z
+    if method != "fisher":
+        return torch.linalg.solve(metric, basis) @ down
+    proj = basis.T @ metric  # (r, D): the latent of Z
+    ups = []
+    for rows, weight in ((slice(0, n_key), zs.cov_k), (slice(n_key, total), zs.cov_v)):
+        f = psd_root(weight)  # argmin_B |(I[rows] - B proj) f|_F
+        ups.append(torch.linalg.lstsq((proj @ f).T, f[rows].T).solution.T)
+    return torch.cat(ups) @ down

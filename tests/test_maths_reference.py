@@ -2,8 +2,6 @@
 backward pass of the source, the RoPE split's per-frequency PCA and selection from their definitions, and the
 allocations by their optimality conditions (tools/mutants.py breaks each of these and checks that a test fails)."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

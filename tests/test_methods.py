@@ -1,39 +1,24 @@
-"""Conversion methods on tiny models: the RoPE rotation is exact, factorizations improve with rank, budgets add up."""
+"""Conversion methods on tiny models: the RoPE rotation is exact, each factorization is the optimum of its metric
+(computed in the test), budgets add up."""
 
 import math
 
 import pytest
 import torch
 
-from conftest import convert_tiny
-from convert.adapters import read_layout
-from convert.allocate import MIN_RANK
+from conftest import calibrate_tiny, convert_tiny, reference_factorization
+from convert.allocate import MIN_RANK, check_plan, layer_converter
 from convert.assemble import read_attention, rope_theta
-from convert.calibrate import sweep
 from convert.config import ConvertConfig
-from convert.data import load_texts, token_windows
 from convert.factorize import FACTOR_METHODS, LatentStats, joint_latent
-from convert.layerwise import LayerwiseModel, Spill
-from convert.readers import SafetensorsReader
-from convert.allocate import check_plan, layer_converter
+from convert.layerwise import Spill
 from convert.ropesplit import ROPE_METHODS, rope_split
 
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_models, tmp_path_factory):
     """(reader, layout, stats with gradients) of the tiny GQA llama on a little pydoc text."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    src = tiny_models["llama-gqa"]
-    config = AutoConfig.from_pretrained(src)
-    layout = read_layout(config)
-    reader = SafetensorsReader(src)
-    lw = LayerwiseModel(config, reader, "cpu", torch.float32, layout.layer_types)
-    tok = AutoTokenizer.from_pretrained(src)
-    windows = token_windows(tok, load_texts("pydoc"), 64, 4, seed=0)
-    stats = [None] * layout.num_layers
-    sweep(lw, layout, windows, 2, True, stats.__setitem__, Spill(tmp_path_factory.mktemp("spill"), 0))
-    return reader, layout, stats
+    return calibrate_tiny(tiny_models["llama-gqa"], tmp_path_factory.mktemp("spill"))[:3]
 
 
 def make_plans(reader, stats, layout, cfg):
@@ -86,45 +71,6 @@ def test_rope_split_rotation_is_orthogonal_and_commutes_with_rope(calibrated, me
         assert torch.allclose(rot @ _rope_matrix(dim, d_h, pos, theta) @ rot.T, expected, atol=1e-10)
 
 
-def _psd_root(c: torch.Tensor) -> torch.Tensor:
-    """``F`` with ``F F^T = c`` (c symmetric PSD)."""
-    evals, evecs = torch.linalg.eigh(c)
-    return evecs * evals.clamp_min(0).sqrt()
-
-
-def _reference_map(z, n_key: int, rank: int, method: str, zs) -> torch.Tensor:
-    """``B A`` (D, d+1) of a rank-``rank`` factorization of ``Z = z x~``, written from each method's definition:
-    the latent spans the top ``rank`` directions of ``L C^1/2`` (a whitened SVD; ``L z`` for svd), the
-    up-projection is ``L^-1 P`` or, for fisher, the least-squares fit of the keys under ``C_k`` and of the values
-    under ``C_v`` (torch.linalg.lstsq). For fisher ``L^T L = G`` (a Cholesky factor: any square root of the
-    metric gives the same latent)."""
-    total = z.shape[0]
-    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
-    if method == "fisher":
-        trace_s = (zs.trace_k + zs.trace_v) / 2
-        roots = []
-        for grad, trace_own in ((zs.grad_k, zs.trace_k), (zs.grad_v, zs.trace_v)):
-            n = grad.shape[0]
-            g = (grad + 1e-2 * torch.trace(grad) / n * eye(n)) * (trace_own / trace_s)
-            roots.append(torch.linalg.cholesky(g).T)
-        metric, cov = torch.block_diag(*roots), (zs.cov_k + zs.cov_v) / 2
-    else:  # keys scaled so that K and V carry equal energy
-        cov = zs.cov
-        alpha = math.sqrt(float(torch.trace(cov[n_key:, n_key:]) / torch.trace(cov[:n_key, :n_key])))
-        metric = torch.diag(torch.tensor([alpha] * n_key + [1.0] * (total - n_key), dtype=torch.float64))
-    target = metric @ z if method == "svd" else metric @ _psd_root(cov)
-    basis = torch.linalg.svd(target, full_matrices=False).U[:, :rank]  # (D, r)
-    down = basis.T @ metric @ z
-    if method != "fisher":
-        return torch.linalg.solve(metric, basis) @ down
-    proj = basis.T @ metric  # (r, D): the latent of Z
-    ups = []
-    for rows, weight in ((slice(0, n_key), zs.cov_k), (slice(n_key, total), zs.cov_v)):
-        f = _psd_root(weight)  # argmin_B |(I[rows] - B proj) f|_F
-        ups.append(torch.linalg.lstsq((proj @ f).T, f[rows].T).solution.T)
-    return torch.cat(ups) @ down
-
-
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected))
 
@@ -143,7 +89,7 @@ def test_factorization_equals_an_independent_optimum(calibrated, method):
     for rank in (4, 16, 32, 48, 63):
         down, up = joint_latent(z, n_key, rank, method, zs)
         assert down.shape == (rank, z.shape[1]) and up.shape == (z.shape[0], rank)
-        assert _relative(up @ down, _reference_map(z, n_key, rank, method, zs)) < 1e-6, rank
+        assert _relative(up @ down, reference_factorization(z, n_key, rank, method, zs)) < 1e-6, rank
 
 
 @pytest.mark.parametrize("factor", FACTOR_METHODS)
@@ -168,7 +114,7 @@ def test_assembled_layers_hold_the_reference_factorization(calibrated, factor):
         n_key = r_nope.shape[0]
         z = torch.cat((r_nope @ w.k_aug, w.v_aug))
         zs = LatentStats.of(st, torch.block_diag(r_nope, torch.eye(g * d_h, dtype=torch.float64)), r_nope)
-        expected = _reference_map(z, n_key, rank, factor, zs)[:, :-1]  # no biases
+        expected = reference_factorization(z, n_key, rank, factor, zs)[:, :-1]  # no biases
         latent = out[i]["kv_a_proj_with_mqa.weight"][:rank]  # (r, d)
         kv_b = out[i]["kv_b_proj.weight"].view(n_h, 2 * d_h, rank)
         for h in range(n_h):
