@@ -14,9 +14,12 @@ from convert.ropesplit import component_scores, rope_split
 SPAN = 64
 
 
+SOURCE = "llama-bias"  # GQA with biases on q, k, v and o
+
+
 @pytest.fixture(scope="module")
 def calibrated(tiny_models, tmp_path_factory):
-    return calibrate_tiny(tiny_models["llama-gqa"], tmp_path_factory.mktemp("spill"))
+    return calibrate_tiny(tiny_models[SOURCE], tmp_path_factory.mktemp("spill"))
 
 
 def _reference_statistics(src, windows):
@@ -66,7 +69,7 @@ def test_calibration_statistics_equal_a_full_backward_pass(calibrated, tiny_mode
     """The layer-by-layer sweep (two batches, each layer recomputed in the reverse sweep) gives the moments,
     gradient directions and gradient-weighted moments of one backward pass of the whole model."""
     reader, layout, stats, windows = calibrated
-    refs = _reference_statistics(tiny_models["llama-gqa"], windows)
+    refs = _reference_statistics(tiny_models[SOURCE], windows)
     for st, ref in zip(stats, refs):
         for name, expected in ref.items():
             got = getattr(st, name)
@@ -124,6 +127,61 @@ def test_rope_split_keeps_the_best_scoring_components(calibrated, d_rope):
         re = [j * d_h + i for j in range(g)]
         assert torch.equal(row[re], rotations[i][c])
         assert row.abs().sum() == pytest.approx(row[re].abs().sum())
+
+
+def _kept_pairs(rows: torch.Tensor, head_dim: int) -> list[tuple[int, torch.Tensor]]:
+    """``(frequency, row)`` of each kept RoPE row (real parts): its nonzero entries all sit on one frequency."""
+    out = []
+    for row in rows:
+        cols = torch.nonzero(row.abs() > 1e-12).flatten()
+        freqs = {int(c) % head_dim for c in cols}
+        assert len(freqs) == 1 and min(freqs) < head_dim // 2
+        out.append((freqs.pop(), row))
+    return out
+
+
+@pytest.mark.parametrize("method", ["rotate-norm", "norm", "high", "uniform"])
+def test_other_rope_selections_follow_their_definitions(calibrated, method):
+    """RoPE width 8 over 2 KV heads of 8 frequencies. ``rotate-norm``: the per-frequency PCA of the plain key
+    moments, the 4 components with the largest ``sqrt(E[k_c^2] * E[q^2])`` over all frequencies (queries summed
+    over the group's heads and the pair's two dims); ``norm``: no rotation, each KV head its 2 pairs with the
+    largest such score; ``high``: each head its 2 fastest frequencies (0 and 1); ``uniform``: each head 2 evenly
+    spaced ones (0 and 4)."""
+    reader, layout, stats, _ = calibrated
+    st, g, d_h, n_h = stats[0], layout.num_kv_heads, layout.head_dim, layout.num_heads
+    half, group, d_rope = d_h // 2, n_h // g, 8
+    split = rope_split(st, g, d_h, n_h, d_rope, method, rope_theta(layout, 0), SPAN)
+    kept = _kept_pairs(split.rotation[: d_rope // 2], d_h)
+    q_group = torch.zeros(half, g, dtype=torch.float64)  # E[q^2] of frequency i summed over group j's heads
+    for h in range(n_h):
+        q_group[:, h // group] += st.q_energy[h * d_h : h * d_h + half] + st.q_energy[h * d_h + half : (h + 1) * d_h]
+    cov = st.cov[: g * d_h, : g * d_h]
+    if method == "rotate-norm":
+        candidates = []
+        for i in range(half):
+            re, im = [j * d_h + i for j in range(g)], [j * d_h + i + half for j in range(g)]
+            evals, evecs = torch.linalg.eigh(cov[re][:, re] + cov[im][:, im])
+            for c in range(g):
+                score = float((evals[c] * (evecs[:, c] ** 2 @ q_group[i])).sqrt())
+                candidates.append((score, i, evecs[:, c]))
+        best = sorted(candidates, key=lambda t: t[0], reverse=True)[: d_rope // 2]
+        assert sorted(i for _, i, _ in best) == sorted(i for i, _ in kept)
+        for _, i, vec in best:
+            rows = [row[[j * d_h + i for j in range(g)]] for f, row in kept if f == i]
+            assert max(abs(float(row @ vec)) for row in rows) == pytest.approx(1.0, abs=1e-9)
+        return
+    got = sorted((int(torch.nonzero(row).flatten()[0]) // d_h, i) for i, row in kept)  # (head, frequency)
+    per_head = d_rope // 2 // g
+    if method == "norm":
+        expected = []
+        for c in range(g):
+            k_e = torch.tensor([float(cov[c * d_h + i, c * d_h + i] + cov[c * d_h + i + half, c * d_h + i + half])
+                                for i in range(half)], dtype=torch.float64)
+            score = (k_e * q_group[:, c]).sqrt()
+            expected += [(c, int(i)) for i in torch.argsort(score, descending=True)[:per_head]]
+    else:
+        expected = [(c, i) for c in range(g) for i in ((0, 1) if method == "high" else (0, 4))]
+    assert got == sorted(expected)
 
 
 def test_rank_allocation_drops_the_smallest_eigenvalues():
