@@ -96,18 +96,18 @@ def test_training_a_tied_head_in_place_keeps_the_tie(tied, tmp_path):
 @pytest.mark.parametrize("val_data", ["val.txt", ""])
 def test_the_export_check_compares_every_token_with_the_trained_model(tied, tmp_path, monkeypatch, val_data):
     """An export whose weights drift from the trained ones is refused even when its mean val perplexity matches
-    (within 3e-4 here), and without val_data too (checked on random tokens)."""
+    (two steps: within 2e-4 in NLL here), and without val_data too (checked on random tokens)."""
     import convert.recover.export as export
 
     written = export.save_state_dict
 
     def drifted(state, folder, *args, **kwargs):
         noise = torch.randn(state[EMBED].shape, generator=torch.Generator().manual_seed(1))
-        return written({**state, EMBED: state[EMBED] + 5e-4 * noise}, folder, *args, **kwargs)
+        return written({**state, EMBED: state[EMBED] + 1e-3 * noise}, folder, *args, **kwargs)
 
     monkeypatch.setattr(export, "save_state_dict", drifted)
     with pytest.raises(MLAError, match="does not reproduce the trained model"):
-        finetune(tied / "conv", tmp_path / "out", _cfg(tied, val_data=val_data and str(tied / val_data)),
+        finetune(tied / "conv", tmp_path / "out", _cfg(tied, tokens=128, val_data=val_data and str(tied / val_data)),
                  log=lambda *_: None)
     assert not (tmp_path / "out").exists()
 
