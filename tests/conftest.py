@@ -410,3 +410,59 @@ def reference_factorization(z, n_key: int, rank: int, method: str, zs) -> torch.
         f = psd_root(weight)  # argmin_B |(I[rows] - B proj) f|_F
         ups.append(torch.linalg.lstsq((proj @ f).T, f[rows].T).solution.T)
     return torch.cat(ups) @ down
+
+
+def write_tiny_gguf(folder: Path, path: Path) -> Path:
+    """Write the tiny Llama-layout model in ``folder`` (a ``make_tiny`` folder) as an F32 GGUF at ``path`` the way
+    llama.cpp's convert_hf_to_gguf.py does: its metadata keys, its tensor names, q/k rows permuted to interleaved
+    rotary pairs, the byte-level BPE tokenizer (``convert.gguf_vocab``); no output tensor when the head is tied."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from convert.gguf_vocab import add_tokenizer
+
+    cfg = json.loads((folder / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(w, n):  # convert_hf_to_gguf.py, LlamaModel.permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    add_tokenizer(writer, folder, cfg["vocab_size"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    for name, t in load_file(folder / "model.safetensors").items():
+        t = t.float().numpy()
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            if module == "self_attn.q_proj":
+                t = permute(t, heads)
+            elif module == "self_attn.k_proj":
+                t = permute(t, kv_heads)
+            name = f"blk.{i}.{layer_names[module]}.{kind}"
+        else:
+            name = names[name]
+        writer.add_tensor(name, np.ascontiguousarray(t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import TINY, convert_tiny
+from conftest import TINY, convert_tiny, write_tiny_gguf
 
 TOL = 1e-4  # fp32 logits, lossless conversions
 
@@ -255,3 +255,22 @@ def test_sharded_export(tiny_models, tmp_path):
         read.update(load_file(tmp_path / name))
     assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
     assert all(name in load_file(tmp_path / index["weight_map"][name]) for name in state)
+
+
+def test_gguf_source_converts_as_its_safetensors(tiny_models, tmp_path):
+    """A GGUF source (the tiny Llama written as llama.cpp writes one: F32, its tensor names, q/k rows permuted, its
+    tokenizer) converts to the export that the same weights give from safetensors: the same ranks and RoPE pairs,
+    the same tensors and logits."""
+    from safetensors.torch import load_file
+
+    gguf_file = write_tiny_gguf(tiny_models["llama-gqa"], tmp_path / "gguf" / "tiny.gguf")
+    a = convert_tiny(gguf_file, tmp_path / "from-gguf")
+    b = convert_tiny(tiny_models["llama-gqa"], tmp_path / "from-safetensors")
+    assert a["source"]["spec"] == str(gguf_file) and a["ranks"] == b["ranks"]
+    wa, wb = load_file(tmp_path / "from-gguf" / "model.safetensors"), load_file(tmp_path / "from-safetensors" /
+                                                                              "model.safetensors")
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    ids = _ids()
+    with torch.no_grad():
+        got, want = _load(tmp_path / "from-gguf")(ids).logits, _load(tmp_path / "from-safetensors")(ids).logits
+    assert (got - want).abs().max().item() < TOL
