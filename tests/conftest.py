@@ -466,3 +466,34 @@ def write_tiny_gguf(folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def multiple_choice_accuracy(model_dir, task_name: str, limit: int, include_path) -> tuple[float, dict]:
+    """(accuracy, {doc_id: [log-likelihood per choice]}) of the lm-eval multiple-choice task ``task_name`` (from
+    ``include_path``) over its first ``limit`` documents, scored here with plain forwards of ``model_dir``: each
+    choice's summed log-probabilities after the prompt (lm-eval's prompts and its split of a context's trailing spaces
+    into the continuation, no special tokens), a hit when the best choice is the document's target."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    task = get_task_dict([task_name], TaskManager(include_path=str(include_path)))[task_name]
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    docs = {}
+    for inst in task.instances:
+        docs.setdefault(inst.doc_id, (inst.doc, {}))[1][inst.idx] = inst.args
+    lls, hits = {}, []
+    for doc_id, (doc, args) in sorted(docs.items()):
+        lls[doc_id] = []
+        for _, (context, continuation) in sorted(args.items()):
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = tok.encode(context + continuation, add_special_tokens=False)
+            n = len(tok.encode(context, add_special_tokens=False))
+            with torch.no_grad():
+                logp = model(torch.tensor([whole])).logits[0, n - 1:-1].log_softmax(-1)
+            lls[doc_id].append(logp.gather(-1, torch.tensor(whole[n:])[:, None]).sum().item())
+        hits.append(max(range(len(lls[doc_id])), key=lls[doc_id].__getitem__) == task.doc_to_target(doc))
+    return sum(hits) / len(hits), lls

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import convert_tiny, fake_bigbench_sdist
+from conftest import convert_tiny, fake_bigbench_sdist, multiple_choice_accuracy
 
 TOL = 1e-3  # summed log-likelihood of a continuation, fp32
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +165,12 @@ def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path, bigbench_sta
     assert run.returncode == 0, run.stderr[-3000:]
     cli = _samples(tmp_path / "cli")  # (os.environ holds the stand-in's paths: bigbench_standin set them)
     results = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
-    assert 0 <= results["mla_bb_social_iqa"]["acc,none"] <= 1
+    # the accuracy and each choice's log-likelihood, scored apart with plain forwards of the original
+    acc, lls = multiple_choice_accuracy(exports["original"], "mla_bb_social_iqa", 6, TASKS_DIR)
+    assert results["mla_bb_social_iqa"]["acc,none"] == pytest.approx(acc, abs=1e-9)
+    assert cli["mla_bb_social_iqa"].keys() == lls.keys()
+    for doc, want in lls.items():
+        assert cli["mla_bb_social_iqa"][doc] == pytest.approx(want, abs=TOL), doc
 
     manager = TaskManager(include_path=str(TASKS_DIR))
     ref = {}
@@ -206,10 +211,13 @@ def test_mla_eval_report(exports, tmp_path, capsys, bigbench_standin):
     record = json.loads((exports["half"] / "mla_conversion.json").read_text())["kv_cache"]
     assert half["kv_bytes_per_token"] == record["mla_bytes_per_token"]  # measured == what convert recorded
     assert abs(lossless["ppl"] / original["ppl"] - 1) < 1e-4 and original["ppl_stderr"] > 0
+    # each model's accuracy, scored apart with plain forwards of its folder
+    acc = {name: multiple_choice_accuracy(exports[name], "mla_bb_social_iqa", 4, TASKS_DIR)[0]
+           for name in ("original", "half")}
     for r in res["models"]:
-        assert r["tasks"]["mla_bb_social_iqa"]["samples"] == 4
-        assert 0 <= r["tasks"]["mla_bb_social_iqa"]["acc"] <= 1 and r["speed"]["decode_tok_s"] > 0
-    assert lossless["tasks"]["mla_bb_social_iqa"]["acc"] == original["tasks"]["mla_bb_social_iqa"]["acc"]
+        assert r["tasks"]["mla_bb_social_iqa"]["samples"] == 4 and r["speed"]["decode_tok_s"] > 0
+        want = acc["original" if r["name"] == "lossless" else r["name"]]
+        assert r["tasks"]["mla_bb_social_iqa"]["acc"] == pytest.approx(want, abs=1e-9), r["name"]
     md = (out / "report.md").read_text()
     assert "| KV cache, bytes/token |" in md and "mla_bb_social_iqa acc" in md and "(1.000x)" in md
     assert md.startswith("# mla eval report") and " ".join(argv[1:4]) in md
