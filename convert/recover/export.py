@@ -45,11 +45,13 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
     windows = val if val is not None else _random_windows(model.config.vocab_size, cfg)
     with acc.autocast():  # before the merge: what the trained model itself gives every token checked
         trained = token_nll(model, windows, micro, desc="check")
+    frozen = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                  torch.float32)  # the embeddings' (and so the residual stream's) dtype in training
     with atomic_dir(out, overwrite) as tmp:
         _save_adapter(model, tmp, converted, ckpt_dir, cfg.adapters)
         config = _save_merged(model, tmp, dtype, cfg.adapters)
         _write_files(converted, tmp, fmt, config)
-        verify = _verify(model, tmp, fmt, windows, trained, micro, acc, dtype)
+        verify = _verify(model, tmp, fmt, windows, trained, micro, acc, dtype, frozen)
         verify["tokens"] = "val_data" if val is not None else "random"
         record = dict(record)
         record["format"] = fmt
@@ -124,16 +126,17 @@ def _untied(converted: Path, config) -> bool:
     return bool(tied) and not config.tie_word_embeddings
 
 
-def _load_written(folder: Path, fmt: str, device) -> torch.nn.Module:
-    """The export in ``folder`` as a user loads it: with the remote code in the folder (``_remote_classes``), or as a
-    stock ``DeepseekV3ForCausalLM``; MLAError naming a weight it lacks or does not use."""
+def _load_written(folder: Path, fmt: str, device, dtype: torch.dtype) -> torch.nn.Module:
+    """The export in ``folder`` as a user loads it, in ``dtype``: with the remote code in the folder
+    (``_remote_classes``), or as a stock ``DeepseekV3ForCausalLM``; MLAError naming a weight it lacks or does not
+    use."""
     from transformers import AutoModelForCausalLM
 
     cls, kwargs = AutoModelForCausalLM, {}
     if fmt != "deepseek_v3":
         config_class, cls = _remote_classes(folder)
         kwargs["config"] = config_class.from_pretrained(folder)
-    model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
+    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **kwargs)
     tied = model.config.tie_word_embeddings
     wrong = [k for k in info.get("missing_keys", []) if not (tied and k == HEAD)] + [
         *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
@@ -164,23 +167,25 @@ def _remote_classes(folder: Path) -> tuple[type, type]:
 
 
 def _verify(model, folder: Path, fmt: str, windows: torch.LongTensor, trained: torch.Tensor, micro: int, acc,
-            dtype: torch.dtype) -> dict:
-    """The export in ``folder`` loaded in place of ``model`` (``_load_written``) and evaluated on ``windows`` as
-    training evaluated (under ``acc``'s autocast): MLAError unless every token's NLL is the one the trained model gave
-    (``trained``), within 1e-3 on average (0.05 when either is bf16)."""
+            dtype: torch.dtype, frozen: torch.dtype) -> dict:
+    """The export in ``folder`` loaded in place of ``model`` (``_load_written``, in the dtype of the run's frozen
+    weights) and evaluated on ``windows`` as training evaluated (under ``acc``'s autocast): MLAError unless every
+    token's NLL is the one the trained model gave (``trained``): within 1e-3 on average; when either is bf16, where
+    rounding the trained tensors alone moves a token's NLL by about 0.05, within 0.2 on average and 0.02 in the mean."""
     model.to("meta")  # the trained weights are saved; the export takes their place in memory
-    written = _load_written(folder, fmt, acc.device)
+    written = _load_written(folder, fmt, acc.device, frozen)
     with acc.autocast():
         nll = token_nll(written, windows, micro, desc="check")
     del written
-    diff = float((nll.double() - trained.double()).abs().mean())
+    diff = nll.double() - trained.double()
     verify = {"val_ppl_reloaded": math.exp(nll.double().mean()), "val_ppl_trained": math.exp(trained.double().mean()),
-              "val_nll_mean_abs_diff": diff}
-    loose = dtype != torch.float32 or acc.mixed_precision == "bf16"
-    if not diff <= (0.05 if loose else 1e-3):
+              "val_nll_mean_abs_diff": float(diff.abs().mean())}
+    loose = dtype != torch.float32 or frozen != torch.float32 or acc.mixed_precision == "bf16"
+    if not (verify["val_nll_mean_abs_diff"] <= 1e-3 or (loose and verify["val_nll_mean_abs_diff"] <= 0.2
+                                                        and abs(float(diff.mean())) <= 0.02)):
         raise MLAError(f"the merged export does not reproduce the trained model (perplexity "
                        f"{verify['val_ppl_reloaded']:.3f} vs {verify['val_ppl_trained']:.3f}; per-token NLL off by "
-                       f"{diff:.2e} on average)")
+                       f"{verify['val_nll_mean_abs_diff']:.2e} on average)")
     return verify
 
 
