@@ -2,6 +2,8 @@
 backward pass of the source, the RoPE split's per-frequency PCA and selection from their definitions, and the
 allocations by their optimality conditions (tools/mutants.py breaks each of these and checks that a test fails)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,8 +150,11 @@ def test_other_rope_selections_follow_their_definitions(calibrated, method):
     largest such score; ``high``: each head its 2 fastest frequencies (0 and 1); ``uniform``: each head 2 evenly
     spaced ones (0 and 4)."""
     reader, layout, stats, _ = calibrated
-    st, g, d_h, n_h = stats[0], layout.num_kv_heads, layout.head_dim, layout.num_heads
+    g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
     half, group, d_rope = d_h // 2, n_h // g, 8
+    # query energies spread over three decades, so that they (not only the keys) decide the selections
+    spread = 10 ** (3 * torch.rand(n_h * d_h, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    st = dataclasses.replace(stats[0], q_energy=stats[0].q_energy * spread)
     split = rope_split(st, g, d_h, n_h, d_rope, method, rope_theta(layout, 0), SPAN)
     kept = _kept_pairs(split.rotation[: d_rope // 2], d_h)
     q_group = torch.zeros(half, g, dtype=torch.float64)  # E[q^2] of frequency i summed over group j's heads
@@ -214,3 +219,28 @@ def test_rope_allocation_keeps_the_best_components_over_layers(scales, outlier):
     kept_min = min(float(o[r // 2 - 1]) for o, r in zip(ordered, ropes) if r)
     dropped_max = max(float(o[r // 2]) for o, r in zip(ordered, ropes) if r // 2 < len(o))
     assert kept_min >= dropped_max
+
+
+def test_rope_removal_is_exact_at_distance_zero(tmp_path):
+    """A YaRN source (attention scaling s = 1.139 on cos and sin) converted with 8 of 32 RoPE dims kept and a
+    latent of full rank: the only approximation left is the RoPE the other pairs lost, which is exact when every
+    token sits at the same position (the rotation between any two is the identity, the scaling s^2 carried by the
+    no-RoPE query rows). The logits then equal the source's."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import VOCAB, convert_tiny, make_tiny
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    make_tiny(tmp_path / "src", "llama-gqa", rope_parameters=yarn, rope_theta=None)
+    convert_tiny(tmp_path / "src", tmp_path / "mla", kv_lora_rank=56, rope_dim=8)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.full_like(ids, 5)
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    export = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", trust_remote_code=True, dtype=torch.float32).eval()
+    mask = torch.ones_like(ids)  # with a mask given, equal position ids do not read as packed sequences
+    with torch.no_grad():
+        expected = source(ids, attention_mask=mask, position_ids=position_ids).logits
+        got = export(ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        moved = export(ids, use_cache=False).logits  # positions 0..11: inexact, so the check above is not vacuous
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (moved - source(ids).logits).abs().max().item() > 1e-3
