@@ -89,7 +89,7 @@ def test_factorization_equals_an_independent_optimum(calibrated, method):
     for rank in (4, 16, 32, 48, 63):
         down, up = joint_latent(z, n_key, rank, method, zs)
         assert down.shape == (rank, z.shape[1]) and up.shape == (z.shape[0], rank)
-        assert _relative(up @ down, reference_factorization(z, n_key, rank, method, zs)) < 1e-6, rank
+        assert _relative(up @ down, reference_factorization(z, n_key, rank, method, zs)) < 1e-5, rank
 
 
 @pytest.mark.parametrize("factor", FACTOR_METHODS)
@@ -119,8 +119,8 @@ def test_assembled_layers_hold_the_reference_factorization(calibrated, factor):
         kv_b = out[i]["kv_b_proj.weight"].view(n_h, 2 * d_h, rank)
         for h in range(n_h):
             cols = slice(h // (n_h // g) * d_h, (h // (n_h // g) + 1) * d_h)
-            assert _relative(kv_b[h, :d_h] @ latent, r_nope[:, cols].T @ expected[:n_key]) < 1e-6, (i, h)
-            assert _relative(kv_b[h, d_h:] @ latent, expected[n_key:][cols]) < 1e-6, (i, h)
+            assert _relative(kv_b[h, :d_h] @ latent, r_nope[:, cols].T @ expected[:n_key]) < 1e-5, (i, h)
+            assert _relative(kv_b[h, d_h:] @ latent, expected[n_key:][cols]) < 1e-5, (i, h)
 
 
 @pytest.mark.parametrize("alloc", ["fisher", "uniform"])
