@@ -4,15 +4,15 @@
 
 Each break (``MUTANTS``) names a file, one exact snippet of it (it must occur exactly once: the script refuses to
 run when code has moved) and its replacement, and the tests that should fail (pytest files with an optional ``-k``
-expression, run one after the other until one fails). The repository's files (tracked, and untracked ones git does not ignore) are copied into a temporary
-folder once; each break is applied there, its tests run there (``cwd`` = the copy, the copy first on the import
-path, a module cache of its own for the exports' remote code) and the file is restored: the working tree is never
-touched. By default the tests are first run on the unbroken copy (each selection once): a test that fails without
-a break would count every break as caught.
+expression, run one after the other until one fails). The repository's files (tracked, and untracked ones git
+does not ignore) are copied into a temporary folder once; each break is applied there, its tests run there (``cwd``
+= the copy, the copy first on the import path, a module cache of its own for the exports' remote code) and the file
+is restored: the working tree is never touched. By default the tests are first run on the unbroken copy (each
+selection once): a test that fails without a break would count every break as caught.
 
 Prints a table (break, tests run, caught, seconds) and exits 1 when a break survives (or a baseline test fails,
 or a selection runs no test), 2 when a snippet is missing or ambiguous. ``make mutants`` runs all of them
-(about 15 minutes on 2 cores).
+(about half an hour on 2 cores).
 """
 
 import argparse
@@ -51,7 +51,8 @@ MUTANTS = [
     Mutant("fisher-metric-identity", FACT, "blocks.append(_sqrt_psd(g))",
            "blocks.append(torch.eye(g.shape[0], dtype=g.dtype))",
            (_t("test_methods.py", FACTOR_K),), "the Fisher metric replaced by the identity"),
-    Mutant("fisher-no-trace-balance", FACT, "g = (g + ridge * torch.eye(g.shape[0], dtype=g.dtype)) * (trace_own / trace_s)",
+    Mutant("fisher-no-trace-balance", FACT,
+           "g = (g + ridge * torch.eye(g.shape[0], dtype=g.dtype)) * (trace_own / trace_s)",
            "g = g + ridge * torch.eye(g.shape[0], dtype=g.dtype)",
            (_t("test_methods.py", FACTOR_K),), "the K and V gradient blocks not weighted by their own loss share"),
     Mutant("fisher-plain-moments", FACT, "return (zs.cov_k + zs.cov_v) / 2, torch.block_diag(*blocks)",
@@ -59,8 +60,10 @@ MUTANTS = [
            (_t("test_methods.py", FACTOR_K),), "the Fisher problem on plain (not gradient-weighted) moments"),
     Mutant("fisher-refit-swapped", FACT, "((slice(0, n_key), zs.cov_k), (slice(n_key, total), zs.cov_v))",
            "((slice(0, n_key), zs.cov_v), (slice(n_key, total), zs.cov_k))",
-           (_t("test_methods.py", FACTOR_K),), "the key and value up-projections refitted under each other's weighting"),
-    Mutant("pca-balance-inverted", FACT, "alpha = float((e_val / e_key).sqrt())", "alpha = float((e_key / e_val).sqrt())",
+           (_t("test_methods.py", FACTOR_K),),
+           "the key and value up-projections refitted under each other's weighting"),
+    Mutant("pca-balance-inverted", FACT, "alpha = float((e_val / e_key).sqrt())",
+           "alpha = float((e_key / e_val).sqrt())",
            (_t("test_methods.py", FACTOR_K),), "the K/V energy balance of pca inverted"),
     Mutant("latent-smallest-eigenvectors", FACT, "order = torch.argsort(evals, descending=True)",
            "order = torch.argsort(evals, descending=False)",
@@ -76,16 +79,22 @@ MUTANTS = [
     Mutant("rope-keeps-worst", ROPE, "ranked = sorted(range(len(flat)), key=lambda t: flat[t], reverse=True)",
            "ranked = sorted(range(len(flat)), key=lambda t: flat[t], reverse=False)",
            (_t(REF, "rope"),), "the rotated components with the lowest scores keep RoPE"),
+    Mutant("rope-norm-score-ignores-queries", ROPE, "score = (k_e * ((u**2) @ q_energy[i])).sqrt()",
+           "score = k_e.sqrt()", (_t(REF, "rope"),), "norm / rotate-norm score keys without the queries' energy"),
     # --- calibration
     Mutant("calib-gradient-not-unit", CAL, "unit = g / norm2.clamp_min(1e-30).sqrt()[:, None]", "unit = g",
            (_t(REF, "calibration"),), "gradient directions not normalised per token"),
     Mutant("calib-cov-unweighted", CAL, "self._add(f\"cov_{name}\", (self.y * norm2[:, None]).T @ self.y)",
            "self._add(f\"cov_{name}\", self.y.T @ self.y)",
            (_t(REF, "calibration"),), "output moments not weighted by the gradient energy"),
+    Mutant("calib-query-energy-not-squared", CAL,
+           'self._add("q_energy", (q.detach().reshape(xa.shape[0], -1).to(torch.float64) ** 2).sum(0))',
+           'self._add("q_energy", q.detach().reshape(xa.shape[0], -1).to(torch.float64).abs().sum(0))',
+           (_t(REF, "calibration"),), "the query energy per dimension not squared"),
     # --- allocation
     Mutant("alloc-ranks-smallest", ALLOC,
-           "candidates = sorted(((float(v), i) for i, sp in enumerate(spectra) for v in sp[floor:]), key=lambda t: t[0],",
-           "candidates = sorted(((-float(v), i) for i, sp in enumerate(spectra) for v in sp[floor:]), key=lambda t: t[0],",
+           "sorted(((float(v), i) for i, sp in enumerate(spectra) for v in sp[floor:]), key=lambda t: t[0],",
+           "sorted(((-float(v), i) for i, sp in enumerate(spectra) for v in sp[floor:]), key=lambda t: t[0],",
            (_t(REF, "allocat"),), "latent ranks go to the smallest eigenvalues"),
     Mutant("alloc-ropes-off-by-one", ALLOC, "for _, i in scored[: n * d_rope // 2]:",
            "for _, i in scored[1 : n * d_rope // 2 + 1]:",
@@ -94,9 +103,12 @@ MUTANTS = [
     Mutant("assemble-rope-query-unscaled", ASM, "q_rows += [q_h * scale * nope_scale, (r_pe[:, cols] @ q_h) * scale]",
            "q_rows += [q_h * scale * nope_scale, (r_pe[:, cols] @ q_h)]",
            (_t("test_convert.py", "lossless"),), "the RoPE query rows miss the softmax-scale correction"),
-    Mutant("assemble-key-up-unrotated", ASM, "kv_b_rows += [r_nope[:, cols].T @ up_k, up_v[cols]]",
-           "kv_b_rows += [r_nope[:, cols].T @ up_k[torch.randperm(up_k.shape[0], generator=torch.Generator().manual_seed(0))], up_v[cols]]",
-           (_t("test_convert.py", "lossless"),), "the key up-projection rows permuted"),
+    Mutant("assemble-key-up-rows-reversed", ASM, "kv_b_rows += [r_nope[:, cols].T @ up_k, up_v[cols]]",
+           "kv_b_rows += [r_nope[:, cols].T @ up_k.flip(0), up_v[cols]]",
+           (_t("test_convert.py", "lossless"),), "the key up-projection rows reversed"),
+    Mutant("assemble-rope-scaling-once", ASM, "nope_scale[:rotary_dim] = rope_scaling**2",
+           "nope_scale[:rotary_dim] = rope_scaling", (_t(REF, "distance_zero"),),
+           "the no-RoPE query rows carry YaRN's / LongRoPE's attention scaling once, not squared"),
     # --- the model: attention, RoPE, caches
     Mutant("absorbed-bmm-no-scale", MODEL,
            "query = torch.cat((q_lat, q_pe), dim=-1).mul_(self.scaling).view(B, T * H, -1)",
@@ -117,6 +129,14 @@ MUTANTS = [
            "allowed = torch.ones(T, S, dtype=torch.bool, device=ckv.device).tril()",
            "allowed = torch.ones(T, S, dtype=torch.bool, device=ckv.device).tril(1)",
            (_t("test_runtime.py", "static"),), "a short prompt into an empty static cache sees the next token"),
+    Mutant("decompressed-scale-nope-only", MODEL,
+           "dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,",
+           "dropout=self.attention_dropout if self.training else 0.0, scaling=self.qk_nope_head_dim**-0.5,",
+           (_t("test_runtime.py", "generate"),), "the decompressed path's softmax scale of the no-RoPE width"),
+    Mutant("rope-frequencies-reversed", MODEL,
+           "idx = [i for freqs in freq_lists for i in list(freqs) + list(freqs)]",
+           "idx = [i for freqs in freq_lists for i in list(freqs) + list(reversed(freqs))]",
+           (_t("test_convert.py", "lossless"),), "the imaginary halves of RoPE read their frequencies reversed"),
     Mutant("softmax-scale-nope-only", MODEL, "self.scaling = self.qk_head_dim**-0.5",
            "self.scaling = self.qk_nope_head_dim**-0.5", (_t("test_convert.py", "lossless"),),
            "the softmax scale of the no-RoPE head width"),
@@ -135,7 +155,8 @@ MUTANTS = [
     Mutant("latent-layer-stale-after-reorder", MODEL, "buf = self._buf if self.keys is self._keys_view else None",
            "buf = self._buf", (_t("test_runtime.py", "reorder"),),
            "the dynamic latent layer keeps its buffer after the cache is reordered (beam search)"),
-    Mutant("latent-norm-skipped-in-decode", MODEL, "ckv = self.kv_a_layernorm(ckv)  # the cache holds the normalized latent",
+    Mutant("latent-norm-skipped-in-decode", MODEL,
+           "ckv = self.kv_a_layernorm(ckv)  # the cache holds the normalized latent",
            "ckv = self.kv_a_layernorm(ckv) if T > 1 else ckv", (_t("test_runtime.py", "latent_norm"),),
            "a one-token step caches the latent without its norm"),
 ]
@@ -152,7 +173,8 @@ def _check_snippets(mutants) -> list[str]:
 
 
 def _copy_tree(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
         src = ROOT / rel
         if src.is_file():
