@@ -27,8 +27,8 @@ def tied(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tied")
     topics = list(pydoc_data.topics.topics.values())
-    (root / "train.txt").write_text("\n\n".join(topics[:20]))  # a few KB: more than the runs read
-    (root / "val.txt").write_text("\n\n".join(topics[20:40]))
+    (root / "train.txt").write_text("\n\n".join(topics[:20])[:20000])  # more than the runs read
+    (root / "val.txt").write_text("\n\n".join(topics[20:40])[:20000])
     make_tiny(root / "src", "llama-gqa")
     convert_tiny(root / "src", root / "conv", kv_budget=0.25)
     assert json.loads((root / "conv" / "config.json").read_text())["tie_word_embeddings"] is True
@@ -96,14 +96,14 @@ def test_training_a_tied_head_in_place_keeps_the_tie(tied, tmp_path):
 @pytest.mark.parametrize("val_data", ["val.txt", ""])
 def test_the_export_check_compares_every_token_with_the_trained_model(tied, tmp_path, monkeypatch, val_data):
     """An export whose weights drift from the trained ones is refused even when its mean val perplexity matches
-    (two steps: within 2e-4 in NLL here), and without val_data too (checked on random tokens)."""
+    (two steps: within 8e-4 in NLL here, 5e-3 per token), and without val_data too (checked on random tokens)."""
     import convert.recover.export as export
 
     written = export.save_state_dict
 
     def drifted(state, folder, *args, **kwargs):
         noise = torch.randn(state[EMBED].shape, generator=torch.Generator().manual_seed(1))
-        return written({**state, EMBED: state[EMBED] + 1e-3 * noise}, folder, *args, **kwargs)
+        return written({**state, EMBED: state[EMBED] + 5e-4 * noise}, folder, *args, **kwargs)
 
     monkeypatch.setattr(export, "save_state_dict", drifted)
     with pytest.raises(MLAError, match="does not reproduce the trained model"):
