@@ -473,12 +473,12 @@ def multiple_choice_accuracy(model_dir, task_name: str, limit: int, include_path
     ``include_path``) over its first ``limit`` documents, scored here with plain forwards of ``model_dir``: each
     choice's summed log-probabilities after the prompt (lm-eval's prompts and its split of a context's trailing spaces
     into the continuation, no special tokens), a hit when the best choice is the document's target."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    task = get_task_dict([task_name], TaskManager(include_path=str(include_path)))[task_name]
+    task = TaskManager(include_path=str(include_path)).load([task_name])["tasks"][task_name]
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     docs = {}
     for inst in task.instances:
