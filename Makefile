@@ -92,7 +92,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Break one line of the maths at a time (tools/mutants.py: factorize, RoPE split, calibration, allocation, assembly,
-# attention, RoPE, caches) and check that the tests notice; in a temporary copy (about half an hour on 2 cores).
+# attention, RoPE, caches) and check that the tests notice; in a temporary copy (10 to 20 minutes on 2 cores).
 .PHONY: mutants
 mutants: setup
 	$(BIN)/python tools/mutants.py

@@ -12,7 +12,7 @@ selection once): a test that fails without a break would count every break as ca
 
 Prints a table (break, tests run, caught, seconds) and exits 1 when a break survives (or a baseline test fails,
 or a selection runs no test), 2 when a snippet is missing or ambiguous. ``make mutants`` runs all of them
-(about half an hour on 2 cores).
+(10 to 20 minutes on 2 cores).
 """
 
 import argparse
