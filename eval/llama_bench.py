@@ -26,13 +26,14 @@ _BATCHED = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\
                       r"\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|", re.M)
 
 
-def bench(models: list[Path], depths: str, threads: str, fa: str, n: int = 16, reps: int = 1, *extra) -> list[dict]:
+def bench(models: list[Path], depths: str, threads: str, fa: str, n: int = 16, reps: int = 1, *extra,
+          variant: str | None = None) -> list[dict]:
     """llama-bench decode rows (one per model x threads x fa x depth), both models in one invocation."""
-    args = [str(binary("llama-bench"))]
+    args = [str(binary("llama-bench", variant))]
     for m in models:
         args += ["-m", str(m)]
     args += ["-d", depths, "-n", str(n), "-p", "0", "-t", threads, "-fa", fa, "-r", str(reps), "-o", "json", *extra]
-    done = subprocess.run(args, capture_output=True, text=True, env=env())
+    done = subprocess.run(args, capture_output=True, text=True, env=env(variant))
     if done.returncode:
         raise MLAError(f"llama-bench failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return [{"model": Path(r["model_filename"]).name, "threads": r["n_threads"], "fa": int(r["flash_attn"]),

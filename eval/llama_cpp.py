@@ -7,10 +7,14 @@ cmake (native CPU, no network features) and only the needed targets compiled, al
 ``<cache>/llama.cpp/llama-cpp-python-<PIN>/`` with a lock, so concurrent runs wait for one build. A new ``PIN``
 builds in a new folder. The first build takes about 10-15 minutes on 2 cores; later calls return at once.
 
+A *variant* is the same source with one patch of ``docs/llama-cpp-patches/`` applied (an engine experiment, never
+what the tests or benchmarks run unless asked); it builds in a folder of its own named after the patch's hash.
+
     python -m eval.llama_cpp            # build (or find) the tools, print their folder
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -32,12 +36,26 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=O
                "-DLLAMA_BUILD_TESTS=OFF")
 
 
-def root() -> Path:
-    return cache_dir("llama.cpp", f"llama-cpp-python-{PIN}")
+PATCHES = Path(__file__).resolve().parents[1] / "docs" / "llama-cpp-patches"
 
 
-def bin_dir() -> Path:
-    return root() / "build" / "bin"
+def patch_file(variant: str) -> Path:
+    path = PATCHES / f"{variant}.patch"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in PATCHES.glob("*.patch"))) or "none"
+        raise MLAError(f"no llama.cpp patch named {variant!r} in {PATCHES} (have: {have})")
+    return path
+
+
+def root(variant: str | None = None) -> Path:
+    if not variant:
+        return cache_dir("llama.cpp", f"llama-cpp-python-{PIN}")
+    digest = hashlib.sha256(patch_file(variant).read_bytes()).hexdigest()[:12]
+    return cache_dir("llama.cpp", f"llama-cpp-python-{PIN}+{variant}-{digest}")
+
+
+def bin_dir(variant: str | None = None) -> Path:
+    return root(variant) / "build" / "bin"
 
 
 def _run(cmd: list[str], log: Path, what: str) -> None:
@@ -48,8 +66,9 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
         raise MLAError(f"{what} failed (exit {done.returncode}; log {log}): {tail[0]}")
 
 
-def _fetch_source(dest: Path) -> None:
-    """``vendor/llama.cpp`` of the pinned sdist into ``dest`` (built in a temporary sibling, then renamed)."""
+def _fetch_source(dest: Path, patch: Path | None = None) -> None:
+    """``vendor/llama.cpp`` of the pinned sdist into ``dest``, with ``patch`` applied (built in a temporary sibling,
+    then renamed)."""
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".src.tmp-") as tmp:
         tmp = Path(tmp)
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
@@ -59,50 +78,54 @@ def _fetch_source(dest: Path) -> None:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             tar.extractall(tmp / "x", members=members, filter="data")
+        if patch is not None:
+            _run(["patch", "-p1", "--forward", "-d", str(tmp / "x" / prefix), "-i", str(patch)],
+                 dest.parent / "fetch.log", f"applying {patch.name}")
         os.replace(tmp / "x" / prefix.rstrip("/"), dest)
 
 
-def _missing(targets) -> list[str]:
-    return [t for t in targets if not (bin_dir() / t).is_file()]
+def _missing(targets, variant: str | None = None) -> list[str]:
+    return [t for t in targets if not (bin_dir(variant) / t).is_file()]
 
 
-def build(targets=TARGETS, log=print) -> Path:
-    """Build the missing ``targets`` (downloading the source first if needed); returns the folder of binaries."""
-    if not _missing(targets):
-        return bin_dir()
+def build(targets=TARGETS, log=print, variant: str | None = None) -> Path:
+    """Build the missing ``targets`` (downloading the source first if needed) of the pinned release, or of its
+    ``variant`` (a patch in docs/llama-cpp-patches); returns the folder of binaries."""
+    if not _missing(targets, variant):
+        return bin_dir(variant)
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise MLAError(f"building llama.cpp needs {tool} (Debian: apt-get install cmake g++)")
-    base = root()
+    base = root(variant)
     with out_lock(base / "build", what="the llama.cpp build", wait=True):
-        missing = _missing(targets)
+        missing = _missing(targets, variant)
         if not missing:
-            return bin_dir()
+            return bin_dir(variant)
         src = base / "src"
         if not (src / "CMakeLists.txt").is_file():
             log(f"llama.cpp: fetching the source of llama-cpp-python=={PIN} (llama.cpp {COMMIT}) into {base}")
             shutil.rmtree(src, ignore_errors=True)
-            _fetch_source(src)
+            _fetch_source(src, patch_file(variant) if variant else None)
         log(f"llama.cpp: building {', '.join(missing)} (the first build takes about 10-15 minutes on 2 cores; "
             f"log {base / 'build.log'})")
         _run(["cmake", "-S", str(src), "-B", str(base / "build"), *CMAKE_FLAGS], base / "build.log", "cmake configure")
         jobs = str(os.cpu_count() or 2)
         _run(["cmake", "--build", str(base / "build"), "-j", jobs, "--target", *missing], base / "build.log",
              "building llama.cpp")
-    return bin_dir()
+    return bin_dir(variant)
 
 
-def binary(name: str) -> Path:
+def binary(name: str, variant: str | None = None) -> Path:
     """The path of the llama.cpp tool ``name`` (one of TARGETS), built first if needed."""
     if name not in TARGETS:
         raise MLAError(f"unknown llama.cpp tool {name!r} (one of {', '.join(TARGETS)})")
-    return build() / name
+    return build(variant=variant) / name
 
 
-def env() -> dict:
+def env(variant: str | None = None) -> dict:
     """The environment llama.cpp's tools run in: their shared libraries next to them."""
     out = dict(os.environ)
-    out["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bin_dir()), out.get("LD_LIBRARY_PATH")]))
+    out["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(bin_dir(variant)), out.get("LD_LIBRARY_PATH")]))
     return out
 
 

@@ -27,10 +27,11 @@ _KV = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +(\d+)
 _WIDTH = re.compile(r"llama_kv_cache: attn_rot_([kv]) = \d+, n_embd_head_k_all = (\d+)")
 
 
-def run(tool: str, *args, timeout: float = 3600) -> str:
-    """Run a llama.cpp tool; its stdout + stderr, or MLAError with the last line it printed."""
-    cmd = [str(binary(tool)), *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+def run(tool: str, *args, timeout: float = 3600, variant: str | None = None) -> str:
+    """Run a llama.cpp tool (of the pinned release, or of its patched ``variant``); its stdout + stderr, or MLAError
+    with the last line it printed."""
+    cmd = [str(binary(tool, variant)), *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(variant), timeout=timeout)
     out = done.stdout + done.stderr
     if done.returncode:
         tail = [line for line in out.strip().splitlines() if line.strip()][-1:] or ["(nothing printed)"]
@@ -38,11 +39,11 @@ def run(tool: str, *args, timeout: float = 3600) -> str:
     return out
 
 
-def run_complete(tool: str, *args, done) -> str:
+def run_complete(tool: str, *args, done, variant: str | None = None) -> str:
     """``run`` until ``done(output)`` holds: llama.cpp's logger runs in a thread of its own that its tools do not
     flush at exit, so the last lines (where the results are) are sometimes lost."""
     for _ in range(TRIES):
-        out = run(tool, *args)
+        out = run(tool, *args, variant=variant)
         if done(out):
             return out
     raise MLAError(f"{tool} printed no complete result in {TRIES} runs")
@@ -67,11 +68,12 @@ def _final_ppl(out: str) -> float | None:
     return None
 
 
-def perplexity(gguf: Path, text: Path, ctx: int, threads: int = 2, *extra) -> dict:
+def perplexity(gguf: Path, text: Path, ctx: int, threads: int = 2, *extra, variant: str | None = None) -> dict:
     """llama-perplexity's final estimate and the KV cache it allocated: MiB, cells per sequence, layers, sequences,
     K/V types and MiB, and the K/V values cached per token and layer (``k_width`` / ``v_width``)."""
     out = run_complete("llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "-t", threads, "-lv", 4,
-                       *extra, done=lambda o: _final_ppl(o) is not None and _KV.search(o) and len(_WIDTH.findall(o)) == 2)
+                       *extra, variant=variant,
+                       done=lambda o: _final_ppl(o) is not None and _KV.search(o) and len(_WIDTH.findall(o)) == 2)
     widths = dict(_WIDTH.findall(out))
     total, cells, layers, seqs, k_type, k_mib, v_type, v_mib = _KV.search(out).groups()
     return {"ppl": _final_ppl(out), "kv_mib": float(total), "cells": int(cells), "layers": int(layers),

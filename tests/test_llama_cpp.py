@@ -255,3 +255,22 @@ def test_the_export_tokenizer_loads_in_the_transformers_llama_cpp_converter_pins
     assert done.returncode == 0, done.stderr[-2000:]
     want = AutoTokenizer.from_pretrained(exports["gqa"])(sample)["input_ids"]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == want
+
+
+@pytest.mark.parametrize("patch", sorted(p.stem for p in (Path(__file__).parents[1] / "docs" / "llama-cpp-patches")
+                                         .glob("*.patch")))
+def test_each_engine_experiment_patch_applies_to_the_pinned_source(tools, tmp_path, patch):
+    """The patches kept in docs/ (experiments, never shipped) still apply to the release the tests build."""
+    import subprocess
+
+    from eval import llama_cpp
+
+    src, path = llama_cpp.root() / "src", llama_cpp.patch_file(patch)
+    touched = [ln[6:].strip() for ln in path.read_text().splitlines() if ln.startswith("+++ b/")]
+    assert touched
+    for rel in touched:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, tmp_path / rel)
+    done = subprocess.run(["patch", "-p1", "--forward", "--dry-run", "-d", str(tmp_path), "-i", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

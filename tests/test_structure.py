@@ -30,7 +30,7 @@ ORDER = [
     "convert.recover.models", "convert.recover.local", "convert.recover.export", "convert.recover.recipe",
     "convert.recover.run", "convert.recover",
     # what measures (a library convert/ never imports)
-    "eval", "eval.llama_cpp", "eval.llama_run", "eval.llama_bench",
+    "eval", "eval.llama_cpp", "eval.llama_run", "eval.llama_bench", "eval.llama_patch",
     "eval.kernels", "eval.report", "eval.bigbench", "eval.tasks.mla_tasks", "eval.perplexity", "eval.bench",
     "eval.bench_convert", "eval.evaluate", "eval.sweep",
     # the commands and the door
