@@ -497,3 +497,51 @@ def multiple_choice_accuracy(model_dir, task_name: str, limit: int, include_path
             lls[doc_id].append(logp.gather(-1, torch.tensor(whole[n:])[:, None]).sum().item())
         hits.append(max(range(len(lls[doc_id])), key=lls[doc_id].__getitem__) == task.doc_to_target(doc))
     return sum(hits) / len(hits), lls
+
+
+def assembled_reference_error(reader, layout, stats, cfg) -> float:
+    """Largest relative error, over layers and heads, of the converter's assembled latent against
+    ``reference_factorization`` of each layer's rotated problem ``Z = blockdiag(R_nope, I) [k; v]``.
+
+    ``cfg`` fixes ``kv_lora_rank`` and ``rope_dim``. Compared per head: the no-RoPE key map and the value map, each
+    its rows of kv_b_proj times the latent rows of the down-projection. Without QK-norm the problem is on the input
+    ``x~`` (``z = [R_nope K; V]``, biases dropped); with QK-norm it is on ``y = [k_norm(k); v]`` (``z`` the transform)
+    and the converter reads the keys through k_a_proj and folds v_proj into kv_a_proj_with_mqa, so the reference's
+    value columns are multiplied by v_proj here."""
+    from convert.allocate import check_plan, layer_converter
+    from convert.assemble import read_attention, rope_theta
+    from convert.factorize import LatentStats
+    from convert.layerwise import Spill
+    from convert.ropesplit import rope_split
+
+    out = {}
+    conv = layer_converter(layout, cfg, check_plan(layout, cfg), reader, lambda i, t, _: out.__setitem__(i, t),
+                           Spill("/nonexistent", float("inf")))
+    for i, st in enumerate(stats):
+        conv.add(i, st)
+    conv.finish()
+    g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
+    rank, d_rope, kv_dim = cfg.kv_lora_rank, cfg.rope_dim, layout.num_kv_heads * layout.head_dim
+    worst = 0.0
+    for i, st in enumerate(stats):
+        w = read_attention(reader, i, layout)
+        split = rope_split(st, g, d_h, n_h, d_rope, cfg.rope_method, rope_theta(layout, i), cfg.rope_span)
+        r_nope = split.rotation[d_rope:]
+        n_key = r_nope.shape[0]
+        transform = torch.block_diag(r_nope, torch.eye(kv_dim, dtype=torch.float64))
+        zs = LatentStats.of(st, transform, r_nope)
+        if layout.qk_norm:
+            ref = reference_factorization(transform, n_key, rank, cfg.factor_method, zs)  # (D, 2 g d_h) on y
+            expected = torch.cat((ref[:, :kv_dim], ref[:, kv_dim:] @ w.v_aug[:, :-1]), dim=1)  # on [k_norm(k); x]
+            latent = torch.cat((out[i]["k_a_proj.weight"][:rank], out[i]["kv_a_proj_with_mqa.weight"][:rank]), dim=1)
+        else:
+            z = torch.cat((r_nope @ w.k_aug, w.v_aug))
+            expected = reference_factorization(z, n_key, rank, cfg.factor_method, zs)[:, :-1]  # no biases
+            latent = out[i]["kv_a_proj_with_mqa.weight"][:rank]
+        kv_b = out[i]["kv_b_proj.weight"].view(n_h, 2 * d_h, rank)
+        for h in range(n_h):
+            cols = slice(h // (n_h // g) * d_h, (h // (n_h // g) + 1) * d_h)
+            for got, want in ((kv_b[h, :d_h] @ latent, r_nope[:, cols].T @ expected[:n_key]),
+                              (kv_b[h, d_h:] @ latent, expected[n_key:][cols])):
+                worst = max(worst, float(torch.linalg.norm(got - want) / torch.linalg.norm(want)))
+    return worst

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY, VOCAB, _tokenizer, convert_tiny
+from conftest import TINY, VOCAB, _tokenizer, assembled_reference_error, calibrate_tiny, convert_tiny
+from convert.config import ConvertConfig
 
 TOL = 1e-4  # fp32 logits
 NEW = ["qwen3", "gemma3", "gemma2", "phi3", "olmo2", "granite", "smollm3"]
@@ -123,14 +124,23 @@ def test_nope_layer_gives_its_rope_share_to_the_latent(tiny_models, tmp_path):
     assert cfg["qk_rope_head_dim"] == [8, 0] and cfg["kv_lora_rank"] == [24, 32]  # 32 values per layer either way
 
 
+@pytest.fixture(scope="module")
+def qk_norm_calibrated(tiny_models, tmp_path_factory):
+    """(reader, layout, stats with gradients) of each tiny QK-norm family, calibrated once."""
+    return {name: calibrate_tiny(tiny_models[name], tmp_path_factory.mktemp(name))[:3] for name in ("qwen3", "olmo2")}
+
+
+@pytest.mark.parametrize("factor", ["fisher", "pca"])
 @pytest.mark.parametrize("name", ["qwen3", "olmo2"])
-def test_qk_norm_error_shrinks_with_the_budget(name, tiny_models, tmp_path):
-    """The latent of normalized keys: lossless at 1, and the verification KL grows as the budget shrinks."""
-    kls = []
-    for budget in (0.75, 0.5, 0.25):
-        record = convert_tiny(tiny_models[name], tmp_path / f"b{budget}", kv_budget=budget, rank_alloc="uniform")
-        kls.append(record["verify"]["mean_kl"])
-    assert kls == sorted(kls) and kls[0] < kls[-1]
+def test_qk_norm_latent_is_the_reference_factorization(name, factor, qk_norm_calibrated):
+    """The latent of normalized keys (the problem on ``y = [k_norm(k); v]``): at ranks 8, 24 and 40 (RoPE 8) each
+    head's key and value maps in the assembled layers are those of ``conftest.reference_factorization`` (whitened
+    SVD, least-squares refit) of that problem. Budget 1 is lossless: test_convert.test_budget_one_is_lossless."""
+    reader, layout, stats = qk_norm_calibrated[name]
+    assert layout.qk_norm
+    for rank in (8, 24, 40):
+        cfg = ConvertConfig(kv_lora_rank=rank, rope_dim=8, factor_method=factor)
+        assert assembled_reference_error(reader, layout, stats, cfg) < 1e-5, rank
 
 
 def test_svd_factorization_is_refused_for_qk_norm(tiny_models, tmp_path):
