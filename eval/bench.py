@@ -32,10 +32,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from convert.config import add_config_args, config_from_args, opt
 from convert.device import auto_dtype, device_name
 from convert.errors import MLAError, quote, run_command
 from convert.files import check_out_file, write_text
+from convert.recover.memory import available_bytes
 from convert.sources import TRUST_HELP, input_paths
 from eval.kernels import count_kernels
 from eval.perplexity import load_model
@@ -389,15 +392,9 @@ def capacity(path: str, cfg: BenchConfig, context: int, progress=None) -> dict:
 
 
 def _mem_available_mib() -> float | None:
-    """The memory the kernel can give without swapping (MemAvailable of /proc/meminfo), in MiB; None where unknown."""
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return None
+    """The host memory the kernel can give without swapping (``available_bytes``), in MiB; None where unknown."""
+    got = available_bytes(torch.device("cpu"))
+    return None if got is None else got / 2**20
 
 
 def _host_bound() -> float | None:
