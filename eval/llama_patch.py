@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from convert.data import load_texts
-from convert.errors import MLAError
+from convert.errors import MLAError, run_command
+from convert.files import write_text
 
 from .llama_bench import bench
 from .llama_cpp import build
@@ -86,14 +87,14 @@ def main(argv=None) -> int:
     for m in [*args.models, args.check]:
         if not m.is_file():
             raise MLAError(f"no GGUF file {m}")
-    args.out.mkdir(parents=True, exist_ok=True)
     build(TOOLS)
     build(TOOLS, variant=args.patch)
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"patch": args.patch, "models": [str(m) for m in args.models]}
 
     def save(part, value, text):
         results[part] = value
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
         print(f"\n## {part}\n\n{text}", flush=True)
 
     text = write_text_file(args.out / "text.txt", "\n\n".join(load_texts(args.text)))
@@ -107,4 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(main))
