@@ -545,3 +545,15 @@ def assembled_reference_error(reader, layout, stats, cfg) -> float:
                               (kv_b[h, d_h:] @ latent, expected[n_key:][cols])):
                 worst = max(worst, float(torch.linalg.norm(got - want) / torch.linalg.norm(want)))
     return worst
+
+
+def converted_with_texts(tiny_models, root: Path) -> Path:
+    """``root`` holding a tiny GQA model converted at budget 0.25 (``conv``) and disjoint training / validation text
+    files (``train.txt``, ``val.txt``: Python docs): what the recovery tests train on."""
+    import pydoc_data.topics
+
+    topics = list(pydoc_data.topics.topics.values())
+    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
+    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
+    convert_tiny(tiny_models["llama-gqa"], root / "conv", kv_budget=0.25)
+    return root

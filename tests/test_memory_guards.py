@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import convert_tiny
+from conftest import converted_with_texts
 from convert.config import ConvertConfig, parse_overrides
 from convert.data import load_texts, read_budget
 from convert.errors import MLAError, run_command
@@ -23,14 +23,7 @@ GIB = 2**30
 @pytest.fixture(scope="module")
 def setup(tiny_models, tmp_path_factory):
     """A tiny GQA model converted at budget 0.25, and disjoint training / validation text files (Python docs)."""
-    import pydoc_data.topics
-
-    root = tmp_path_factory.mktemp("guards")
-    topics = list(pydoc_data.topics.topics.values())
-    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
-    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
-    convert_tiny(tiny_models["llama-gqa"], root / "conv", kv_budget=0.25)
-    return root
+    return converted_with_texts(tiny_models, tmp_path_factory.mktemp("guards"))
 
 
 def _cfg(root: Path, **extra) -> RecoverConfig:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import convert_tiny
+from conftest import convert_tiny, converted_with_texts
 from convert.config import parse_overrides
 from convert.errors import MLAError
 from convert.recover import CKPT_NAME, finetune, work_dir
@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tiny_models, tmp_path_factory):
     """A tiny GQA model converted at budget 0.25, and disjoint training / validation text files (Python docs)."""
-    import pydoc_data.topics
-
-    root = tmp_path_factory.mktemp("recover")
-    topics = list(pydoc_data.topics.topics.values())
-    (root / "train.txt").write_text("\n\n".join(topics[: len(topics) // 2]))
-    (root / "val.txt").write_text("\n\n".join(topics[len(topics) // 2:]))
-    convert_tiny(tiny_models["llama-gqa"], root / "conv", kv_budget=0.25)
-    return root
+    return converted_with_texts(tiny_models, tmp_path_factory.mktemp("recover"))
 
 
 def _args(root: Path, **extra) -> dict:
