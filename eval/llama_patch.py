@@ -32,10 +32,10 @@ def same_results(model: Path, text: Path, variant: str, ctx: int, chunks: int) -
     (the decode path), one thread. ``-fa 0`` (where the patch scores the heads as one product) must agree within
     EXACT; ``-fa 1`` is reported with the stock build's own spread between its two paths."""
     got = {}
-    for build in ("stock", variant):
+    for which in ("stock", variant):
         for fa in (0, 1):
-            got[build, fa] = perplexity(model, text, ctx, 1, "--chunks", chunks, "-ub", 1, "-fa", fa, "-ctk", "f32",
-                                        "-ctv", "f32", variant=None if build == "stock" else variant)["ppl"]
+            got[which, fa] = perplexity(model, text, ctx, 1, "--chunks", chunks, "-ub", 1, "-fa", fa, "-ctk", "f32",
+                                        "-ctv", "f32", variant=None if which == "stock" else variant)["ppl"]
     spread = abs(got["stock", 0] - got["stock", 1]) / got["stock", 0]
     rows = [{"model": model.name, "fa": fa, "stock": got["stock", fa], "patched": got[variant, fa],
              "rel_diff": abs(got[variant, fa] - got["stock", fa]) / got["stock", fa], "stock_fa_spread": spread}
