@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import calibrate_tiny, convert_tiny, reference_factorization
+from conftest import assembled_reference_error, calibrate_tiny, convert_tiny, reference_factorization
 from convert.allocate import MIN_RANK, check_plan, layer_converter
 from convert.assemble import read_attention, rope_theta
 from convert.config import ConvertConfig
@@ -98,29 +98,8 @@ def test_assembled_layers_hold_the_reference_factorization(calibrated, factor):
     map (its rows of kv_b_proj times the latent rows of kv_a_proj_with_mqa) are those of the reference
     factorization of the rotated problem ``[R_nope K; V]``."""
     reader, layout, stats = calibrated
-    rank, d_rope = 24, 8
-    cfg = ConvertConfig(kv_lora_rank=rank, rope_dim=d_rope, factor_method=factor)
-    out = {}
-    conv = layer_converter(layout, cfg, check_plan(layout, cfg), reader, lambda i, t, _: out.__setitem__(i, t),
-                           Spill("/nonexistent", float("inf")))
-    for i, st in enumerate(stats):
-        conv.add(i, st)
-    conv.finish()
-    g, d_h, n_h = layout.num_kv_heads, layout.head_dim, layout.num_heads
-    for i, st in enumerate(stats):
-        w = read_attention(reader, i, layout)
-        split = rope_split(st, g, d_h, n_h, d_rope, cfg.rope_method, rope_theta(layout, i), cfg.rope_span)
-        r_nope = split.rotation[d_rope:]
-        n_key = r_nope.shape[0]
-        z = torch.cat((r_nope @ w.k_aug, w.v_aug))
-        zs = LatentStats.of(st, torch.block_diag(r_nope, torch.eye(g * d_h, dtype=torch.float64)), r_nope)
-        expected = reference_factorization(z, n_key, rank, factor, zs)[:, :-1]  # no biases
-        latent = out[i]["kv_a_proj_with_mqa.weight"][:rank]  # (r, d)
-        kv_b = out[i]["kv_b_proj.weight"].view(n_h, 2 * d_h, rank)
-        for h in range(n_h):
-            cols = slice(h // (n_h // g) * d_h, (h // (n_h // g) + 1) * d_h)
-            assert _relative(kv_b[h, :d_h] @ latent, r_nope[:, cols].T @ expected[:n_key]) < 1e-5, (i, h)
-            assert _relative(kv_b[h, d_h:] @ latent, expected[n_key:][cols]) < 1e-5, (i, h)
+    cfg = ConvertConfig(kv_lora_rank=24, rope_dim=8, factor_method=factor)
+    assert assembled_reference_error(reader, layout, stats, cfg) < 1e-5
 
 
 @pytest.mark.parametrize("alloc", ["fisher", "uniform"])
