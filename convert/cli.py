@@ -96,9 +96,11 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+def parse(argv: list[str]):
+    """An ``mla`` command line parsed as ``main`` parses it, running nothing: the arguments (``args.func`` runs the
+    command, ``args.overrides`` holds mla finetune's key=value items, ``args.convert_args`` what follows ``--`` for
+    mla bench-convert). A usage error exits with status 2 and one ``error:`` line (``SystemExit``)."""
+    argv, passthrough = _split_passthrough(list(argv))
     name = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(name)
     # key=value overrides may come before or after --recipe/--overwrite; argparse only takes them in one run
@@ -109,6 +111,12 @@ def main(argv=None) -> int:
         args.overrides = args.overrides + extra
     args.argv = argv[1:]
     args.convert_args = passthrough
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse(sys.argv[1:] if argv is None else argv)
     from .sources import quiet_library_warnings  # after the parse: transformers loads only for a command that runs
 
     quiet_library_warnings()

@@ -17,6 +17,7 @@ import torch
 
 from .adapters import text_config
 from .allocate import convert_layers, plan
+from .card import command_line, source_hub_id, source_license, write_card
 from .config import ConvertConfig, fit_to_model
 from .data import calibration_data, source_paths
 from .deepseek import write_deepseek_v3
@@ -47,6 +48,7 @@ def convert(src: str, out: str | Path, cfg: ConvertConfig, log=print, inputs=())
 def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
     """The stages in order; each call below goes to the file that owns that stage."""
     clock = StageClock()
+    command = command_line(["mla", "convert", src, "OUT"], cfg)  # for the model card, as given (before fitting)
     device = resolve_device(cfg.device)
     source, full_config, layout = open_source(src, {})  # sources, adapters, weights
     cfg = fit_to_model(cfg, full_config)  # config: a default length fits the model's positions
@@ -77,8 +79,11 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
             written = _write_deepseek(tmp, config, converter, layout, log)
             clock.lap("write deepseek_v3")
         record = conversion_record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
+        record["command"] = command
+        record["source"].update(hub_id=source_hub_id(source), license=source_license(source, full_config))
         write_record(tmp, record, verify_result, written, source=source, device=device, compute_dtype=work_dtype,
                      clock=clock, layer_seconds=converter.seconds)
+        write_card(tmp, record)  # README.md, inside the temporary folder: renamed into place with the rest
     kv = record["kv_cache"]
     prof = record["profile"]
     fmt = " (stock deepseek_v3)" if cfg.format == "deepseek_v3" else ""

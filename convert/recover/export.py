@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import HEAD
+from ..card import CARD, command_line, write_card
 from ..deepseek import write_deepseek_v3
 from ..errors import MLAError
 from ..files import atomic_dir
@@ -25,7 +26,7 @@ from .models import output_format
 
 ADAPTER_DIR = "adapter"
 # What OUT gets anew, never from CONVERTED: the weights, the config, the remote code, the record and the plot.
-WRITTEN = ("config.json", "mla_conversion.json", "recovery.png", *REMOTE_CODE_FILES)
+WRITTEN = ("config.json", "mla_conversion.json", "recovery.png", CARD, *REMOTE_CODE_FILES)
 
 
 def _final_loss(history: list[dict], key: str, last: int = 10) -> float | None:
@@ -59,7 +60,9 @@ def write_recovered(model, converted: Path, out: Path, record: dict, cfg: Recove
                                               started)
         record["recovery"]["untied_embeddings"] = _untied(converted, config)
         record["recovery"].update(facts or {})
+        record["recovery"]["command"] = command_line(["mla", "finetune", "CONVERTED", "OUT"], cfg, style="keys")
         write_json(tmp / "mla_conversion.json", record)
+        write_card(tmp, record)  # README.md: ours, never CONVERTED's copied card
         _plot(evals, tmp / "recovery.png")
     rec = record["recovery"]
     ratio = f"; val perplexity {evals[0]['ratio']:.3f}x -> {evals[-1]['ratio']:.3f}x the teacher's" if evals else ""
