@@ -28,14 +28,15 @@ class Command:
 
 
 COMMANDS = {
-    "convert": Command("convert a checkpoint into an MLA model folder (loads with trust_remote_code=True)",
+    "convert": Command("convert a Hugging Face model into an MLA export (our format, or a stock deepseek_v3 checkpoint)",
                        "convert.commands", "convert"),
-    "finetune": Command("recover a converted model's quality: LoRA + distillation from the original, merged export",
+    "finetune": Command("recover a conversion's quality by distillation from the original model; writes a merged export",
                         "convert.commands", "finetune", processes=True),
-    "sweep": Command("perplexity ratio vs KV budget for several methods (table + PNG plot)", "eval.sweep", "sweep"),
-    "eval": Command("lm-eval tasks, perplexity, KV cache and decode speed: converted models beside the original",
+    "sweep": Command("perplexity ratio against KV budget for several methods (table + PNG plot)", "eval.sweep",
+                     "sweep"),
+    "eval": Command("lm-eval tasks, perplexity, KV cache and a decode probe: converted models beside the original",
                     "eval.evaluate", "eval"),
-    "perplexity": Command("held-out perplexity of a model (and its original) on the same token windows",
+    "perplexity": Command("held-out perplexity of a model and its original on the same token windows",
                           "eval.perplexity", "perplexity"),
     "bench": Command("decode and prefill speed, KV cache and peak memory: converted models beside the original",
                      "eval.bench", "bench"),

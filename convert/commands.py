@@ -22,7 +22,8 @@ def _recipe_inputs(recipe: str | None) -> list[Path]:
 
 
 def convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Convert SRC (a model folder, Hub id, .gguf file, or smollm2-135m) into an MLA export at OUT."
+    p.description = ("Convert a Hugging Face model into an MLA export: SRC (a model folder, Hub id, .gguf file, or "
+                     "smollm2-135m) into OUT, in our format or as a stock deepseek_v3 checkpoint (--format).")
     p.add_argument("src", metavar="SRC", help=SOURCE_HELP)
     p.add_argument("out", metavar="OUT", help="output folder (written atomically)")
     p.add_argument("--recipe", help="YAML recipe whose 'convert:' keys set the options below (flags override it); "
@@ -47,9 +48,11 @@ def convert_command(args) -> int:
 
 
 def finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Fine-tune the MLA export CONVERTED by distillation from the model it was converted from (LoRA "
-                     "via peft) and write merged weights + the peft adapter to OUT. Checkpoints go to OUT.ckpt; "
-                     "re-running the same command resumes. Multi-GPU: accelerate launch -m convert.cli finetune ...")
+    p.description = ("Recover a conversion's quality by distillation from the original model: fine-tune the MLA export "
+                     "CONVERTED (its attention and norms as full parameters, the MLP with LoRA via peft or, with "
+                     "lora_targets=, as full parameters too) and write merged weights (+ the peft adapter, if any) to "
+                     "OUT. Checkpoints go to OUT.ckpt; re-running the same command resumes. Several processes: "
+                     "accelerate launch -m convert.cli finetune ... or torchrun -m convert.cli finetune ...")
     p.epilog = keys_epilog(RecoverConfig)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("converted", metavar="CONVERTED", help="an export written by mla convert")
