@@ -112,5 +112,5 @@ def _write_deepseek(folder: Path, config, converter, layout, log) -> dict:
     if width not in VLLM_MLA_WIDTHS:
         log(f"note: vLLM's MLA attention takes kv_lora_rank + qk_rope_head_dim of {VLLM_MLA_WIDTHS} only; "
             f"this export's {width} runs there with VLLM_MLA_DISABLE=1 (no latent cache) or in SGLang "
-            "(--attention-backend triton); see README")
+            "(--attention-backend triton); see docs/serving.md")
     return written
