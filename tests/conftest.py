@@ -278,6 +278,19 @@ def _env(**extra):
             "TRANSFORMERS_VERBOSITY": "error", **extra}
 
 
+def run_main(capsys, *args):
+    """``mla ARGS`` in this process (``convert.cli.main``, as the console script runs it): (exit code, stderr). For
+    checks of what a command refuses; ``cli`` runs it in a subprocess where the process itself matters."""
+    from convert.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
 def cli(*args, timeout=300):
     """``python -m convert.cli ARGS`` in a subprocess: (exit code, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "convert.cli", *map(str, args)], capture_output=True, text=True,
@@ -293,12 +306,20 @@ def _edit_config(src: Path, folder: Path, **changes) -> Path:
     return folder
 
 
-def _paused_convert(src: Path, out: Path, seconds: float, *flags) -> subprocess.Popen:
-    """``mla convert`` in a subprocess that pauses ``seconds`` once its export is complete in the temporary folder."""
-    code = ("import time, convert.export as p; real = p.write_json; "
-            "p.write_json = lambda *a, **k: (real(*a, **k), time.sleep(%r)); "
-            "from convert.cli import main; raise SystemExit(main(['convert', %r, %r, *%r]))"
-            % (seconds, str(src), str(out), [*FAST, *flags]))
+def _paused_convert(src: Path, out: Path, seconds: float, *flags, release: Path | None = None) -> subprocess.Popen:
+    """``mla convert`` in a subprocess that pauses once its export is complete in the temporary folder: ``seconds``,
+    or until the file ``release`` exists."""
+    code = ("import os, time, convert.export as p\n"
+            "real = p.write_json\n"
+            "def paused(*a, **k):\n"
+            "    real(*a, **k)\n"
+            "    end = time.time() + %r\n"
+            "    while time.time() < end and not (%r and os.path.exists(%r)):\n"
+            "        time.sleep(0.05)\n"
+            "p.write_json = paused\n"
+            "from convert.cli import main\n"
+            "raise SystemExit(main(['convert', %r, %r, *%r]))\n"
+            % (seconds, bool(release), str(release), str(src), str(out), [*FAST, *flags]))
     return subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
-from conftest import ROOT, cli, convert_tiny, make_tiny, one_error
+from conftest import ROOT, convert_tiny, make_tiny, one_error, run_main
 from convert.errors import MLAError
 from convert.recover import finetune
 from convert.recover.config import RecoverConfig
@@ -175,23 +175,25 @@ def test_bfloat16_frozen_weights_on_the_cpu_need_bf16(setup, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_finetune_device_cuda_without_cuda(setup, tmp_path):
-    code, err = cli("finetune", setup / "conv", tmp_path / "out", "device=cuda", f"data={setup / 'train.txt'}",
-                    f"val_data={setup / 'val.txt'}", "seq_len=64", "tokens=1024")
+def test_finetune_device_cuda_without_cuda(setup, tmp_path, capsys):
+    code, err = run_main(capsys, "finetune", setup / "conv", tmp_path / "out", "device=cuda",
+                         f"data={setup / 'train.txt'}", f"val_data={setup / 'val.txt'}", "seq_len=64", "tokens=1024")
     one_error(code, err, "device=cuda", "no CUDA device is available")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
-def test_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
+def test_a_recipe_for_another_model_is_one_line_error(setup, tmp_path, capsys):
     """recipes/smollm2-135m.yaml names its source: on an export of another shape it stops before anything runs."""
-    code, err = cli("finetune", setup / "conv", tmp_path / "out", "--recipe", ROOT / "recipes" / "smollm2-135m.yaml")
+    code, err = run_main(capsys, "finetune", setup / "conv", tmp_path / "out", "--recipe",
+                         ROOT / "recipes" / "smollm2-135m.yaml")
     one_error(code, err, "smollm2-135m.yaml is for smollm2-135m", "num_layers 30")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
-def test_convert_with_a_recipe_for_another_model_is_one_line_error(setup, tmp_path):
+def test_convert_with_a_recipe_for_another_model_is_one_line_error(setup, tmp_path, capsys):
     """mla convert SRC --recipe: the recipe's source is checked against SRC before the conversion runs."""
-    code, err = cli("convert", setup / "src", tmp_path / "out", "--recipe", ROOT / "recipes" / "smollm2-135m.yaml")
+    code, err = run_main(capsys, "convert", setup / "src", tmp_path / "out", "--recipe",
+                         ROOT / "recipes" / "smollm2-135m.yaml")
     one_error(code, err, "smollm2-135m.yaml is for smollm2-135m", "num_layers 30")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import VOCAB, _tokenizer, assert_error, cli, convert_tiny, make_tiny
+from conftest import VOCAB, _tokenizer, assert_error, convert_tiny, make_tiny, run_main
 from convert.errors import MLAError
 from convert.gguf_export import write_gguf
 
@@ -189,30 +189,30 @@ def test_q8_0_quantizes_rows_in_blocks_of_32_and_keeps_the_perplexity(tools, exp
     assert abs(q8 / f32 - 1) < 0.01
 
 
-def test_what_llama_cpp_cannot_run_is_one_line_and_no_file(exports, lossless, tmp_path):
+def test_what_llama_cpp_cannot_run_is_one_line_and_no_file(exports, lossless, tmp_path, capsys):
     out = tmp_path / "m.gguf"
-    code, err = cli("gguf", lossless["llama-gqa"], out)  # our own format: per-layer widths, no latent norm
+    code, err = run_main(capsys, "gguf", lossless["llama-gqa"], out)  # our own format: per-layer widths, no latent norm
     assert_error(code, err, out, "--format deepseek_v3", "latent norm", "padded to one width")
     (tmp_path / "empty").mkdir()
-    code, err = cli("gguf", tmp_path / "empty", out)
+    code, err = run_main(capsys, "gguf", tmp_path / "empty", out)
     assert_error(code, err, out, "config.json")
-    code, err = cli("gguf", exports["gqa"], exports["gqa"] / "m.gguf")  # into the export: it would alter an input
+    code, err = run_main(capsys, "gguf", exports["gqa"], exports["gqa"] / "m.gguf")  # into the export: alters an input
     assert_error(code, err, exports["gqa"] / "m.gguf", "input")
     moe = tmp_path / "moe"  # a DeepSeek-V3 with expert layers: not one of our dense exports
     shutil.copytree(exports["gqa"], moe)
     raw = json.loads((moe / "config.json").read_text())
     (moe / "config.json").write_text(json.dumps({**raw, "first_k_dense_replace": 1}))
-    code, err = cli("gguf", moe, out)
+    code, err = run_main(capsys, "gguf", moe, out)
     assert_error(code, err, out, "mixture-of-experts")
     (moe / "config.json").write_text("[1, 2]")
-    code, err = cli("gguf", moe, out)
+    code, err = run_main(capsys, "gguf", moe, out)
     assert_error(code, err, out, "not a JSON object")
     (moe / "config.json").write_text(json.dumps(raw))
     (moe / "tokenizer.json").write_text('{"model": ')  # truncated
-    code, err = cli("gguf", moe, out)
+    code, err = run_main(capsys, "gguf", moe, out)
     assert_error(code, err, out, "tokenizer.json")
     out.write_bytes(b"x")
-    code, err = cli("gguf", exports["gqa"], out)
+    code, err = run_main(capsys, "gguf", exports["gqa"], out)
     assert_error(code, err, out, "--overwrite", out_exists=True)
     assert out.read_bytes() == b"x"
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import convert_tiny, make_tiny
+from conftest import convert_tiny, make_tiny, run_main
 from convert.errors import MLAError
 from convert.recover import finetune, work_dir
 from convert.recover.config import RecoverConfig
@@ -189,12 +189,10 @@ def test_bad_layer_local_settings_are_one_line_errors(setup, tmp_path, overrides
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_rejects_bad_layer_local_values(setup, tmp_path):
-    cmd = [sys.executable, "-m", "convert.cli", "finetune", str(setup / "conv"), str(tmp_path / "o"),
-           "local_tokens=many"]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:")
-    assert "local_tokens must be int" in proc.stderr and not (tmp_path / "o").exists()
+def test_cli_rejects_bad_layer_local_values(setup, tmp_path, capsys):
+    code, err = run_main(capsys, "finetune", setup / "conv", tmp_path / "o", "local_tokens=many")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:")
+    assert "local_tokens must be int" in err and not (tmp_path / "o").exists()
 
 
 # --- text mixes ---------------------------------------------------------------------------------------------------

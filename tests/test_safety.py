@@ -294,9 +294,11 @@ def test_a_held_lock_refuses_a_second_convert_and_finetune(src, export, tmp_path
 
 def test_two_concurrent_converts_into_one_out(src, tmp_path):
     out = tmp_path / "out"
-    first = _paused_convert(src, out, 20, "--kv-budget", "0.5")
+    release = tmp_path.parent / f"{tmp_path.name}-release"  # outside tmp_path, whose listing is checked below
+    first = _paused_convert(src, out, 120, "--kv-budget", "0.5", release=release)
     _wait_for_export_in_temp(out, first)
     code, err = cli("convert", src, out, *FAST, "--kv-budget", "0.25")
+    release.touch()  # the first one goes on only once the second has ended
     _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     assert code == 2 and "another mla process" in err.strip().splitlines()[-1]
