@@ -286,8 +286,9 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
         prefill_s, cache, first = _prefill(model, prompt, static, cfg.runs if batch * context <= 4096 else 1, sync)
         prefill_peak = _peak_mib(cuda)
         step = _step_fn(model, cache, context, cfg, cuda)
-        if cfg.compile:  # one untimed run: compiling, CUDA-graph recording and first replays of every step
-            _decode_runs(step, first, cache, replace(cfg, runs=1), sync)
+        compile_s = None
+        if cfg.compile:  # one run apart: compiling, CUDA-graph recording and first replays of every step
+            compile_s = sum(_decode_runs(step, first, cache, replace(cfg, runs=1), sync)[0])
         resets = _reset_peak(cuda) and resets
         times, cached = _decode_runs(step, first, cache, cfg, sync)
         peak = _peak_mib(cuda)
@@ -297,7 +298,8 @@ def measure(path: str, cfg: BenchConfig, batch: int, context: int, kernels: bool
     return {
         "path": path, "model_type": model.config.model_type, "device": device, "dtype": dtype,
         "threads": torch.get_num_threads(), "batch": batch, "context": context,
-        "cache": "static" if cfg.compile else "dynamic", "compiled": cfg.compile, "prefill_s": prefill_s,
+        "cache": "static" if cfg.compile else "dynamic", "compiled": cfg.compile, "compile_s": compile_s,
+        "prefill_s": prefill_s,
         "prefill_tok_s": batch * context / prefill_s,
         "decode_s": decode_s, "decode_runs_s": times, "decode_tok_s": batch * cfg.new_tokens / decode_s,
         "kv_cache_mib": cached / 2**20, "kv_bytes_per_token": cached / (batch * (context + cfg.new_tokens)),
@@ -678,6 +680,8 @@ def table(result: dict) -> str:
     lines = []
     for pair in result.get("pairs", []):
         lines += [f"batch {pair['batch']} x context {pair['context']} ({_mode(result)})", *_block(pair["models"], cols)]
+        lines += [f"  {r['name'][:28]}: first run of {result['settings']['new_tokens']} steps (compiling) "
+                  f"{r['compile_s']:.1f} s" for r in pair["models"] if r.get("compile_s") is not None]
     for block in result.get("capacity", []):
         limit = block["memory_limit_mib"]
         lines.append(f"largest batch at context {block['context']} ({_mode(result)}; tried up to "

@@ -186,7 +186,13 @@ class MLAConfig(PretrainedConfig):
         absorb_max_query (`int`, *optional*, defaults to 16): Longest query block that `"auto"` decodes absorbed.
         absorbed_attention (`str`, *optional*, defaults to `"auto"`): How the absorbed path attends over the latent:
             `"bmm"` (batched matmuls, softmax in between), `"sdpa"` (one fused SDPA call, keys = values = the latent)
-            or `"auto"` (`"sdpa"` on a CPU, `"bmm"` elsewhere). A soft cap always uses `"bmm"`.
+            or `"auto"` (on a CPU `"sdpa"` when the batch has at least as many sequences as torch has threads,
+            `"bmm"` otherwise; `"bmm"` on a GPU). A soft cap always uses `"bmm"`.
+        fused_down_projection (`str`, *optional*, defaults to `"auto"`): Whether inference runs `q_proj`,
+            `kv_a_proj_with_mqa` (and QK-norm's `k_proj`), which read the same input, as one GEMM over their stacked
+            weights (the modules' weights become views of it: no memory kept twice, the checkpoint's names stay).
+            `"auto"`: on a GPU (one kernel launch instead of two or three), not on a CPU, where the separate GEMMs read
+            the same bytes and were as fast; `"always"` / `"never"`.
     """
 
     model_type = "mla_retrofit"
@@ -236,6 +242,7 @@ class MLAConfig(PretrainedConfig):
         absorb="auto",
         absorb_max_query=16,
         absorbed_attention="auto",
+        fused_down_projection="auto",
         **kwargs,
     ):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
@@ -307,8 +314,13 @@ class MLAConfig(PretrainedConfig):
         self.absorb = absorb
         self.absorb_max_query = _integer("absorb_max_query", absorb_max_query, 0)
         if absorbed_attention not in ("auto", "bmm", "sdpa"):
-            raise ValueError(f"MLAConfig: absorbed_attention must be 'auto', 'bmm' or 'sdpa', got {absorbed_attention!r}")
+            raise ValueError("MLAConfig: absorbed_attention must be 'auto', 'bmm' or 'sdpa', got "
+                             f"{absorbed_attention!r}")
         self.absorbed_attention = absorbed_attention
+        if fused_down_projection not in ("auto", "always", "never"):
+            raise ValueError("MLAConfig: fused_down_projection must be 'auto', 'always' or 'never', got "
+                             f"{fused_down_projection!r}")
+        self.fused_down_projection = fused_down_projection
         _per_layer_ints("kv_lora_rank", kv_lora_rank, num_hidden_layers, 1)
         ropes = _per_layer_ints("qk_rope_head_dim", qk_rope_head_dim, num_hidden_layers, 0)
         if any(d % 2 for d in ropes):

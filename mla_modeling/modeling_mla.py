@@ -52,6 +52,9 @@ class MLARMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
+        if input_dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
+            # the same maths as below when nothing is cast, in one op instead of six
+            return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
@@ -334,6 +337,8 @@ class MLAAttention(nn.Module):
         # of every layer once per forward.
         self.rope_freq_list = list(config.rope_freq_indices[layer_idx])
         self._rope_index_cache = {}
+        self._down_sizes = [m.out_features for m in self._down_modules()]
+        self._register_state_dict_hook(self._unshare_state_dict)
 
     def layer_rope(self, position_embeddings) -> LayerRope:
         """This layer's `LayerRope` from the model's rotary tables (half-width `(cos, sin)`, or a dict of them per
@@ -344,6 +349,73 @@ class MLAAttention(nn.Module):
         if cos.device not in self._rope_index_cache:
             self._rope_index_cache[cos.device] = rope_index([self.rope_freq_list], cos.device)
         return gather_rope(cos, sin, *self._rope_index_cache[cos.device])
+
+    def _down_modules(self) -> list:
+        """The projections that read the block's input: ``q_proj``, ``kv_a_proj_with_mqa`` (and QK-norm's ``k_proj``)."""
+        return [self.q_proj, self.kv_a_proj_with_mqa] + ([self.k_proj] if self.config.qk_norm is not None else [])
+
+    def _down(self, hidden_states: torch.Tensor) -> tuple:
+        """``(q, kv, k)`` of the input (``k`` None without QK-norm): one GEMM over the fused weights where
+        ``_fused_down`` gives them, else each module in turn (training, adapters, hooks, ``torch.compile``)."""
+        fused = self._fused_down()
+        if fused is None:
+            outs = [m(hidden_states) for m in self._down_modules()]
+        else:
+            outs = F.linear(hidden_states, *fused).split(self._down_sizes, dim=-1)
+        return outs[0], outs[1], outs[2] if len(outs) > 2 else None
+
+    def _fused_down(self) -> Optional[tuple]:
+        """``(weight, bias)`` of the down-projections stacked, or None where they must run one by one. Built at the
+        first inference forward (and again whenever a weight was replaced, e.g. by ``.to()``); the modules' weights
+        then become views of it, so the fusion costs no memory and the checkpoint keeps its tensor names (the state
+        dict holds copies, see ``_unshare_state_dict``). Gradients, adapters (any module that is not a plain
+        ``nn.Linear``), hooks, offloading and ``torch.compile`` take the modules (``config.fused_down_projection``:
+        ``auto`` fuses off the CPU only)."""
+        mode = self.config.fused_down_projection
+        if mode == "never" or torch.compiler.is_compiling():
+            return None
+        modules = self._down_modules()
+        if mode == "auto" and modules[0].weight.device.type == "cpu":
+            return None
+        for m in modules:
+            if type(m) is not nn.Linear or type(m.weight) is not nn.Parameter or m.weight.is_meta:
+                return None
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                return None
+            if m.weight.requires_grad and torch.is_grad_enabled():
+                return None
+        fused = self.__dict__.get("_fused")
+        if fused is None or [m.weight.data_ptr() for m in modules] != fused[2]:
+            fused = self._fuse(modules)
+        return fused[0], fused[1]
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def _fuse(self, modules: list) -> tuple:
+        """Stack the modules' weights (and biases) into one tensor and make theirs views of it."""
+        weight = torch.cat([m.weight for m in modules])  # (sum of outputs, d)
+        bias = torch.cat([m.bias for m in modules]) if modules[0].bias is not None else None
+        start = 0
+        for m, size in zip(modules, self._down_sizes):
+            m.weight.data = weight[start:start + size]
+            if bias is not None:
+                m.bias.data = bias[start:start + size]
+            start += size
+        self.__dict__["_fused"] = (weight, bias, [m.weight.data_ptr() for m in modules])  # not a buffer: no state
+        return self.__dict__["_fused"]
+
+    @staticmethod
+    def _unshare_state_dict(module, state_dict, prefix, local_metadata) -> None:
+        """State dict hook: the fused down-projection's views are handed out as copies of their own (savers such as
+        safetensors refuse tensors that share memory); parameters asked for as such (``keep_vars``) stay."""
+        fused = module.__dict__.get("_fused")
+        if fused is None:
+            return
+        shared = {t.untyped_storage().data_ptr() for t in fused[:2] if t is not None}
+        for name, tensor in list(state_dict.items()):
+            if name.startswith(prefix) and type(tensor) is not nn.Parameter and \
+                    tensor.untyped_storage().data_ptr() in shared:
+                state_dict[name] = tensor.clone()
 
     def use_absorbed(self, q_len: int) -> bool:
         mode = self.config.absorb
@@ -369,11 +441,10 @@ class MLAAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, dn, dr, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
 
-        q = self.q_proj(hidden_states).view(B, T, H, dn + dr)
-        kv = self.kv_a_proj_with_mqa(hidden_states)  # (B, T, r + dr)
+        q, kv, k = self._down(hidden_states)  # (B, T, H*(dn + dr)), (B, T, r + dr), (B, T, g*d_h) or None
+        q = q.view(B, T, H, dn + dr)
         if self.config.qk_norm is not None:
             q = self.q_norm(q)
-            k = self.k_proj(hidden_states)  # (B, T, g*d_h)
             if self.config.qk_norm == "head":
                 k = self.k_norm(k.view(B, T, -1, self.config.head_dim)).view(B, T, -1)
             else:
@@ -413,7 +484,7 @@ class MLAAttention(nn.Module):
             allowed = torch.ones(T, S, dtype=torch.bool, device=ckv.device).tril()  # keys past T: empty slots
             bias = torch.zeros(T, S, dtype=q_lat.dtype, device=ckv.device)
             bias = bias.masked_fill_(~allowed, torch.finfo(bias.dtype).min)[None, None]  # (1, 1, T, S)
-        if latent is not None and self._fused_absorbed(ckv.device):
+        if latent is not None and self._fused_absorbed(ckv.device, B * T, S):
             return self._absorbed_sdpa(q_lat, q_pe, latent[:, :, :S], bias, w_uv)
         if latent is not None:  # one matmul over the contiguous [ckv | kpe]
             query = torch.cat((q_lat, q_pe), dim=-1).mul_(self.scaling).view(B, T * H, -1)  # (B, T*H, r + dr)
@@ -434,13 +505,20 @@ class MLAAttention(nn.Module):
         out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
         return out.transpose(0, 1).reshape(B, T, H * dv)
 
-    def _fused_absorbed(self, device) -> bool:
-        """Whether the absorbed decode runs as one fused SDPA call over the latent (`config.absorbed_attention`;
-        `auto`: on a CPU, where SDPA's flash kernel takes any head width and reads the latent once) rather than
-        batched matmuls (`auto` on a GPU: SDPA's fused kernels do not take heads over 256 wide and cuDNN plans
-        anew as the cache grows)."""
+    def _fused_absorbed(self, device, rows: int, keys: int) -> bool:
+        """Whether the absorbed decode runs as one fused SDPA call over the latent rather than batched matmuls
+        (`config.absorbed_attention`). `auto`: on a CPU when the `rows` (sequences x query tokens) are at least the
+        threads, or the cache is short (`keys` < 1536): SDPA's CPU kernel reads the latent once but runs each
+        sequence on one thread, so a single sequence over a long cache leaves the other cores idle (2 cores, 9 heads,
+        width 120: SDPA 10% faster from batch 2 on and at batch 1 up to 1024 tokens, the matmuls 6-46% faster at
+        batch 1 after 1536-8192 tokens); on a GPU the matmuls (SDPA's fused kernels do not take heads over 256 wide
+        and cuDNN plans anew as the cache grows)."""
         mode = self.config.absorbed_attention
-        return self.attn_logit_softcapping is None and (mode == "sdpa" or mode == "auto" and device.type == "cpu")
+        if self.attn_logit_softcapping is not None or mode == "bmm":
+            return False
+        if mode == "sdpa" or torch.compiler.is_compiling():
+            return mode == "sdpa" or device.type == "cpu"
+        return device.type == "cpu" and (rows >= torch.get_num_threads() or keys < 1536)
 
     def _absorbed_sdpa(self, q_lat, q_pe, latent, bias, w_uv):
         """The absorbed attention as one SDPA call: all heads folded into the query axis of a single head of width

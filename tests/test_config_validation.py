@@ -35,6 +35,8 @@ BAD = [
     ({"absorb_max_query": "x"}, "absorb_max_query"),
     ({"absorb_max_query": -1}, "absorb_max_query"),
     ({"absorb_max_query": 2.5}, "absorb_max_query"),
+    ({"absorbed_attention": "flash"}, "absorbed_attention"),
+    ({"fused_down_projection": True}, "fused_down_projection"),
     ({"hidden_size": 0}, "hidden_size"),
     ({"vocab_size": "320"}, "vocab_size"),
     ({"intermediate_size": -1}, "intermediate_size"),

@@ -271,3 +271,92 @@ def test_latent_norm_model_decodes_with_a_cache_like_a_full_forward(exports, ker
             for t in range(7, 12):
                 steps.append(model(ids[:, t:t + 1], use_cache=True, **_cache_kw(cache)).logits)
         assert (torch.cat(steps, 1) - expected).abs().max().item() < TOL, type(cache).__name__
+
+
+@pytest.mark.parametrize("threads,batch,length,kernel", [(2, 1, 1600, "bmm"), (2, 2, 1600, "sdpa"),
+                                                          (1, 1, 1600, "sdpa"), (2, 1, 1000, "sdpa")])
+def test_auto_absorbed_kernel_follows_batch_threads_and_cache(exports, threads, batch, length, kernel):
+    """``absorbed_attention: auto`` on a CPU: one SDPA call over the latent once the batch has a sequence per thread
+    (its kernel runs a sequence on one thread) or the cache is shorter than 1536 tokens, batched matmuls else."""
+    model = _load(exports["llama-gqa"])
+    ids = _ids(batch=batch, length=length)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            cache = model(ids, use_cache=True)[CACHE_FIELD]
+            ops = _ops(lambda: model(ids[:, -1:], use_cache=True, **_cache_kw(cache)))
+    finally:
+        torch.set_num_threads(saved)
+    assert ops.count("aten::scaled_dot_product_attention") == (2 if kernel == "sdpa" else 0)
+
+
+def _down_weights(attn) -> list:
+    return [attn.q_proj.weight, attn.kv_a_proj_with_mqa.weight] + ([attn.k_proj.weight] if hasattr(attn, "k_proj")
+                                                                   else [])
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3"])  # plain; QK-norm (k_proj joins the fused GEMM)
+def test_fused_down_projection_is_one_gemm_over_views(exports, name, tmp_path):
+    """An inference forward stacks q_proj, kv_a_proj_with_mqa (and k_proj) into one weight whose slices are the
+    modules' own weights (no copy kept) and runs one GEMM for them; the logits are those of the modules run one by
+    one (a forward with gradients), and the state dict and a save/reload keep every tensor under its own name."""
+    model = _load(exports[name])
+    fresh = _load(exports[name]).state_dict()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert "_fused" not in model.model.layers[0].self_attn.__dict__  # auto: not on a CPU
+    model.config.fused_down_projection = "always"
+    want = model(ids, use_cache=False).logits.detach()  # gradients on: the modules one by one, nothing fused
+    assert "_fused" not in model.model.layers[0].self_attn.__dict__
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        ops = _ops(lambda: model(ids[:, :1], use_cache=False))
+    assert (got - want).abs().max().item() < 1e-5
+    per_layer = 1 + (1 if name == "qwen3" else 0) + 1 + 3  # the fused GEMM, QK-norm's k_a_proj, o_proj, the MLP
+    assert ops.count("aten::linear") == 1 + model.config.num_hidden_layers * per_layer  # + lm_head
+    for layer in model.model.layers:
+        fused = layer.self_attn._fused[0]
+        weights = _down_weights(layer.self_attn)
+        assert all(w.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for w in weights)
+        assert torch.equal(fused, torch.cat([w.detach() for w in weights]))
+    state = model.state_dict()
+    assert state.keys() == fresh.keys() and all(torch.equal(state[k], fresh[k]) for k in state)
+    ptrs = [t.untyped_storage().data_ptr() for k, t in state.items() if "self_attn" in k and "proj" in k]
+    assert len(set(ptrs)) == len(ptrs)  # no two tensors of the state dict share memory
+    model.save_pretrained(tmp_path / "again")
+    again = _load(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(ids, use_cache=False).logits, got)
+
+
+def test_fused_down_projection_follows_training_and_dtype_changes(exports):
+    """The fused weight is the modules' memory: an optimizer step on them moves it too, and a dtype change (new
+    tensors) builds it again; an adapter on q_proj (peft LoRA) runs the modules one by one."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _load(exports["llama-gqa"])
+    model.config.fused_down_projection = "always"
+    ids = _ids()
+    with torch.inference_mode():  # the fused weight made under inference mode must still train
+        model(ids, use_cache=False)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    opt.step()
+    model.eval()
+    want = model(ids, use_cache=False).logits.detach()
+    with torch.no_grad():
+        assert (model(ids, use_cache=False).logits - want).abs().max().item() < 1e-5
+        model.double()
+        got = model(ids, use_cache=False).logits
+    assert got.dtype == torch.float64
+    assert (got.float() - want).abs().max().item() < 1e-4
+    for layer in model.model.layers:
+        assert layer.self_attn._fused[0].dtype == torch.float64
+    lora = get_peft_model(model.float(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = lora(ids, use_cache=False).logits
+        merged = lora.merge_and_unload()(ids, use_cache=False).logits
+    assert (adapted - merged).abs().max().item() < 1e-4 and (adapted - want).abs().max().item() > 1e-3
