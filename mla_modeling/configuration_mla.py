@@ -186,8 +186,7 @@ class MLAConfig(PretrainedConfig):
         absorb_max_query (`int`, *optional*, defaults to 16): Longest query block that `"auto"` decodes absorbed.
         absorbed_attention (`str`, *optional*, defaults to `"auto"`): How the absorbed path attends over the latent:
             `"bmm"` (batched matmuls, softmax in between), `"sdpa"` (one fused SDPA call, keys = values = the latent)
-            or `"auto"` (on a CPU `"sdpa"` when the batch has at least as many sequences as torch has threads,
-            `"bmm"` otherwise; `"bmm"` on a GPU). A soft cap always uses `"bmm"`.
+            or `"auto"` (`"sdpa"` on a CPU, `"bmm"` elsewhere). A soft cap always uses `"bmm"`.
         fused_down_projection (`str`, *optional*, defaults to `"auto"`): Whether inference runs `q_proj`,
             `kv_a_proj_with_mqa` (and QK-norm's `k_proj`), which read the same input, as one GEMM over their stacked
             weights (the modules' weights become views of it: no memory kept twice, the checkpoint's names stay).

@@ -337,6 +337,7 @@ class MLAAttention(nn.Module):
         # of every layer once per forward.
         self.rope_freq_list = list(config.rope_freq_indices[layer_idx])
         self._rope_index_cache = {}
+        self.has_k_proj = config.qk_norm is not None
         self._down_sizes = [m.out_features for m in self._down_modules()]
         self._register_state_dict_hook(self._unshare_state_dict)
 
@@ -352,19 +353,19 @@ class MLAAttention(nn.Module):
 
     def _down_modules(self) -> list:
         """The projections that read the block's input: ``q_proj``, ``kv_a_proj_with_mqa`` (and QK-norm's ``k_proj``)."""
-        return [self.q_proj, self.kv_a_proj_with_mqa] + ([self.k_proj] if self.config.qk_norm is not None else [])
+        return [self.q_proj, self.kv_a_proj_with_mqa] + ([self.k_proj] if self.has_k_proj else [])
 
     def _down(self, hidden_states: torch.Tensor) -> tuple:
         """``(q, kv, k)`` of the input (``k`` None without QK-norm): one GEMM over the fused weights where
         ``_fused_down`` gives them, else each module in turn (training, adapters, hooks, ``torch.compile``)."""
-        fused = self._fused_down()
+        fused = self._fused_down(hidden_states.device)
         if fused is None:
-            outs = [m(hidden_states) for m in self._down_modules()]
-        else:
-            outs = F.linear(hidden_states, *fused).split(self._down_sizes, dim=-1)
-        return outs[0], outs[1], outs[2] if len(outs) > 2 else None
+            q, kv = self.q_proj(hidden_states), self.kv_a_proj_with_mqa(hidden_states)
+            return q, kv, self.k_proj(hidden_states) if self.has_k_proj else None
+        outs = F.linear(hidden_states, *fused).split(self._down_sizes, dim=-1)
+        return outs[0], outs[1], outs[2] if self.has_k_proj else None
 
-    def _fused_down(self) -> Optional[tuple]:
+    def _fused_down(self, device) -> Optional[tuple]:
         """``(weight, bias)`` of the down-projections stacked, or None where they must run one by one. Built at the
         first inference forward (and again whenever a weight was replaced, e.g. by ``.to()``); the modules' weights
         then become views of it, so the fusion costs no memory and the checkpoint keeps its tensor names (the state
@@ -372,11 +373,9 @@ class MLAAttention(nn.Module):
         ``nn.Linear``), hooks, offloading and ``torch.compile`` take the modules (``config.fused_down_projection``:
         ``auto`` fuses off the CPU only)."""
         mode = self.config.fused_down_projection
-        if mode == "never" or torch.compiler.is_compiling():
+        if mode == "never" or mode == "auto" and device.type == "cpu" or torch.compiler.is_compiling():
             return None
         modules = self._down_modules()
-        if mode == "auto" and modules[0].weight.device.type == "cpu":
-            return None
         for m in modules:
             if type(m) is not nn.Linear or type(m.weight) is not nn.Parameter or m.weight.is_meta:
                 return None
@@ -484,7 +483,7 @@ class MLAAttention(nn.Module):
             allowed = torch.ones(T, S, dtype=torch.bool, device=ckv.device).tril()  # keys past T: empty slots
             bias = torch.zeros(T, S, dtype=q_lat.dtype, device=ckv.device)
             bias = bias.masked_fill_(~allowed, torch.finfo(bias.dtype).min)[None, None]  # (1, 1, T, S)
-        if latent is not None and self._fused_absorbed(ckv.device, B * T, S):
+        if latent is not None and self._fused_absorbed(ckv.device):
             return self._absorbed_sdpa(q_lat, q_pe, latent[:, :, :S], bias, w_uv)
         if latent is not None:  # one matmul over the contiguous [ckv | kpe]
             query = torch.cat((q_lat, q_pe), dim=-1).mul_(self.scaling).view(B, T * H, -1)  # (B, T*H, r + dr)
@@ -505,20 +504,15 @@ class MLAAttention(nn.Module):
         out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
         return out.transpose(0, 1).reshape(B, T, H * dv)
 
-    def _fused_absorbed(self, device, rows: int, keys: int) -> bool:
+    def _fused_absorbed(self, device) -> bool:
         """Whether the absorbed decode runs as one fused SDPA call over the latent rather than batched matmuls
-        (`config.absorbed_attention`). `auto`: on a CPU when the `rows` (sequences x query tokens) are at least the
-        threads, or the cache is short (`keys` < 1536): SDPA's CPU kernel reads the latent once but runs each
-        sequence on one thread, so a single sequence over a long cache leaves the other cores idle (2 cores, 9 heads,
-        width 120: SDPA 10% faster from batch 2 on and at batch 1 up to 1024 tokens, the matmuls 6-46% faster at
-        batch 1 after 1536-8192 tokens); on a GPU the matmuls (SDPA's fused kernels do not take heads over 256 wide
-        and cuDNN plans anew as the cache grows)."""
+        (`config.absorbed_attention`). `auto`: SDPA on a CPU, where its flash kernel takes any head width and reads
+        the latent once (SmolLM2 at 0.3125 on 2 cores: 15% faster than the matmuls at batch 8 after 4096 tokens, as
+        fast at batch 1 after 4096 and 8192, where a lone sequence's kernel runs on one thread but the matmuls read
+        the latent twice); the matmuls on a GPU (SDPA's fused kernels do not take heads over 256 wide and cuDNN
+        plans anew as the cache grows)."""
         mode = self.config.absorbed_attention
-        if self.attn_logit_softcapping is not None or mode == "bmm":
-            return False
-        if mode == "sdpa" or torch.compiler.is_compiling():
-            return mode == "sdpa" or device.type == "cpu"
-        return device.type == "cpu" and (rows >= torch.get_num_threads() or keys < 1536)
+        return self.attn_logit_softcapping is None and (mode == "sdpa" or mode == "auto" and device.type == "cpu")
 
     def _absorbed_sdpa(self, q_lat, q_pe, latent, bias, w_uv):
         """The absorbed attention as one SDPA call: all heads folded into the query axis of a single head of width

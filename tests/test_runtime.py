@@ -273,24 +273,6 @@ def test_latent_norm_model_decodes_with_a_cache_like_a_full_forward(exports, ker
         assert (torch.cat(steps, 1) - expected).abs().max().item() < TOL, type(cache).__name__
 
 
-@pytest.mark.parametrize("threads,batch,length,kernel", [(2, 1, 1600, "bmm"), (2, 2, 1600, "sdpa"),
-                                                          (1, 1, 1600, "sdpa"), (2, 1, 1000, "sdpa")])
-def test_auto_absorbed_kernel_follows_batch_threads_and_cache(exports, threads, batch, length, kernel):
-    """``absorbed_attention: auto`` on a CPU: one SDPA call over the latent once the batch has a sequence per thread
-    (its kernel runs a sequence on one thread) or the cache is shorter than 1536 tokens, batched matmuls else."""
-    model = _load(exports["llama-gqa"])
-    ids = _ids(batch=batch, length=length)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            cache = model(ids, use_cache=True)[CACHE_FIELD]
-            ops = _ops(lambda: model(ids[:, -1:], use_cache=True, **_cache_kw(cache)))
-    finally:
-        torch.set_num_threads(saved)
-    assert ops.count("aten::scaled_dot_product_attention") == (2 if kernel == "sdpa" else 0)
-
-
 def _down_weights(attn) -> list:
     return [attn.q_proj.weight, attn.kv_a_proj_with_mqa.weight] + ([attn.k_proj.weight] if hasattr(attn, "k_proj")
                                                                    else [])
