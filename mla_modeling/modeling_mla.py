@@ -53,7 +53,7 @@ class MLARMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         if input_dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            # the same maths as below when nothing is cast, in one op instead of six
+            # the same maths as below when nothing is cast, run from C++ (faster than six ops from Python)
             return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
