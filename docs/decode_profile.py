@@ -64,7 +64,7 @@ def labelled(fn, label):
 
 
 def instrument(model) -> list:
-    """Label the parts of ``model`` (hooks and wrappers); returns what to undo nothing: the model is discarded."""
+    """Label the parts of ``model`` with hooks and wrappers (never undone: the model is dropped after the run)."""
     keep = []
 
     def hook(module, label):
