@@ -372,6 +372,10 @@ class MLAAttention(nn.Module):
         dict holds copies, see ``_unshare_state_dict``). Gradients, adapters (any module that is not a plain
         ``nn.Linear``), hooks, offloading and ``torch.compile`` take the modules (``config.fused_down_projection``:
         ``auto`` fuses off the CPU only)."""
+        fused = self.__dict__.get("_fused")
+        if fused is not None and [m.weight.data_ptr() for m in self._down_modules()] != fused[2]:
+            del self.__dict__["_fused"]  # the weights were replaced (.to(), a load): the old stack is let go
+            fused = None
         mode = self.config.fused_down_projection
         if mode == "never" or mode == "auto" and device.type == "cpu" or torch.compiler.is_compiling():
             return None
@@ -383,8 +387,7 @@ class MLAAttention(nn.Module):
                 return None
             if m.weight.requires_grad and torch.is_grad_enabled():
                 return None
-        fused = self.__dict__.get("_fused")
-        if fused is None or [m.weight.data_ptr() for m in modules] != fused[2]:
+        if fused is None:
             fused = self._fuse(modules)
         return fused[0], fused[1]
 
@@ -405,16 +408,15 @@ class MLAAttention(nn.Module):
 
     @staticmethod
     def _unshare_state_dict(module, state_dict, prefix, local_metadata) -> None:
-        """State dict hook: the fused down-projection's views are handed out as copies of their own (savers such as
-        safetensors refuse tensors that share memory); parameters asked for as such (``keep_vars``) stay."""
-        fused = module.__dict__.get("_fused")
-        if fused is None:
-            return
-        shared = {t.untyped_storage().data_ptr() for t in fused[:2] if t is not None}
-        for name, tensor in list(state_dict.items()):
-            if name.startswith(prefix) and type(tensor) is not nn.Parameter and \
-                    tensor.untyped_storage().data_ptr() in shared:
-                state_dict[name] = tensor.clone()
+        """State dict hook: down-projection tensors that share memory (views of the fused stack) are handed out as
+        copies of their own (savers such as safetensors refuse shared tensors); parameters asked for as such
+        (``keep_vars``) stay."""
+        names = [f"{prefix}{m}.{p}" for m in ("q_proj", "kv_a_proj_with_mqa", "k_proj") for p in ("weight", "bias")]
+        names = [n for n in names if n in state_dict and type(state_dict[n]) is not nn.Parameter]
+        ptrs = [state_dict[n].untyped_storage().data_ptr() for n in names]
+        for name, ptr in zip(names, ptrs):
+            if ptrs.count(ptr) > 1:
+                state_dict[name] = state_dict[name].clone()
 
     def use_absorbed(self, q_len: int) -> bool:
         mode = self.config.absorb

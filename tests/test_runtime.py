@@ -337,7 +337,12 @@ def test_fused_down_projection_follows_training_and_dtype_changes(exports):
     assert (got.float() - want).abs().max().item() < 1e-4
     for layer in model.model.layers:
         assert layer.self_attn._fused[0].dtype == torch.float64
-    lora = get_peft_model(model.float(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.float().config.fused_down_projection = "never"  # new weights again, and no fusing: the old stack goes
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    assert all("_fused" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    model.config.fused_down_projection = "always"
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():
         adapted = lora(ids, use_cache=False).logits
         merged = lora.merge_and_unload()(ids, use_cache=False).logits
