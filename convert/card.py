@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 
+from .config import flag_name
 from .files import write_error
 from .sources import BUILTIN
 
@@ -68,7 +69,7 @@ def command_line(words: list[str], cfg, style: str = "flags") -> str:
         if f.name == "overwrite" or value == default:
             continue
         if style == "flags":
-            flag = "--" + f.name.replace("_", "-")
+            flag = flag_name(f.name)
             if isinstance(value, bool):
                 parts += [flag] if value else []
             else:

@@ -28,12 +28,17 @@ class Default(int):
 MAX_INT = 2**63 - 1  # an integer setting becomes a tensor size or index: it must fit a signed 64-bit integer
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: ``calib_seqs`` -> ``--calib-seqs``."""
+    return "--" + field.replace("_", "-")
+
+
 def check_finite(cfg, flags: bool = True) -> None:
     """MLAError naming the first float setting that is inf or nan, or integer setting past ``MAX_INT`` either way
     (``--flag`` or ``key`` style)."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        name = "--" + f.name.replace("_", "-") if flags else f.name
+        name = flag_name(f.name) if flags else f.name
         if isinstance(value, float) and not math.isfinite(value):
             raise MLAError(f"{name} must be a finite number, got {value}")
         if isinstance(value, int) and abs(value) > MAX_INT:
@@ -283,7 +288,7 @@ def add_config_args(parser, cls, only=None) -> None:
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = None if f.default is MISSING else f.default
         helptext = f.metadata.get("help", "")
         kind = _arg_type(f.type)

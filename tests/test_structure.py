@@ -20,7 +20,7 @@ ORDER = [
     "convert.download", "convert.adapters", "convert.weights", "convert.sources", "convert.readers", "convert.data",
     "convert.layerwise", "convert.calibrate", "convert.ropesplit", "convert.factorize", "convert.assemble",
     "convert.save", "convert.deepseek", "convert.allocate", "convert.export", "convert.verify",
-    "convert.card", "convert.config", "convert.pipeline",
+    "convert.config", "convert.card", "convert.pipeline",
     # mla gguf (a deepseek_v3 export as a llama.cpp GGUF)
     "convert.gguf_vocab", "convert.gguf_export",
     # mla finetune
