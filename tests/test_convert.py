@@ -260,14 +260,18 @@ def test_sharded_export(tiny_models, tmp_path):
     assert all(name in load_file(tmp_path / index["weight_map"][name]) for name in state)
 
 
-def test_gguf_source_converts_as_its_safetensors(tiny_models, tmp_path):
+def test_gguf_source_converts_as_its_safetensors(tiny_models, tmp_path, monkeypatch):
     """A GGUF source (the tiny Llama written as llama.cpp writes one: F32, its tensor names, q/k rows permuted, its
     tokenizer) converts to the export that the same weights give from safetensors: the same ranks and RoPE pairs,
-    the same tensors and logits."""
+    the same tensors and logits. The conversion parses the file once (config, tokenizer, weight check and weights)."""
+    import gguf
     from safetensors.torch import load_file
 
     gguf_file = write_tiny_gguf(tiny_models["llama-gqa"], tmp_path / "gguf" / "tiny.gguf")
+    opened, reader = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: opened.append(path) or reader(path, *a, **k))
     a = convert_tiny(gguf_file, tmp_path / "from-gguf")
+    assert opened == [str(gguf_file)]
     b = convert_tiny(tiny_models["llama-gqa"], tmp_path / "from-safetensors")
     assert a["source"]["spec"] == str(gguf_file) and a["ranks"] == b["ranks"]
     wa, wb = load_file(tmp_path / "from-gguf" / "model.safetensors"), load_file(tmp_path / "from-safetensors" /

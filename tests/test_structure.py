@@ -17,7 +17,8 @@ ORDER = [
     "convert", "convert.errors", "convert.cache", "convert.files", "convert.device", "convert.nll",
     "mla_modeling.configuration_mla", "mla_modeling.modeling_mla", "mla_modeling",
     # the stages of mla convert, in pipeline order
-    "convert.download", "convert.adapters", "convert.weights", "convert.sources", "convert.readers", "convert.data",
+    "convert.download", "convert.adapters", "convert.gguf_memo", "convert.weights", "convert.sources", "convert.readers",
+    "convert.data",
     "convert.layerwise", "convert.calibrate", "convert.ropesplit", "convert.factorize", "convert.assemble",
     "convert.save", "convert.deepseek", "convert.allocate", "convert.export", "convert.verify",
     "convert.config", "convert.card", "convert.pipeline",
