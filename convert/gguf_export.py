@@ -198,7 +198,7 @@ def write_gguf(folder, out, outtype: str = "f16", pre: str | None = None) -> dic
         writer = gguf.GGUFWriter(tmp, ARCH)
         add_metadata(writer, ds, shape, folder.name)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
-        tokenizer_pre = add_tokenizer(writer, folder, ds.vocab_size, pre)
+        tokenizer, tokenizer_note = add_tokenizer(writer, folder, ds.vocab_size, pre)
         for name, dims, _ in plan:
             writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes(dims, types[name]), raw_dtype=types[name])
         writer.write_header_to_file()
@@ -210,7 +210,8 @@ def write_gguf(folder, out, outtype: str = "f16", pre: str | None = None) -> dic
             writer.write_tensor_data(data)
             total += data.nbytes
         writer.close()
-    return {"tensors": len(plan), "bytes": total, "tied": tied, "tokenizer_pre": tokenizer_pre,
+    return {"tensors": len(plan), "bytes": total, "tied": tied, "tokenizer": tokenizer,
+            "tokenizer_note": tokenizer_note,
             "kv_values_per_token_layer": shape.rank + shape.rope, "kv_lora_rank": shape.rank, "layers": shape.layers}
 
 
@@ -236,11 +237,13 @@ def gguf_command(args) -> int:
     with out_lock(out, what="OUT.gguf"):
         info = write_gguf(folder, out, args.outtype, args.tokenizer_pre)
     width, rank = info["kv_values_per_token_layer"], info["kv_lora_rank"]
+    if info["tokenizer_note"]:
+        print(f"note: {info['tokenizer_note']}")
     if width % 16 or rank % 16 == 0:
         print(f"note: cached width {width} (kv_lora_rank {rank}): llama.cpp's CPU kernels are fastest with a width that "
               "is a multiple of 16 and a kv_lora_rank that is not (AMX CPUs abort with flash attention otherwise); "
               "mla convert --format deepseek_v3 picks such widths from a --kv-budget (--width-block)")
     print(f"mla gguf: {out} ({info['bytes'] / 2**20:.1f} MiB of {args.outtype} tensors, {info['tensors']} tensors, "
-          f"head {'tied' if info['tied'] else 'untied'}, pre-tokenizer {info['tokenizer_pre']}); llama.cpp caches "
+          f"head {'tied' if info['tied'] else 'untied'}, {info['tokenizer']}); llama.cpp caches "
           f"{info['kv_values_per_token_layer']} values per token and layer")
     return 0

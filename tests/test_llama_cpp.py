@@ -151,6 +151,149 @@ def test_each_recognised_pre_tokenizer_splits_as_transformers(tools, exports, tm
     assert tokenize(path, txt) == hf
 
 
+def _vocab_file(name: str) -> Path:
+    """A real vocabulary shipped in the pinned llama.cpp source (``models/ggml-vocab-NAME.gguf``) with its test texts
+    (``.inp``) and the ids the original transformers tokenizer gave them (``.out``)."""
+    from eval import llama_cpp
+
+    path = llama_cpp.root() / "src" / "models" / f"ggml-vocab-{name}.gguf"
+    assert path.is_file(), path
+    return path
+
+
+def _vocab_cases(name: str) -> list[tuple[str, list[int]]]:
+    path = _vocab_file(name)
+    texts = Path(f"{path}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = Path(f"{path}.out").read_text(encoding="utf-8").split("\n")
+    return [(t, [int(x) for x in i.split()]) for t, i in zip(texts, ids)]
+
+
+def _gguf_strings(path: Path, key: str) -> list[str]:
+    field = gguf.GGUFReader(path).fields[key]
+    return [bytes(field.parts[i]).decode() for i in field.data]
+
+
+@pytest.fixture(scope="module")
+def spm_export(tools, tmp_path_factory):
+    """A deepseek_v3 export of a tiny Llama whose 32,064 ids are Phi-3's (Llama 2's 32,000 plus chat tokens)."""
+    root = tmp_path_factory.mktemp("spm")
+    make_tiny(root / "src", "llama-gqa", vocab_size=32064)
+    AutoTokenizer.from_pretrained(_vocab_file("phi-3").parent, gguf_file="ggml-vocab-phi-3.gguf").save_pretrained(
+        root / "src")
+    convert_tiny(root / "src", root / "export", format="deepseek_v3", kv_budget=0.3125)
+    return root / "export"
+
+
+def _with_tokenizer(export: Path, folder: Path, vocab: str, layout: dict | None = None) -> Path:
+    """A copy of ``export`` with the tokenizer transformers reads from llama.cpp's ``vocab`` file; ``layout``
+    replaces normalizer / pre-tokenizer in its tokenizer.json."""
+    shutil.copytree(export, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    path = _vocab_file(vocab)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+    if layout:
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, **layout}), encoding="utf-8")
+    return folder
+
+
+_SPACE_TO_MARK = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "split": False}
+# layout: (vocab, tokenizer.json changes, add_space_prefix, transformers' ids differ on text that starts with a space)
+SPM_LAYOUTS = {
+    "prepend-normalizer": ("phi-3", None, True, False),  # Llama 2's original tokenizer.json
+    "metaspace-first": ("llama-spm", None, True, True),  # transformers 5 writes Llama 2 so
+    "metaspace-always": ("llama-spm", {"normalizer": None, "pre_tokenizer": {**_METASPACE, "prepend_scheme": "always"}},
+                         True, True),
+    "replace-only": ("llama-spm", {"normalizer": _SPACE_TO_MARK, "pre_tokenizer": {  # Gemma's: no prefix
+        "type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}}, False, False),
+}
+
+
+@pytest.mark.parametrize("layout", list(SPM_LAYOUTS))
+def test_sentencepiece_tokenizers_tokenize_as_transformers_and_the_original(tools, spm_export, tmp_path, layout):
+    """Real SentencePiece vocabularies (Llama 2's, Phi-3's) in each layout transformers writes them: llama.cpp's ids
+    equal transformers' on llama.cpp's own tokenizer test texts, and where the prefix rule is SentencePiece's, the ids
+    the original tokenizer gave (recorded in llama.cpp's ``.out`` files). Where transformers' Metaspace skips the
+    prefix before a leading space, the ids differ on those texts only, as ``mla gguf`` notes."""
+    from eval.llama_run import tokenize, write_text_file
+
+    vocab, changes, prefix, leading_space_differs = SPM_LAYOUTS[layout]
+    folder = _with_tokenizer(spm_export, tmp_path / "export", vocab, changes)
+    path = tmp_path / "model.gguf"
+    info = write_gguf(folder, path, "f32")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].contents()) is prefix
+    assert (info["tokenizer_note"] is not None) is leading_space_differs
+    hf = AutoTokenizer.from_pretrained(folder)
+    checked = 0
+    for i, (text, original) in enumerate(_vocab_cases(vocab)):
+        got = tokenize(path, write_text_file(tmp_path / f"{i}.txt", text))
+        assert got[0] == hf.bos_token_id
+        if prefix:  # SentencePiece's own rule: the ids of the original tokenizer
+            assert got[1:] == original, text
+        if not (leading_space_differs and text[:1].isspace()):
+            assert got == hf(text, add_special_tokens=True)["input_ids"], text
+            checked += 1
+    assert checked >= 20  # of 47 texts, 22 start with whitespace
+
+
+def test_sentencepiece_scores_rank_merges_as_the_original_scores_do():
+    """A token's score is minus the rank of the first merge that makes it: over Llama 2's vocabulary, the order of
+    these scores is the order of the original SentencePiece scores (kept in llama.cpp's vocab file), for every token a
+    merge makes (the ones llama.cpp's tokenizer compares)."""
+    import numpy as np
+
+    from convert.gguf_vocab import _merge_pairs, spm_scores
+
+    path = _vocab_file("llama-spm")
+    tokens = _gguf_strings(path, "tokenizer.ggml.tokens")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.scores"]
+    original = np.array([float(field.parts[i][0]) for i in field.data])
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    pairs = _merge_pairs(json.loads(tokenizer.backend_tokenizer.to_str()))
+    ours = np.array(spm_scores(tokens, pairs))
+    made = np.flatnonzero(ours > -len(pairs))
+    assert len(made) > 0.9 * len(tokens)
+    order = made[np.argsort(-ours[made], kind="stable")]
+    assert np.all(np.diff(original[order]) <= 0)
+    assert np.all(ours[np.setdiff1d(np.arange(len(tokens)), made)] < ours[made].min())
+
+
+def test_sentencepiece_token_types_mark_bytes_and_specials(tools, spm_export):
+    path = spm_export.parent / "spm-f32.gguf"
+    write_gguf(spm_export, path, "f32")
+    tokens = _gguf_strings(path, "tokenizer.ggml.tokens")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.token_type"]
+    types = dict(zip(tokens, (int(field.parts[i][0]) for i in field.data)))
+    T = gguf.TokenType
+    assert [types[f"<0x{b:02X}>"] for b in range(256)] == [T.BYTE] * 256
+    assert (types["<unk>"], types["<s>"], types["<|endoftext|>"], types["\u2581the"]) == (
+        T.UNKNOWN, T.CONTROL, T.CONTROL, T.NORMAL)
+
+
+def test_tokenizers_llama_cpp_cannot_reproduce_are_one_line_and_no_file(spm_export, exports, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    folder = _with_tokenizer(spm_export, tmp_path / "export", "llama-spm")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+
+    def refused(changes: dict, *words, export=folder, extra=()):
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, **changes}), encoding="utf-8")
+        code, err = run_main(capsys, "gguf", export, out, *extra)
+        assert_error(code, err, out, *words)
+
+    refused({"pre_tokenizer": {**_METASPACE, "prepend_scheme": "first", "split": True}}, "SentencePiece layout")
+    refused({"normalizer": {"type": "NFKC"}, "pre_tokenizer": None}, "SentencePiece layout")
+    refused({"model": {**spec["model"], "dropout": 0.1}}, "dropout")
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if t != "<0x41>"}
+    refused({"model": {**spec["model"], "vocab": vocab}}, "lacks 1 of the 256", "<0x41>")
+    refused({}, "--tokenizer-pre", "SentencePiece", extra=("--tokenizer-pre", "llama-bpe"))
+    small = _with_tokenizer(exports["gqa"], tmp_path / "small", "phi-3")  # 32,064 ids for a model of VOCAB
+    refused({}, "32064 tokens", f"model's {VOCAB}", export=small)
+
+
 def test_kv_cache_holds_only_the_latent_and_the_rope_key(tools, exports, text):
     from eval.llama_run import perplexity
 
