@@ -15,6 +15,7 @@ Two kinds of ``tokenizer.json`` are written:
 """
 
 import json
+import logging
 from pathlib import Path
 
 import gguf
@@ -101,7 +102,7 @@ def _metaspace_prefix(step: dict) -> tuple[bool, str | None] | None:
     scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
     if scheme == "never":
         return False, None
-    after = " and to text after a special token" if scheme == "first" else ""
+    after = " and before text that follows a special token" if scheme == "first" else ""
     return True, (f"llama.cpp puts the {SPACE} prefix also before text that starts with a space{after}, where "
                   "transformers does not: the ids differ there")
 
@@ -219,7 +220,13 @@ def _load_tokenizer(folder: Path):
 
 
 def _add_special(writer, folder: Path, tokenizer, vocab_size: int, merges: list[str]) -> None:
-    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    quiet = logging.getLogger("gguf.vocab")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its guesses at add_bos/add_eos from the post-processor are replaced by _adds
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    finally:
+        quiet.setLevel(level)
     special.merges = merges
     special.add_special_token["bos"], special.add_special_token["eos"] = _adds(tokenizer)
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
