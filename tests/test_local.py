@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -83,20 +84,32 @@ def _perplexity(folder: Path, windows: torch.Tensor) -> float:
     return torch.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))).item()
 
 
-def _stage_only(setup, out: Path, **extra) -> dict:
-    """A run whose distillation does nothing (lr ~ 0 for one step), so the export holds the layer-local result."""
-    return finetune(setup / "conv", out, RecoverConfig(**_args(setup, tokens=64 * 4, lr=1e-30, warmup_steps=0,
-                                                               **extra)), log=lambda *_: None)
+@pytest.fixture(scope="module")
+def stage_only(setup):
+    """``stage_only(**extra)``: ``(record, OUT)`` of a run whose distillation does nothing (lr ~ 0 for one step), so
+    the export holds the layer-local result. Run once per distinct RecoverConfig: tests whose settings are the same
+    (given or by default) read the same run."""
+    runs = {}
+
+    def run(**extra) -> tuple[dict, Path]:
+        cfg = RecoverConfig(**_args(setup, tokens=64 * 4, lr=1e-30, warmup_steps=0, **extra))
+        key = json.dumps(asdict(cfg), sort_keys=True, default=str)
+        if key not in runs:
+            out = setup / f"stage-{len(runs)}"
+            runs[key] = finetune(setup / "conv", out, cfg, log=lambda *_: None), out
+        return runs[key]
+
+    return run
 
 
-def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
+def test_layer_local_stage_trains_each_attention_towards_the_original(setup, stage_only):
     from convert.deepseek import load_mla
     from convert.recover.local import local_windows
     from convert.recover.windows import training_windows, validation_windows
     from convert.sources import load_tokenizer, resolve_source
 
-    out = setup / "stage"
-    record = _stage_only(setup, out)["recovery"]
+    record, out = stage_only()
+    record = record["recovery"]
     local = record["local"]
     assert local["done"] == LAYERS and [e["layer"] for e in local["layers"]] == list(range(LAYERS))
     for e in local["layers"]:
@@ -122,11 +135,11 @@ def test_layer_local_stage_trains_each_attention_towards_the_original(setup):
     assert not work_dir(out).exists()
 
 
-def test_local_batch_sets_the_steps_per_layer(setup):
+def test_local_batch_sets_the_steps_per_layer(setup, stage_only):
     """local_batch: local_epochs x windows / local_batch steps per layer (4 x 32 / 2 = 64; default batch_size 4: 32);
     local_batch equal to batch_size is the default run, step for step."""
-    runs = {lb: _stage_only(setup, setup / f"local-batch-{lb}", **({} if lb is None else {"local_batch": lb}))
-            ["recovery"]["local"] for lb in (None, 4, 2)}
+    runs = {lb: stage_only(**({} if lb is None else {"local_batch": lb}))[0]["recovery"]["local"]
+            for lb in (None, 4, 2)}
     assert [runs[lb]["steps_per_layer"] for lb in (None, 4, 2)] == [32, 32, 64]
     assert runs[4]["layers"] == runs[None]["layers"]
     assert [e["error_after"] for e in runs[2]["layers"]] != [e["error_after"] for e in runs[None]["layers"]]
@@ -134,8 +147,8 @@ def test_local_batch_sets_the_steps_per_layer(setup):
         RecoverConfig(**_args(setup, local_batch=0)).validate()
 
 
-def test_student_inputs_agree_with_teacher_inputs_on_the_first_layer(setup):
-    runs = {inputs: _stage_only(setup, setup / f"inputs-{inputs}", local_inputs=inputs)["recovery"]["local"]["layers"]
+def test_student_inputs_agree_with_teacher_inputs_on_the_first_layer(stage_only):
+    runs = {inputs: stage_only(local_inputs=inputs)[0]["recovery"]["local"]["layers"]
             for inputs in ("teacher", "student")}
     assert runs["teacher"][0] == runs["student"][0]  # layer 0 sees the embeddings either way
     assert runs["teacher"][1]["error_before"] != runs["student"][1]["error_before"]
