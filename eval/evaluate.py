@@ -13,6 +13,7 @@ Writes ``report.md``, ``results.json`` and ``report.png`` into ``--out`` (atomic
 """
 
 
+import functools
 import json
 import math
 import platform
@@ -76,8 +77,10 @@ class EvalConfig:
         return device_name(self.device)
 
 
+@functools.lru_cache(maxsize=1)
 def task_manager():
-    """An lm-eval TaskManager that also knows the local tasks in ``eval/tasks``."""
+    """An lm-eval TaskManager that also knows the local tasks in ``eval/tasks``: built once per process (it indexes
+    every task definition lm-eval ships, seconds each time) and shared by the task check and every model's run."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR))

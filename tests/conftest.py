@@ -1,6 +1,7 @@
 """Tiny random source models (2 layers, hidden 64) of each family and head layout, saved as HF folders; fresh
 virtualenvs (only torch + one transformers version) to load exports in, cached across test sessions."""
 
+import functools
 import hashlib
 import io
 import json
@@ -489,17 +490,25 @@ def write_tiny_gguf(folder: Path, path: Path) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
+def lm_eval_tasks(include_path: str):
+    """An lm-eval TaskManager that also knows the tasks in ``include_path``, built once per session (it indexes every
+    task definition lm-eval ships: seconds each time); task objects are built anew by each ``load``."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def multiple_choice_accuracy(model_dir, task_name: str, limit: int, include_path) -> tuple[float, dict]:
     """(accuracy, {doc_id: [log-likelihood per choice]}) of the lm-eval multiple-choice task ``task_name`` (from
     ``include_path``) over its first ``limit`` documents, scored here with plain forwards of ``model_dir``: each
     choice's summed log-probabilities after the prompt (lm-eval's prompts and its split of a context's trailing spaces
     into the continuation, no special tokens), a hit when the best choice is the document's target."""
-    from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    task = TaskManager(include_path=str(include_path)).load([task_name])["tasks"][task_name]
+    task = lm_eval_tasks(str(include_path)).load([task_name])["tasks"][task_name]
     task.build_all_requests(limit=limit, rank=0, world_size=1)
     docs = {}
     for inst in task.instances:

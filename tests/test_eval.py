@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import convert_tiny, fake_bigbench_sdist, multiple_choice_accuracy
+from conftest import convert_tiny, fake_bigbench_sdist, lm_eval_tasks, multiple_choice_accuracy
 
 TOL = 1e-3  # summed log-likelihood of a continuation, fp32
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,6 @@ def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path, bigbench_sta
     """lm_eval --include_path eval/tasks on a lossless export == lm-eval's Python API on its original, per document."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     run = subprocess.run(
         [_lm_eval_cli(), "--model", "hf", "--model_args", f"pretrained={exports['lossless']},trust_remote_code=True",
@@ -172,7 +171,7 @@ def test_stock_lm_eval_cli_and_hflm_on_an_export(exports, tmp_path, bigbench_sta
     for doc, want in lls.items():
         assert cli["mla_bb_social_iqa"][doc] == pytest.approx(want, abs=TOL), doc
 
-    manager = TaskManager(include_path=str(TASKS_DIR))
+    manager = lm_eval_tasks(str(TASKS_DIR))
     ref = {}
     for name in ("original", "lossless"):
         lm = HFLM(pretrained=str(exports[name]), trust_remote_code=True, batch_size=4, device="cpu")
