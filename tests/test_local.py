@@ -158,15 +158,24 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def _cli(setup, out: Path) -> list[str]:
+def _finetune_argv(setup, out: Path) -> list[str]:
     items = [f"{k}={v}" for k, v in _args(setup, local_tokens=64 * 64, local_epochs=16.0).items()]
-    return [sys.executable, "-m", "convert.cli", "finetune", str(setup / "conv"), str(out), *items]
+    return ["finetune", str(setup / "conv"), str(out), *items]
 
 
-def test_layer_local_stage_resumes_after_kill_9(setup):
+def _cli(setup, out: Path) -> list[str]:
+    return [sys.executable, "-m", "convert.cli", *_finetune_argv(setup, out)]
+
+
+def test_layer_local_stage_resumes_after_kill_9(setup, capsys):
     ref = setup / "ref"
-    proc = subprocess.run(_cli(setup, ref), env=_env(), cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs in processes (OMP_NUM_THREADS=1)
+    try:
+        code, err = run_main(capsys, *_finetune_argv(setup, ref))  # the uninterrupted run, in this process
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err[-2000:]
     out = setup / "killed"
     ckpt = work_dir(out) / LOCAL_CKPT
     proc = subprocess.Popen(_cli(setup, out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
