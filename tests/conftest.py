@@ -292,6 +292,20 @@ def run_main(capsys, *args):
     return code, capsys.readouterr().err
 
 
+def main_on_one_thread(*args) -> int:
+    """``mla ARGS`` in this process on one CPU thread, as the tests' ``mla`` processes run (``OMP_NUM_THREADS=1``): the
+    uninterrupted reference a killed and resumed process's result must equal bit for bit; its exit code (its output
+    goes to the test's captured output)."""
+    from convert.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cli(*args, timeout=300):
     """``python -m convert.cli ARGS`` in a subprocess: (exit code, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "convert.cli", *map(str, args)], capture_output=True, text=True,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import convert_tiny, make_tiny, run_main
+from conftest import convert_tiny, main_on_one_thread, make_tiny, run_main
 from convert.errors import MLAError
 from convert.recover import finetune, work_dir
 from convert.recover.config import RecoverConfig
@@ -167,15 +167,9 @@ def _cli(setup, out: Path) -> list[str]:
     return [sys.executable, "-m", "convert.cli", *_finetune_argv(setup, out)]
 
 
-def test_layer_local_stage_resumes_after_kill_9(setup, capsys):
+def test_layer_local_stage_resumes_after_kill_9(setup):
     ref = setup / "ref"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the runs in processes (OMP_NUM_THREADS=1)
-    try:
-        code, err = run_main(capsys, *_finetune_argv(setup, ref))  # the uninterrupted run, in this process
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, err[-2000:]
+    assert main_on_one_thread(*_finetune_argv(setup, ref)) == 0  # the uninterrupted run, in this process
     out = setup / "killed"
     ckpt = work_dir(out) / LOCAL_CKPT
     proc = subprocess.Popen(_cli(setup, out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import convert_tiny, converted_with_texts
+from conftest import convert_tiny, converted_with_texts, main_on_one_thread
 from convert.config import parse_overrides
 from convert.errors import MLAError
 from convert.recover import CKPT_NAME, finetune, work_dir
@@ -37,9 +37,13 @@ def _args(root: Path, **extra) -> dict:
     return args
 
 
-def _cli(root: Path, out: Path, extra=(), **kw):
+def _finetune_argv(root: Path, out: Path, extra=(), **kw) -> list[str]:
     items = [f"{k}={v}" for k, v in _args(root, **kw).items()]
-    return [sys.executable, "-m", "convert.cli", "finetune", str(root / "conv"), str(out), *items, *extra]
+    return ["finetune", str(root / "conv"), str(out), *items, *extra]
+
+
+def _cli(root: Path, out: Path, extra=(), **kw):
+    return [sys.executable, "-m", "convert.cli", *_finetune_argv(root, out, extra, **kw)]
 
 
 def _env():
@@ -48,10 +52,9 @@ def _env():
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    """An uninterrupted CLI run (the same settings the interrupted runs use)."""
+    """An uninterrupted CLI run (the same settings the interrupted runs use), in this process."""
     out = setup / "ref"
-    proc = subprocess.run(_cli(setup, out, tokens=64 * 4 * 120), env=_env(), cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main_on_one_thread(*_finetune_argv(setup, out, tokens=64 * 4 * 120)) == 0
     return out
 
 
