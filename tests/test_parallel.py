@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, convert_tiny, make_tiny, one_error
+from conftest import ROOT, convert_tiny, main_on_one_thread, make_tiny, one_error
 from convert.recover import work_dir
 from convert.recover.checkpoint import CKPT_NAME
 from convert.recover.local import LOCAL_CKPT
@@ -60,8 +60,11 @@ def _command(setup, out: Path, processes: int, *extra, converted: Path | None = 
                   "--num_processes", str(processes), "--main_process_port", str(_free_port())]
     else:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return [*launch, "-m", "convert.cli", "finetune", str(converted or setup / "conv"), str(out),
-            f"data={setup / 'train.txt'}",
+    return [*launch, "-m", "convert.cli", *_finetune_argv(setup, out, *extra, converted=converted)]
+
+
+def _finetune_argv(setup, out: Path, *extra, converted: Path | None = None) -> list[str]:
+    return ["finetune", str(converted or setup / "conv"), str(out), f"data={setup / 'train.txt'}",
             f"val_data={setup / 'val.txt'}", "seq_len=64", "batch_size=4", f"tokens={64 * 4 * STEPS}",
             "val_tokens=256", "eval_every=4", "checkpoint_every=2", "lr=3e-3", "warmup_steps=1", "device=cpu", *extra]
 
@@ -84,10 +87,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _run(setup, out: Path, processes: int, *extra, converted: Path | None = None) -> dict:
-    proc = subprocess.run(_command(setup, out, processes, *extra, converted=converted), env=_env(), cwd=ROOT,
-                          capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The recovery record of a run on ``processes`` processes; one process: in this process (the reference)."""
+    if processes == 1:
+        assert main_on_one_thread(*_finetune_argv(setup, out, *extra, converted=converted)) == 0
+    else:
+        proc = subprocess.run(_command(setup, out, processes, *extra, converted=converted), env=_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "mla_conversion.json").read_text())["recovery"]
 
 
