@@ -504,10 +504,11 @@ def write_tiny_gguf(folder: Path, path: Path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def lm_eval_tasks(include_path: str):
-    """An lm-eval TaskManager that also knows the tasks in ``include_path``, built once per session (it indexes every
-    task definition lm-eval ships: seconds each time); task objects are built anew by each ``load``."""
+    """An lm-eval TaskManager that also knows the tasks in ``include_path``, kept for the next call with the same path
+    (it indexes every task definition lm-eval ships: seconds and ~80 MiB each time); task objects are built anew by
+    each ``load``."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
