@@ -280,32 +280,26 @@ def test_teacher_from_a_relative_source_path_works_from_any_folder(tiny_models, 
     assert result["recovery"]["teacher"] == str(src.resolve())
 
 
-# ``mla finetune ARGS`` counting the student's attention forwards that record a graph (training ones) into FILE (the
-# attention, not the decoder layer: transformers checkpoints the layer's own ``forward``, which must stay in place)
-COUNTED = ("import atexit, torch, mla_modeling.modeling_mla as m\n"
-           "n, forward = [0], m.MLAAttention.forward\n"
-           "def counted(self, *a, **k):\n"
-           "    n[0] += torch.is_grad_enabled()\n"
-           "    return forward(self, *a, **k)\n"
-           "m.MLAAttention.forward = counted\n"
-           "atexit.register(lambda: open(%r, 'w').write(str(n[0])))\n"
-           "from convert.cli import main\n"
-           "raise SystemExit(main(%r))")
-
-
-def test_gradient_checkpointing_gives_the_same_losses(setup):
+def test_gradient_checkpointing_gives_the_same_losses(setup, monkeypatch):
     """gradient_checkpointing=true recomputes activations in the backward pass: each layer runs twice a training step
     (once without it), and the training is the same."""
-    runs, forwards = {}, {}
+    import mla_modeling.modeling_mla as m
+
+    runs, forwards, calls, forward = {}, {}, [0], m.MLAAttention.forward
+
+    def counted(self, *a, **k):
+        calls[0] += torch.is_grad_enabled()
+        return forward(self, *a, **k)
+
+    # the student's attention forwards that record a graph (training ones) are counted (the attention, not the decoder
+    # layer: transformers checkpoints the layer's own ``forward``, which must stay in place)
+    monkeypatch.setattr(m.MLAAttention, "forward", counted)
     for flag in ("false", "true"):
-        out = setup / f"gc-{flag}"
-        argv = _cli(setup, out, tokens=64 * 4 * 6, eval_every=100, gradient_checkpointing=flag)[3:]
-        count = setup / f"gc-{flag}.forwards"
-        proc = subprocess.run([sys.executable, "-c", COUNTED % (str(count), argv)], env=_env(), cwd=ROOT,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        out, calls[0] = setup / f"gc-{flag}", 0
+        argv = _finetune_argv(setup, out, tokens=64 * 4 * 6, eval_every=100, gradient_checkpointing=flag)
+        assert main_on_one_thread(*argv) == 0
         runs[flag] = json.loads((out / "mla_conversion.json").read_text())["recovery"]["history"]
-        forwards[flag] = int(count.read_text())
+        forwards[flag] = calls[0]
     losses = {flag: [h["loss"] for h in hist] for flag, hist in runs.items()}
     assert len(losses["true"]) == 6
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
