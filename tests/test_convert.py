@@ -281,3 +281,30 @@ def test_gguf_source_converts_as_its_safetensors(tiny_models, tmp_path, monkeypa
     with torch.no_grad():
         got, want = _load(tmp_path / "from-gguf")(ids).logits, _load(tmp_path / "from-safetensors")(ids).logits
     assert (got - want).abs().max().item() < TOL
+
+
+def test_a_gguf_is_parsed_once_per_file_version(tiny_models, tmp_path):
+    """One reader per file version (path, size, modification time): asked again, the same one; the file rewritten,
+    a new one; and the weights read (the last use), it is let go."""
+    import os
+
+    import gguf
+
+    from convert.gguf_memo import gguf_reader, shared_gguf
+    from convert.sources import load_weights, resolve_source
+
+    path = write_tiny_gguf(tiny_models["llama-gqa"], tmp_path / "tiny.gguf")
+    first = gguf_reader(path)
+    assert gguf_reader(path) is first
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = gguf_reader(path)
+    assert second is not first and gguf_reader(path) is second
+    load_weights(resolve_source(str(path)))
+    assert gguf_reader(path) is not second
+    original = gguf.GGUFReader
+    with shared_gguf():
+        patched = gguf.GGUFReader
+        with shared_gguf():  # re-entrant: an inner scope changes nothing
+            assert gguf.GGUFReader is patched
+        assert gguf.GGUFReader is patched is not original
+    assert gguf.GGUFReader is original
