@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from convert.config import add_config_args, config_from_args, opt
-from convert.device import auto_dtype, device_name
+from convert.device import auto_dtype, device_name, peak_rss_bytes
 from convert.errors import MLAError, quote, run_command
 from convert.files import check_out_file, write_text
 from convert.recover.memory import available_bytes
@@ -168,7 +167,7 @@ def _reset_peak(cuda: bool) -> bool:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    try:  # "5" resets the peak RSS (VmHWM, and getrusage's ru_maxrss with it)
+    try:  # "5" resets the peak RSS (VmHWM; getrusage's ru_maxrss keeps the peak a child inherits, see _peak_mib)
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
@@ -176,10 +175,11 @@ def _reset_peak(cuda: bool) -> bool:
 
 
 def _peak_mib(cuda: bool) -> float:
+    """The peak since _reset_peak: CUDA's allocation, or this process's own resident peak (VmHWM; ``ru_maxrss``
+    would start from the peak of the process that started this one)."""
     import torch
 
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak / 2**20
+    return (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**20
 
 
 def _device(cfg: BenchConfig) -> str:

@@ -181,6 +181,26 @@ def test_capacity_search_under_a_memory_limit_on_cpu(tiny_models, tmp_path, caps
     assert [(p["batch"], p["fits"]) for p in row["probes"]] == [(1, True), (2, True), (3, False)]
 
 
+def test_a_probe_peak_is_its_own_not_its_parents():
+    """A probe process started by a large one measures its own resident peak: a child of a process holding 1.5 GiB
+    more reports about its own size (importing torch: well under 1.5 GiB), though ``ru_maxrss`` inherits the parent's
+    peak there (the capacity search read the parent's size as every probe's peak)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    held = bytearray(3 * 2**29)  # 1.5 GiB, touched
+    held[::4096] = b"x" * len(held[::4096])
+    code = ("import resource, eval.bench as b; b._reset_peak(False); "
+            "print(b._peak_mib(False), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    own, inherited = map(float, out.split())
+    del held
+    assert inherited >= 1536  # the parent's peak, as getrusage sees it in the child
+    assert own < 1024, own
+
+
 def test_bench_bad_input(half, capsys):
     for args, message in [(["--batch", "0,1"], "--batch"), (["--context", "8,x"], "--context"),
                           (["--capacity", "--memory-limit-mib", "0"], "--memory-limit-mib"),
