@@ -210,11 +210,10 @@ def write_export_files(folder: Path, config, tokenizer, source):
     return config
 
 
-def write_record(folder: Path, record: dict, verify: dict, deepseek: dict | None, *, source, device, compute_dtype,
+def write_record(folder: Path, record: dict, deepseek: dict | None, *, source, device, compute_dtype,
                  clock, layer_seconds: dict) -> dict:
-    """``mla_conversion.json``: ``record`` (``conversion_record``), the verification, the deepseek_v3 rewrite (if
+    """``mla_conversion.json``: ``record`` (``conversion_record`` with its ``verify``), the deepseek_v3 rewrite (if
     any), the run's time and profile (``layer_seconds``: the per-layer maths' seconds by step)."""
-    record["verify"] = verify
     if deepseek is not None:
         record["deepseek_v3"] = deepseek
     record["elapsed_s"] = clock.elapsed()

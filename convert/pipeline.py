@@ -81,9 +81,9 @@ def _convert(src: str, out: Path, cfg: ConvertConfig, log) -> dict:
         record = conversion_record(src, source, cfg, layout, plans, freq_index, dtype, calib, config)
         record["command"] = command
         record["source"].update(hub_id=source_hub_id(source), license=source_license(source, full_config))
-        record["verify"] = verify_result  # what the card reports; write_record files it with the rest
+        record["verify"] = verify_result  # what the card reports and the record keeps
         write_card(tmp, record)  # README.md, inside the temporary folder (before the record, whose sizes count it)
-        write_record(tmp, record, verify_result, written, source=source, device=device, compute_dtype=work_dtype,
+        write_record(tmp, record, written, source=source, device=device, compute_dtype=work_dtype,
                      clock=clock, layer_seconds=converter.seconds)
     kv = record["kv_cache"]
     prof = record["profile"]

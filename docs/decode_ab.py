@@ -12,20 +12,21 @@ against the first folder's.
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.bench import cache_name, chunked_prefill  # noqa: E402
 
 
 def prefilled(path: str, ids: torch.Tensor, trust: bool):
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
-    cache = None
-    for start in range(0, ids.shape[1], 512):
-        out = model(input_ids=ids[:, start:start + 512], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-    return model, cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    return (model, *chunked_prefill(model, ids))
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
             for f, (model, cache, token) in runs.items():
                 t0 = time.perf_counter()
                 for _ in range(a.steps):
-                    token = model(input_ids=token, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                    token = model(input_ids=token, **{cache_name(): cache}).logits[:, -1].argmax(-1, keepdim=True)
                 elapsed = time.perf_counter() - t0
                 cache.crop(-a.steps)
                 if r:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.bench import cache_name  # noqa: E402
+from eval.bench import cache_name, chunked_prefill  # noqa: E402
 from eval.perplexity import load_model  # noqa: E402
 
 ROPE_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rope")
@@ -147,11 +147,7 @@ def run(path, batch, context, steps, trust) -> dict:
     prompt = torch.randint(0, model.config.get_text_config().vocab_size, (batch, context), generator=gen)
     name = cache_name()
     with torch.no_grad():
-        cache = None
-        for start in range(0, context, 512):  # chunked prefill
-            out = model(input_ids=prompt[:, start:start + 512], **{name: cache}, use_cache=True, logits_to_keep=1)
-            cache = getattr(out, name)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, token = chunked_prefill(model, prompt)
 
         def decode(n):
             nonlocal token

@@ -205,6 +205,17 @@ def _load(path: str, cfg: BenchConfig):
     return model.to(device), device, dtype
 
 
+def chunked_prefill(model, ids, chunk: int = 512):
+    """(cache, greedy next tokens (B, 1)) after feeding ``ids`` (B, T) ``chunk`` tokens at a time, as servers prefill
+    long prompts."""
+    name = cache_name()
+    cache = out = None
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start:start + chunk], **{name: cache}, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, name)
+    return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
 def _prefill(model, prompt, static, runs: int, sync):
     """(median seconds, cache, first decoded tokens) of prefilling ``prompt`` ``runs`` times into a fresh cache (or
     into ``static``, reset before each run)."""

@@ -201,6 +201,24 @@ def test_a_probe_peak_is_its_own_not_its_parents():
     assert own < 1024, own
 
 
+def test_chunked_prefill_caches_what_one_prefill_does(tiny_models):
+    """Fed 16 tokens at a time, the model holds the cache of one 40-token prefill (every layer's keys and values
+    within 1e-5) and continues with the same next-token logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama-gqa"], dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    name = cache_name()
+    with torch.no_grad():
+        cache, token = bench_mod.chunked_prefill(model, ids, chunk=16)
+        whole = model(input_ids=ids, use_cache=True)
+        ref = getattr(whole, name)
+        assert cache.get_seq_length() == 40 and torch.equal(token, whole.logits[:, -1:].argmax(-1))
+        for got, want in zip(cache.layers, ref.layers):
+            torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
+        step = model(input_ids=token, **{name: cache}).logits
+        torch.testing.assert_close(step, model(input_ids=token, **{name: ref}).logits, atol=1e-5, rtol=0)
+
+
 def test_bench_bad_input(half, capsys):
     for args, message in [(["--batch", "0,1"], "--batch"), (["--context", "8,x"], "--context"),
                           (["--capacity", "--memory-limit-mib", "0"], "--memory-limit-mib"),

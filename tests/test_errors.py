@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from convert.cli import main
-from conftest import FAST, assert_error, leftovers
+from conftest import FAST, assert_error, leftovers, run_main
 
 pytestmark = pytest.mark.usefixtures("_no_progress_output")  # conftest: no progress bars in stderr
 
@@ -22,8 +21,7 @@ def src(tiny_models):
 
 def run(capsys, src, out, *flags):
     """``mla convert SRC OUT --fast-settings FLAGS`` in-process: (exit code, stderr)."""
-    code = main(["convert", str(src), str(out), *FAST, *map(str, flags)])
-    return code, capsys.readouterr().err
+    return run_main(capsys, "convert", src, out, *FAST, *flags)
 
 
 # --- bad SRC --------------------------------------------------------------------------------------------------------
