@@ -156,9 +156,12 @@ def _adds(tokenizer) -> tuple[bool, bool]:
     return bos, eos
 
 
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]  # SentencePiece's byte fallback, by byte value
+
+
 def _byte_types(tokens: list[str], types: list[int], unk: int | None) -> list[int]:
     """SentencePiece's token types: ``<0xXX>`` byte tokens BYTE, the unknown token UNKNOWN."""
-    byte = {f"<0x{b:02X}>" for b in range(256)}
+    byte = set(BYTE_TOKENS)
     out = [gguf.TokenType.BYTE if t in byte and k == gguf.TokenType.NORMAL else k for t, k in zip(tokens, types)]
     if unk is not None and unk < len(out):
         out[unk] = gguf.TokenType.UNKNOWN
@@ -199,10 +202,11 @@ def _add_sentencepiece(writer, spec: dict, tokenizer, vocab_size: int, folder: P
         raise MLAError(f"the normalizer / pre-tokenizer of {folder}/tokenizer.json is not a SentencePiece layout "
                        f"llama.cpp follows ({SPACE} for spaces, with or without a {SPACE} prefix): mla gguf does not "
                        "write it")
-    missing = [b for b in range(256) if f"<0x{b:02X}>" not in spec["model"].get("vocab", {})]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in BYTE_TOKENS if t not in vocab]
     if missing:
         raise MLAError(f"the byte-fallback tokenizer of {folder} lacks {len(missing)} of the 256 <0xXX> byte tokens "
-                       f"(first <0x{missing[0]:02X}>), which llama.cpp needs")
+                       f"(first {missing[0]}), which llama.cpp needs")
     tokens, types = _tokens(tokenizer, vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -215,8 +219,9 @@ def _add_sentencepiece(writer, spec: dict, tokenizer, vocab_size: int, folder: P
 def _load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise MLAError(f"could not load the tokenizer of {folder}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt tokenizer.json raises many types (tokenizers' own Exception)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise MLAError(f"could not load the tokenizer of {folder}: {first}") from None
 
 
 def _add_special(writer, folder: Path, tokenizer, vocab_size: int, merges: list[str]) -> None:

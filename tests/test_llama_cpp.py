@@ -289,6 +289,9 @@ def test_tokenizers_llama_cpp_cannot_reproduce_are_one_line_and_no_file(spm_expo
     refused({"model": {**spec["model"], "dropout": 0.1}}, "dropout")
     vocab = {t: i for t, i in spec["model"]["vocab"].items() if t != "<0x41>"}
     refused({"model": {**spec["model"], "vocab": vocab}}, "lacks 1 of the 256", "<0x41>")
+    merges = list(spec["model"]["merges"])
+    merges[5] = 7  # not a merge: tokenizers itself refuses the file
+    refused({"model": {**spec["model"], "merges": merges}}, "could not load the tokenizer")
     refused({}, "--tokenizer-pre", "SentencePiece", extra=("--tokenizer-pre", "llama-bpe"))
     small = _with_tokenizer(exports["gqa"], tmp_path / "small", "phi-3")  # 32,064 ids for a model of VOCAB
     refused({}, "32064 tokens", f"model's {VOCAB}", export=small)
