@@ -17,7 +17,8 @@ import functools
 import os
 
 
-def _version(path) -> tuple[str, int, int]:
+def file_version(path) -> tuple[str, int, int]:
+    """(path, size, modification time): the key under which what was read from a file is kept (OSError if absent)."""
     info = os.stat(path)
     return os.fspath(path), info.st_size, info.st_mtime_ns
 
@@ -31,7 +32,7 @@ def _reader(path: str, size: int, mtime_ns: int):
 
 def gguf_reader(path):
     """gguf's ``GGUFReader`` of ``path`` (read-only), parsed once per file version."""
-    return _reader(*_version(path))
+    return _reader(*file_version(path))
 
 
 @functools.lru_cache(maxsize=2)
@@ -63,7 +64,7 @@ def shared_gguf():
                 return load(path, return_tensors=return_tensors, **kwargs)
             finally:
                 _reader.cache_clear()  # the weights are read: let the file's mapped pages go
-        return copy.deepcopy(_metadata(load, *_version(path)))
+        return copy.deepcopy(_metadata(load, *file_version(path)))
 
     gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = open_reader, load_checkpoint
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .adapters import EMBED, expected_shapes, gguf_expected_sizes, read_layout
 from .errors import MLAError, quote
-from .gguf_memo import gguf_reader
+from .gguf_memo import file_version, gguf_reader
 
 MAX_HEADER = 100 * 2**20  # a safetensors JSON header larger than this is corrupt
 MLA_MODEL_TYPE = "mla_retrofit"  # our exports (as convert.sources names it)
@@ -191,8 +191,7 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> tuple[object, dict[str, i
 def _gguf_table(path: Path, spec: str) -> tuple[object, dict[str, int]]:
     """:func:`_read_gguf` of ``path``; MLAError when unreadable (naming why) or corrupt."""
     try:
-        info = path.stat()
-        blocks, tensors = _read_gguf(str(path), info.st_size, info.st_mtime_ns)
+        blocks, tensors = _read_gguf(*file_version(path))
     except OSError as err:
         raise MLAError(f"could not load the weights of {spec}: cannot read {path.name}: "
                        f"{err.strerror or type(err).__name__}") from None
